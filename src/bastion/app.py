@@ -1,0 +1,207 @@
+"""App assembly: settings → components → one ASGI app.
+
+The /v1 routes are plain Starlette routes (the hot path pays for nothing it does not use);
+the /admin API is FastAPI, for its typed validation and its OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion import __version__
+from bastion.admin.api import AdminContext
+from bastion.admin.api import router as admin_router
+from bastion.config import Settings
+from bastion.engines.client import EngineClient
+from bastion.gateway.errors import AuthenticationFailed, BastionError, InvalidRequest, NotFound
+from bastion.gateway.pipeline import Gateway, error_response
+from bastion.identity.directory import sync_config
+from bastion.identity.keys import KeyStore
+from bastion.metering.usage import UsageWriter
+from bastion.observability.metrics import Metrics
+from bastion.routing.balancer import LeastOutstanding, ModelRoute
+from bastion.routing.health import HealthChecker
+from bastion.store.db import make_engine, upgrade
+
+log = logging.getLogger("bastion")
+
+
+def build_app(settings: Settings, *, health_interval: float = 5.0) -> FastAPI:
+    db = make_engine(settings.database.url)
+    upgrade(db)
+    sync_config(db, settings)
+    metrics = Metrics()
+    balancer = LeastOutstanding()
+    routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}
+    deployments = [d for r in routes.values() for d in r.deployments]
+    client = EngineClient()
+    keys = KeyStore(db, settings.identity.key_refresh_seconds)
+    usage = UsageWriter(db, settings.database.usage_flush_seconds)
+    gateway = Gateway(settings, keys, usage, client, metrics, routes)
+    health = HealthChecker(client, deployments, interval=health_interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        await keys.start()
+        usage.start()
+        health.start()
+        log.info("bastion %s serving %d model(s)", __version__, len(routes))
+        try:
+            yield
+        finally:
+            await health.stop()
+            await keys.stop()
+            await client.close()
+            usage.close()  # drains every queued usage record before the process exits
+            db.dispose()
+
+    async def chat(request: Request) -> Any:
+        return await gateway.handle("chat", request)
+
+    async def completions(request: Request) -> Any:
+        return await gateway.handle("completions", request)
+
+    async def embeddings(request: Request) -> Any:
+        return await gateway.handle("embeddings", request)
+
+    async def list_models(request: Request) -> Response:
+        try:
+            principal = await keys.authenticate(request.headers.get("authorization"))
+        except BastionError as exc:
+            return error_response(exc, "")
+        data = [
+            {"id": alias, "object": "model", "created": 0, "owned_by": r.settings.owned_by}
+            for alias, r in routes.items()
+            if principal.may_use(alias)
+        ]
+        return Response(
+            orjson.dumps({"object": "list", "data": data}), media_type="application/json"
+        )
+
+    async def retrieve_model(request: Request) -> Response:
+        try:
+            principal = await keys.authenticate(request.headers.get("authorization"))
+        except BastionError as exc:
+            return error_response(exc, "")
+        alias = request.path_params["model"]
+        route = routes.get(alias)
+        if route is None or not principal.may_use(alias):
+            return error_response(NotFound(f"The model '{alias}' does not exist."), "")
+        return Response(
+            orjson.dumps(
+                {"id": alias, "object": "model", "created": 0, "owned_by": route.settings.owned_by}
+            ),
+            media_type="application/json",
+        )
+
+    async def healthz(_request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(_request: Request) -> Response:
+        models = {
+            alias: {
+                "ready": r.ready,
+                "deployments": [
+                    {
+                        "name": d.name,
+                        "url": d.settings.url,
+                        "healthy": d.healthy,
+                        "in_flight": d.in_flight,
+                    }
+                    for d in r.deployments
+                ],
+            }
+            for alias, r in routes.items()
+        }
+        ok = all(r.ready for r in routes.values())
+        return Response(
+            orjson.dumps({"status": "ready" if ok else "not ready", "models": models}),
+            status_code=200 if ok else 503,
+            media_type="application/json",
+        )
+
+    async def prometheus(_request: Request) -> Response:
+        for d in deployments:
+            metrics.deployment_up.labels(d.name).set(1 if d.healthy else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app = FastAPI(
+        title="Bastion admin API",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/admin/openapi.json",
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
+        ],
+    )
+    app.state.admin = AdminContext(settings=settings, db=db, keys=keys)
+    app.state.gateway = gateway
+    app.state.health = health
+    app.include_router(admin_router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's envelope, admin API included."""
+
+    async def bastion_error(_req: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BastionError)
+        return error_response(exc, "")
+
+    async def validation_error(_req: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        return error_response(
+            InvalidRequest(
+                f"{where or 'request'}: {first['msg']}", param=where or None, code="invalid_value"
+            ),
+            "",
+        )
+
+    async def http_error(_req: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        err: BastionError
+        if exc.status_code == 401:
+            err = AuthenticationFailed(str(exc.detail))
+        elif exc.status_code == 404:
+            err = NotFound(
+                str(exc.detail) if exc.detail != "Not Found" else "Unknown URL.", code="not_found"
+            )
+        else:
+            err = InvalidRequest(str(exc.detail), code="http_error")
+            err_status = exc.status_code
+            return Response(
+                err.json(),
+                status_code=err_status,
+                media_type="application/json",
+                headers=getattr(exc, "headers", None),
+            )
+        return error_response(err, "")
+
+    app.add_exception_handler(BastionError, bastion_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)

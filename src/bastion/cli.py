@@ -1,0 +1,271 @@
+"""`bastion` command line: serve, up, keys, teams, usage, db, config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from bastion import __version__
+from bastion.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _db(settings: Settings):  # type: ignore[no-untyped-def]
+    from bastion.identity.directory import sync_config
+    from bastion.store.db import make_engine, upgrade
+
+    engine = make_engine(settings.database.url)
+    upgrade(engine)
+    sync_config(engine, settings)
+    return engine
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# -- serve / up ---------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bastion.app import build_app
+
+    settings = _settings(args)
+    app = build_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host or settings.server.host,
+        port=args.port or settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from bastion.engines.quickstart import run_quickstart
+
+    return run_quickstart(_settings(args), args.config)
+
+
+# -- keys ---------------------------------------------------------------------------------------
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from bastion.identity.directory import DirectoryError
+    from bastion.identity.keys import create_key
+    from bastion.timeutil import parse_duration
+
+    settings = _settings(args)
+    try:
+        expires = parse_duration(args.expires) if args.expires else None
+        models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+        rec, token = create_key(
+            _db(settings),
+            team=args.team,
+            user=args.user,
+            models=models,
+            expires_in=expires,
+            name=args.name or "",
+            known_models=set(settings.models),
+        )
+    except (DirectoryError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    pub = rec.public()
+    sys.stderr.write(
+        f"Created key {pub['id']} for team {pub['team']}"
+        + (f", user {pub['user']}" if pub["user"] else "")
+        + (f", expires {pub['expires_at']}" if pub["expires_at"] else "")
+        + ".\nStore it now: it is shown only once.\n"
+    )
+    sys.stdout.write(token + "\n")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from bastion.identity.keys import list_keys
+    from bastion.metering.reports import render
+
+    now = datetime.now(UTC)
+    rows = [k.public(now) for k in list_keys(_db(_settings(args)), args.team)]
+    if args.format == "json":
+        _print_json(rows)
+        return 0
+    for r in rows:
+        r["models"] = ",".join(r["models"]) if r["models"] else "*"  # type: ignore[arg-type]
+        for f in ("created_at", "expires_at", "revoked_at"):
+            r[f] = (r[f] or "")[:19]  # type: ignore[index]
+    sys.stdout.write(render(rows, args.format) if rows else "no keys\n")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from bastion.identity.directory import DirectoryError
+    from bastion.identity.keys import revoke_key
+
+    try:
+        rec = revoke_key(_db(_settings(args)), args.key_id)
+    except DirectoryError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stdout.write(f"revoked {rec.id} ({rec.prefix}…, team {rec.team})\n")
+    return 0
+
+
+# -- teams, usage, db, config ---------------------------------------------------------------------
+def cmd_teams_list(args: argparse.Namespace) -> int:
+    from bastion.identity.directory import load_teams
+    from bastion.metering.reports import render
+
+    rows: list[dict[str, Any]] = [
+        {
+            "team": t.name,
+            "cost_center": t.cost_center,
+            "source": t.source,
+            "models": ",".join(sorted(t.models)) if t.models is not None else "*",
+        }
+        for t in sorted(load_teams(_db(_settings(args))).values(), key=lambda t: t.name)
+    ]
+    sys.stdout.write(render(rows, "table") if rows else "no teams\n")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from bastion.metering.reports import render, summarize
+    from bastion.timeutil import parse_time
+
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    rows = summarize(_db(_settings(args)), args.by, since, until, args.team)
+    sys.stdout.write(render(rows, args.format))
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _db(settings)
+    sys.stdout.write(f"database is at the newest schema: {settings.database.url}\n")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    deps = sum(len(m.deployments) for m in s.models.values())
+    sys.stdout.write(
+        f"config OK: {len(s.models)} model(s), {deps} deployment(s), "
+        f"{len(s.teams)} team(s), {len(s.cost_centers)} cost center(s)\n"
+    )
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from bastion.configdocs import render_config_reference
+
+    sys.stdout.write(render_config_reference())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bastion", description="Operate your own LLMs behind one OpenAI-compatible endpoint."
+    )
+    p.add_argument("--version", action="version", version=f"bastion {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="config file (default: $BASTION_CONFIG, else ./bastion.yaml)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", parents=[common], help="run the gateway")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser(
+        "up",
+        parents=[common],
+        help="start the engines marked `launch:` and the gateway (quickstart)",
+    )
+    s.set_defaults(func=cmd_up)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
+    s = keys.add_parser("create", parents=[common], help="create a key (printed once)")
+    s.add_argument("--team", required=True)
+    s.add_argument("--user")
+    s.add_argument("--models", help="comma-separated aliases this key may use (default: all)")
+    s.add_argument("--expires", help="lifetime, e.g. 30d, 12h (default: never)")
+    s.add_argument("--name", help="a label, e.g. the application using it")
+    s.set_defaults(func=cmd_keys_create)
+    s = keys.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    s.add_argument("--team")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.set_defaults(func=cmd_keys_list)
+    s = keys.add_parser("revoke", parents=[common], help="revoke a key at once")
+    s.add_argument("key_id")
+    s.set_defaults(func=cmd_keys_revoke)
+
+    teams = sub.add_parser("teams", help="teams").add_subparsers(dest="teams_cmd", required=True)
+    s = teams.add_parser("list", parents=[common])
+    s.set_defaults(func=cmd_teams_list)
+
+    s = sub.add_parser("usage", parents=[common], help="usage and cost summaries")
+    s.add_argument(
+        "--by", choices=["team", "cost-center", "model", "day", "key", "user"], default="team"
+    )
+    s.add_argument("--since", help="e.g. 7d, 12h or 2026-11-01")
+    s.add_argument("--until")
+    s.add_argument("--team", help="only this team")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.set_defaults(func=cmd_usage)
+
+    db = sub.add_parser("db", help="database").add_subparsers(dest="db_cmd", required=True)
+    s = db.add_parser("upgrade", parents=[common], help="apply schema migrations")
+    s.set_defaults(func=cmd_db_upgrade)
+
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(
+        dest="cfg_cmd", required=True
+    )
+    s = cfg.add_parser("check", parents=[common], help="validate the config file")
+    s.set_defaults(func=cmd_config_check)
+    s = cfg.add_parser("docs", help="print the config reference (Markdown)")
+    s.set_defaults(func=cmd_config_docs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("BASTION_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

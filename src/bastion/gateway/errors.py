@@ -1,0 +1,112 @@
+"""Bastion's one error tree, and the one place that renders it as OpenAI JSON or an SSE event.
+
+    BastionError                       status  type
+    ├── InvalidRequest                  400    invalid_request_error
+    │   └── BodyTooLarge                413    invalid_request_error
+    ├── AuthenticationFailed            401    authentication_error   (code invalid_api_key)
+    ├── PermissionDenied                403    permission_error
+    ├── NotFound                        404    invalid_request_error  (code model_not_found)
+    └── UpstreamError                   502    upstream_error
+        ├── UpstreamUnavailable         503    service_unavailable
+        └── UpstreamTimeout             504    timeout
+
+The status codes are the ones that make the official `openai` SDK raise its matching class
+(BadRequestError, AuthenticationError, PermissionDeniedError, NotFoundError, …).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class BastionError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    default_code: ClassVar[str | None] = None
+    #: How the request ends up in the usage records.
+    outcome: ClassVar[str] = "client_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def sse(self) -> bytes:
+        """A streaming error: one SSE error event, then [DONE] (as vLLM and OpenAI do)."""
+        return b"data: " + self.json() + b"\n\ndata: [DONE]\n\n"
+
+
+class InvalidRequest(BastionError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    default_code = "request_too_large"
+
+
+class AuthenticationFailed(BastionError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(BastionError):
+    status = 403
+    type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class NotFound(BastionError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class UpstreamError(BastionError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+    outcome = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "engine_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout"
+    default_code = "engine_timeout"
+
+
+class UpstreamRejected(InvalidRequest):
+    """The engine refused the request as invalid (e.g. context too long): the client's fault."""
+
+    default_code = "engine_rejected"
+
+
+class InternalError(BastionError):
+    status = 500
+    type = "internal_error"
+    default_code = "internal_error"
+    outcome = "internal_error"

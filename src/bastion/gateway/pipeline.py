@@ -1,0 +1,253 @@
+"""The request path, one stage after another:
+
+    authenticate → read body → parse → authorize → route → relay → record
+
+Every request, whatever happens to it, leaves exactly one usage record and one metrics sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from bastion.config import PriceSettings, Settings
+from bastion.engines.client import EngineClient, EngineConnectError, Usage, raise_for_engine_status
+from bastion.gateway.errors import (
+    BastionError,
+    BodyTooLarge,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from bastion.gateway.protocol import PATHS, Endpoint, ParsedRequest, parse_request
+from bastion.gateway.relay import SSERelay, StreamState, rewrite_body
+from bastion.identity.keys import KeyStore
+from bastion.identity.principal import Principal
+from bastion.metering.usage import UsageRecord, UsageWriter
+from bastion.observability.metrics import Metrics
+from bastion.routing.balancer import Deployment, ModelRoute
+
+log = logging.getLogger("bastion.gateway")
+ENDPOINT_KINDS: dict[Endpoint, tuple[str, ...]] = {
+    "chat": ("chat",),
+    "completions": ("chat", "completion"),
+    "embeddings": ("embedding",),
+}
+
+
+def error_response(exc: BastionError, request_id: str) -> Response:
+    return Response(
+        exc.json(),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={"x-request-id": request_id},
+    )
+
+
+@dataclass(slots=True)
+class Call:
+    rec: UsageRecord
+    started: float
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        keys: KeyStore,
+        usage: UsageWriter,
+        client: EngineClient,
+        metrics: Metrics,
+        routes: dict[str, ModelRoute],
+    ):
+        self.settings = settings
+        self.keys = keys
+        self.usage = usage
+        self.client = client
+        self.metrics = metrics
+        self.routes = routes
+        self.max_body = settings.server.max_body_bytes
+        self.prices: dict[str, PriceSettings] = dict(settings.prices)
+
+    # -- stages -----------------------------------------------------------------------------
+    async def handle(self, endpoint: Endpoint, request: Request) -> Response | SSERelay:
+        call = Call(
+            UsageRecord(request_id="req_" + secrets.token_hex(12), endpoint=endpoint),
+            time.perf_counter(),
+        )
+        try:
+            principal = await self.keys.authenticate(request.headers.get("authorization"))
+            self._attribute(call.rec, principal)
+            req = parse_request(endpoint, await self._read_body(request))
+            call.rec.model, call.rec.stream = req.model, req.stream
+            call.rec.client_user = req.client_user
+            route = self._authorize(principal, req)
+            return await self._relay(call, route, req)
+        except BastionError as exc:
+            self._finish(call, exc.status, exc.outcome, exc.code)
+            return error_response(exc, call.rec.request_id)
+        except ClientDisconnect:
+            self._finish(call, 499, "cancelled", "client_disconnected")
+            return Response(status_code=499)
+        except Exception:
+            log.exception("unexpected error on %s", call.rec.request_id)
+            exc = InternalError("Bastion failed to handle this request; it has been logged.")
+            self._finish(call, exc.status, exc.outcome, exc.code)
+            return error_response(exc, call.rec.request_id)
+
+    @staticmethod
+    def _attribute(rec: UsageRecord, p: Principal) -> None:
+        rec.key_id, rec.team, rec.cost_center, rec.user = p.key_id, p.team, p.cost_center, p.user
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise BodyTooLarge(
+                f"Request body is {int(declared)} bytes; the limit is {self.max_body} bytes."
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise BodyTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _authorize(self, principal: Principal, req: ParsedRequest) -> ModelRoute:
+        route = self.routes.get(req.model)
+        if route is None or not principal.may_use(req.model):
+            if route is None:
+                raise NotFound(f"The model '{req.model}' does not exist.", param="model")
+            raise PermissionDenied(f"This key may not use the model '{req.model}'.", param="model")
+        if route.settings.kind not in ENDPOINT_KINDS[req.endpoint]:
+            raise InvalidRequest(
+                f"The model '{req.model}' is a {route.settings.kind} model and "
+                f"does not serve {PATHS[req.endpoint]}.",
+                param="model",
+                code="wrong_endpoint",
+            )
+        return route
+
+    async def _relay(
+        self, call: Call, route: ModelRoute, req: ParsedRequest
+    ) -> Response | SSERelay:
+        body = req.body
+        if req.stream:
+            # Always ask for usage, so every stream is metered; hidden again if not requested.
+            opts = body.get("stream_options")
+            body["stream_options"] = {**(opts or {}), "include_usage": True}
+        dep, upstream = await self._connect(call, route, req)
+        gauge = self.metrics.in_flight.labels(route.alias)
+        gauge.inc()
+        if req.stream:
+
+            def on_end(state: StreamState, cancelled: bool) -> None:
+                dep.in_flight -= 1
+                gauge.dec()
+                self._end_stream(call, state, cancelled)
+
+            return SSERelay(
+                upstream, route.alias, req.client_wants_usage, call.rec.request_id, on_end
+            )
+        try:
+            raw = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            upstream.close()
+            raise UpstreamError(
+                f"reading the engine's answer failed: {type(exc).__name__}"
+            ) from exc
+        finally:
+            dep.in_flight -= 1
+            gauge.dec()
+            upstream.release()
+        out, usage = rewrite_body(raw, route.alias)
+        self._count(call.rec, usage)
+        self._finish(call, 200, "ok", None)
+        return Response(
+            out, media_type="application/json", headers={"x-request-id": call.rec.request_id}
+        )
+
+    async def _connect(
+        self, call: Call, route: ModelRoute, req: ParsedRequest
+    ) -> tuple[Deployment, aiohttp.ClientResponse]:
+        """Tries deployments in the balancer's order; moves on only if nothing was sent."""
+        path = PATHS[req.endpoint]
+        last: BastionError | None = None
+        for dep in route.candidates():
+            req.body["model"] = dep.settings.served_name
+            call.rec.deployment = dep.name
+            dep.in_flight += 1
+            try:
+                upstream = await self.client.post(dep.settings, path, orjson.dumps(req.body))
+                await raise_for_engine_status(upstream)
+                return dep, upstream
+            except EngineConnectError as exc:
+                dep.in_flight -= 1
+                dep.eject()
+                self.metrics.upstream_errors.labels(dep.name, "connect").inc()
+                log.warning("%s: %s; trying the next deployment", dep.name, exc.message)
+                last = exc
+            except UpstreamError as exc:
+                dep.in_flight -= 1
+                self.metrics.upstream_errors.labels(dep.name, exc.default_code or "error").inc()
+                raise
+            except BaseException:
+                dep.in_flight -= 1
+                raise
+        raise UpstreamUnavailable(
+            f"No engine for model '{route.alias}' is reachable right now"
+            + (f" ({last.message})" if last else "")
+            + "."
+        )
+
+    # -- recording --------------------------------------------------------------------------
+    def _count(self, rec: UsageRecord, usage: Usage | None) -> None:
+        if usage is not None:
+            rec.prompt_tokens = usage.prompt_tokens
+            rec.cached_tokens = usage.cached_tokens
+            rec.completion_tokens = usage.completion_tokens
+
+    def _end_stream(self, call: Call, state: StreamState, cancelled: bool) -> None:
+        rec = call.rec
+        self._count(rec, state.usage)
+        if state.usage is None:
+            # No usage chunk (cancelled, or the engine broke off): each chunk is about one token.
+            rec.completion_tokens = state.chunks
+        if state.first_token_at is not None:
+            rec.ttft_ms = (state.first_token_at - call.started) * 1000
+            self.metrics.ttft.labels(rec.model).observe(state.first_token_at - call.started)
+        if cancelled:
+            self._finish(call, 499, "cancelled", "client_disconnected")
+        elif state.error is not None:
+            self._finish(call, 200, state.error.outcome, state.error.code)
+        else:
+            self._finish(call, 200, "ok", None)
+
+    def _finish(self, call: Call, status: int, outcome: str, code: str | None) -> None:
+        rec = call.rec
+        elapsed = time.perf_counter() - call.started
+        rec.latency_ms = elapsed * 1000
+        rec.status, rec.outcome, rec.error_code = status, outcome, code
+        if rec.model is not None:
+            rec.price(self.prices.get(rec.model))
+        model = rec.model if rec.model in self.routes else "(unknown)"
+        m = self.metrics
+        m.requests.labels(model, rec.endpoint, str(status)).inc()
+        m.latency.labels(model, rec.endpoint).observe(elapsed)
+        if rec.prompt_tokens:
+            m.tokens.labels(model, "prompt").inc(rec.prompt_tokens)
+        if rec.cached_tokens:
+            m.tokens.labels(model, "cached").inc(rec.cached_tokens)
+        if rec.completion_tokens:
+            m.tokens.labels(model, "completion").inc(rec.completion_tokens)
+        self.usage.add(rec)

@@ -1,0 +1,179 @@
+"""Relaying the engine's answer: whole JSON bodies, or SSE streams event by event.
+
+A stream is forwarded as the engine produces it: each read from the engine is split into
+complete SSE events, each event is adjusted (alias for served name, the usage chunk Bastion
+asked for hidden from clients that did not) and sent on at once — no buffering, no re-chunking.
+A client disconnect closes the engine connection at once, which makes the engine abort the
+request and free its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bastion.engines.client import Usage, read_usage
+from bastion.gateway.errors import BastionError, UpstreamError, UpstreamTimeout
+
+Send = Callable[[dict[str, Any]], Any]
+Receive = Callable[[], Any]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def rewrite_body(raw: bytes, alias: str) -> tuple[bytes, Usage | None]:
+    """Non-streamed engine answer → the client's answer (alias restored) and its usage."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("the engine returned a body that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise UpstreamError("the engine returned JSON that is not an object")
+    if "model" in obj:
+        obj["model"] = alias
+    return orjson.dumps(obj), read_usage(obj.get("usage"))
+
+
+class StreamState:
+    """What the relay learned from the stream; read by the pipeline when recording usage."""
+
+    __slots__ = ("chunks", "done", "error", "first_token_at", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.first_token_at: float | None = None
+        self.chunks = 0
+        self.done = False
+        self.error: BastionError | None = None
+
+
+class SSERelay:
+    """An ASGI response that pumps one engine stream to the client."""
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        alias: str,
+        client_wants_usage: bool,
+        request_id: str,
+        on_end: Callable[[StreamState, bool], None],
+    ):
+        self.upstream = upstream
+        self.alias = alias
+        self.wants_usage = client_wants_usage
+        self.request_id = request_id
+        self.on_end = on_end
+        self.state = StreamState()
+
+    async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
+        cancelled = False
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*SSE_HEADERS, (b"x-request-id", self.request_id.encode())],
+                }
+            )
+            pump = asyncio.ensure_future(self._pump(send))
+            watch = asyncio.ensure_future(_wait_disconnect(receive))
+            done, _ = await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+            if pump in done:
+                watch.cancel()
+                cancelled = pump.exception() is not None  # the client went away mid-send
+            else:
+                cancelled = True
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await pump
+        except (asyncio.CancelledError, OSError):
+            cancelled = True
+            raise
+        finally:
+            if cancelled or not self.state.done:
+                self.upstream.close()  # drops the connection: the engine aborts the request
+            else:
+                self.upstream.release()
+            self.on_end(self.state, cancelled)
+
+    async def _pump(self, send: Send) -> None:
+        state = self.state
+        buf = b""
+        try:
+            async for data in self.upstream.content.iter_any():
+                if b"\r" in data:
+                    data = data.replace(b"\r\n", b"\n")
+                buf += data
+                out = []
+                while (i := buf.find(b"\n\n")) >= 0:
+                    event, buf = buf[:i], buf[i + 2 :]
+                    if (ev := self._event(event)) is not None:
+                        out.append(ev)
+                if out:
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(out), "more_body": True}
+                    )
+            if buf.strip() and (ev := self._event(buf.strip())) is not None:
+                await send({"type": "http.response.body", "body": ev, "more_body": True})
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            state.error = UpstreamTimeout("the engine stopped sending within its read timeout")
+        except aiohttp.ClientError as exc:
+            state.error = UpstreamError(
+                f"the engine connection broke mid-stream: {type(exc).__name__}"
+            )
+        if state.error is not None:
+            await send({"type": "http.response.body", "body": state.error.sse(), "more_body": True})
+        elif not state.done:
+            state.error = UpstreamError("the engine ended the stream without [DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _event(self, event: bytes) -> bytes | None:
+        if not event.startswith(b"data:"):
+            return event + b"\n\n"  # comments and other fields pass as they are
+        payload = event[5:].lstrip()
+        if payload == b"[DONE]":
+            self.state.done = True
+            return b"data: [DONE]\n\n"
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event + b"\n\n"
+        if not isinstance(obj, dict):
+            return event + b"\n\n"
+        state = self.state
+        if "error" in obj:
+            err = obj["error"]
+            msg = err.get("message") if isinstance(err, dict) else str(err)
+            state.error = UpstreamError(f"engine error mid-stream: {msg}")
+        choices = obj.get("choices")
+        if choices:
+            state.chunks += 1
+            if state.first_token_at is None:
+                state.first_token_at = time.perf_counter()
+        if "usage" in obj:
+            usage = obj["usage"]
+            if usage is not None:
+                state.usage = read_usage(usage)
+            if not self.wants_usage:
+                if usage is not None and not choices:
+                    return None  # the usage-only chunk Bastion asked for on the client's behalf
+                del obj["usage"]
+        if "model" in obj:
+            obj["model"] = self.alias
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,18 @@
+"""Who is calling: decided server-side only, from the credential, never from the body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    team: str
+    cost_center: str
+    user: str | None
+    #: Model aliases this caller may use; None means every model.
+    models: frozenset[str] | None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models

@@ -1,0 +1,134 @@
+"""Usage records: one per request, whatever its outcome, written in batches off the event loop.
+
+The request path only appends to a queue (a few hundred nanoseconds); a writer thread inserts
+batches every `database.usage_flush_seconds`. On shutdown the writer drains the queue before
+the process exits, and a failed write is retried rather than dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from bastion.config import PriceSettings
+from bastion.store.schema import usage
+
+log = logging.getLogger("bastion.metering")
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    endpoint: str
+    ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+    key_id: str | None = None
+    team: str | None = None
+    cost_center: str | None = None
+    user: str | None = None
+    client_user: str | None = None
+    model: str | None = None
+    deployment: str | None = None
+    stream: bool = False
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    currency: str | None = None
+    status: int = 200
+    outcome: str = "ok"
+    error_code: str | None = None
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+
+    def price(self, p: PriceSettings | None) -> None:
+        if p is None:
+            return
+        cached = min(self.cached_tokens, self.prompt_tokens)
+        cached_price = p.cached_prompt if p.cached_prompt is not None else p.prompt
+        self.cost = (
+            (self.prompt_tokens - cached) * p.prompt
+            + cached * cached_price
+            + self.completion_tokens * p.completion
+        ) / 1_000_000
+        self.currency = p.currency
+
+
+class UsageWriter:
+    BATCH = 1000
+
+    def __init__(self, engine: Engine, flush_seconds: float):
+        self._engine = engine
+        self._every = flush_seconds
+        self._q: queue.SimpleQueue[UsageRecord] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bastion-usage-writer", daemon=True)
+        self.written = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, rec: UsageRecord) -> None:
+        self._q.put_nowait(rec)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the writer after everything queued so far is in the database."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error(
+                "usage writer did not finish within %.0fs; %d records pending",
+                timeout,
+                self._q.qsize(),
+            )
+
+    def _drain(self) -> list[UsageRecord]:
+        out: list[UsageRecord] = []
+        while len(out) < self.BATCH:
+            try:
+                out.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
+    def _run(self) -> None:
+        pending: list[UsageRecord] = []
+        backoff = self._every
+        while True:
+            stopping = self._stop.wait(self._every if not pending else backoff)
+            pending.extend(self._drain())
+            while pending:
+                try:
+                    self._write(pending)
+                    self.written += len(pending)
+                    pending = self._drain()
+                    backoff = self._every
+                except Exception:
+                    log.exception("writing %d usage records failed; will retry", len(pending))
+                    backoff = min(backoff * 2, 5.0)
+                    if stopping and backoff >= 5.0:
+                        log.error("giving up on %d usage records at shutdown", len(pending))
+                        return
+                    time.sleep(backoff)
+            if stopping and self._q.empty():
+                return
+
+    def _write(self, batch: list[UsageRecord]) -> None:
+        rows = [asdict(r) for r in batch]
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(usage.insert(), rows)
+        except IntegrityError:
+            # A retried batch partly written before: insert one by one, skipping duplicates.
+            for row in rows:
+                try:
+                    with self._engine.begin() as conn:
+                        conn.execute(usage.insert(), row)
+                except IntegrityError:
+                    pass

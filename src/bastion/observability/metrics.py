@@ -1,0 +1,54 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "bastion_requests",
+            "Requests by model, endpoint and status.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "bastion_request_duration_seconds",
+            "Time from request to last byte.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "bastion_time_to_first_token_seconds",
+            "Time from request to the first streamed token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "bastion_tokens",
+            "Tokens by model and kind (prompt, cached, completion).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "bastion_in_flight_requests", "Requests being served now.", ["model"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "bastion_upstream_errors",
+            "Engine failures by deployment and kind.",
+            ["deployment", "kind"],
+            registry=r,
+        )
+        self.deployment_up = Gauge(
+            "bastion_deployment_up",
+            "1 if the deployment passed its last health check.",
+            ["deployment"],
+            registry=r,
+        )

@@ -1,0 +1,77 @@
+"""Which engine replica serves a request.
+
+A balancer orders a model's deployments by preference; the pipeline tries them in that order
+and moves to the next only when a connection could not be made (nothing was sent yet).
+Cache-aware (prefix-affinity) routing will be another `Balancer`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from bastion.config import DeploymentSettings, ModelSettings
+
+#: After a refused connection, a deployment is skipped for this long unless nothing else is up.
+EJECT_SECONDS = 5.0
+
+
+@dataclass(eq=False)
+class Deployment:
+    model: str
+    index: int
+    settings: DeploymentSettings
+    in_flight: int = 0
+    #: Last active health check result; None until the first check has run.
+    healthy: bool | None = None
+    ejected_until: float = 0.0
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = f"{self.model}[{self.index}]"
+
+    @property
+    def available(self) -> bool:
+        return self.healthy is not False and self.ejected_until <= time.monotonic()
+
+    def eject(self) -> None:
+        self.ejected_until = time.monotonic() + EJECT_SECONDS
+
+
+class Balancer(Protocol):
+    def order(self, deployments: Sequence[Deployment]) -> list[Deployment]: ...
+
+
+class LeastOutstanding:
+    """Fewest requests in flight relative to weight; available replicas first; ties at random."""
+
+    def order(self, deployments: Sequence[Deployment]) -> list[Deployment]:
+        if len(deployments) == 1:
+            return list(deployments)
+        return sorted(
+            deployments,
+            key=lambda d: (not d.available, (d.in_flight + 1) / d.settings.weight, random.random()),
+        )
+
+
+@dataclass
+class ModelRoute:
+    alias: str
+    settings: ModelSettings
+    deployments: list[Deployment]
+    balancer: Balancer
+
+    @classmethod
+    def build(cls, alias: str, settings: ModelSettings, balancer: Balancer) -> ModelRoute:
+        deps = [Deployment(alias, i, d) for i, d in enumerate(settings.deployments)]
+        return cls(alias, settings, deps, balancer)
+
+    def candidates(self) -> list[Deployment]:
+        return self.balancer.order(self.deployments)
+
+    @property
+    def ready(self) -> bool:
+        return any(d.healthy for d in self.deployments)

@@ -1,0 +1,251 @@
+"""Shared fixtures. Every real service starts once per test session:
+
+- two real vLLM CPU engines: the locally generated tiny chat model and all-MiniLM-L6-v2
+  (embeddings), from the engine venv that `scripts/install-engine.sh` builds;
+- the machine's PostgreSQL (127.0.0.1:5432), in a throw-away database;
+- Bastion itself as a real `bastion serve` process, called with the official `openai` SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from bastion.engines.launcher import (
+    EngineSpec,
+    VllmProcess,
+    embedding_model_dir,
+    engine_installed,
+    ensure_tiny_model,
+    free_port,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-" + secrets.token_hex(16)
+PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TINY = "tiny-chat"
+EMBED = "all-minilm-l6-v2"
+
+
+# -- engines --------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def engine_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine-logs")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    if not engine_installed():
+        subprocess.run(["bash", str(ROOT / "scripts/install-engine.sh")], check=True)
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProcess]]:
+    """The tiny chat engine and the embedding engine, started together (they boot in parallel)."""
+    procs = {
+        "chat": VllmProcess(EngineSpec(tiny_model, TINY, free_port(), gpu_memory_utilization=0.05,
+                                       max_model_len=2048),
+                            log_path=engine_logs / "chat.log"),
+        "embed": VllmProcess(EngineSpec(embedding_model_dir(), EMBED, free_port(),
+                                        gpu_memory_utilization=0.05),
+                             log_path=engine_logs / "embed.log"),
+    }
+    try:
+        for p in procs.values():
+            p.start()
+        for p in procs.values():
+            p.wait_ready(timeout=420)
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_engine(engines: dict[str, VllmProcess]) -> VllmProcess:
+    return engines["chat"]
+
+
+@pytest.fixture(scope="session")
+def embed_engine(engines: dict[str, VllmProcess]) -> VllmProcess:
+    return engines["embed"]
+
+
+# -- databases ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards."""
+    name = "bastion_test_" + secrets.token_hex(4)
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# -- the gateway ----------------------------------------------------------------------------------
+def base_config(db_url: str, models: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "database": {"url": db_url, "usage_flush_seconds": 0.05},
+        "identity": {"key_refresh_seconds": 0.5},
+        "cost_centers": {"cc-1": {"name": "Retail"}, "cc-2": {"name": "Risk"}},
+        "teams": {"alpha": {"cost_center": "cc-1"}, "beta": {"cost_center": "cc-2"}},
+        "models": models,
+        "prices": {},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+class Gateway:
+    """A real `bastion serve` process."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path):
+        self.config = config
+        self.workdir = workdir
+        self.port = free_port()
+        self.config_path = workdir / f"bastion-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"gateway-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_LOG_LEVEL": "WARNING"}
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, env=self.env, check=check, cwd=self.workdir)
+
+    def create_key(self, team: str = "alpha", *extra: str) -> str:
+        out = self.cli("keys", "create", "--team", team, *extra).stdout.strip().splitlines()
+        assert out and out[-1].startswith("bst-"), out
+        return out[-1]
+
+    def start(self, timeout: float = 30) -> Gateway:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bastion.cli", "serve", "--config", str(self.config_path),
+             "--port", str(self.port), "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                    return self
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        raise RuntimeError("gateway did not start in time")
+
+    def stop(self) -> None:
+        """SIGTERM, as an orchestrator would: the gateway drains and flushes usage."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1):
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise AssertionError("gateway never became ready")
+
+
+@pytest.fixture(scope="session")
+def make_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(config: dict[str, Any], start: bool = True) -> Gateway:
+        gw = Gateway(config, tmp_path_factory.mktemp("gw"))
+        started.append(gw)
+        return gw.start() if start else gw
+
+    yield make
+    for gw in started:
+        gw.stop()
+
+
+def engine_models(chat: VllmProcess, embed: VllmProcess) -> dict[str, Any]:
+    return {
+        "tiny": {"deployments": [{"url": chat.url, "served_name": TINY}]},
+        "minilm": {"kind": "embedding",
+                   "deployments": [{"url": embed.url, "served_name": EMBED}]},
+    }
+
+
+@pytest.fixture(scope="session")
+def gateway(make_gateway: Callable[..., Gateway], chat_engine: VllmProcess,
+            embed_engine: VllmProcess, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+    """The shared gateway in front of the real engines, on SQLite."""
+    db = tmp_path_factory.mktemp("db") / "bastion.db"
+    cfg = base_config(f"sqlite:///{db}", engine_models(chat_engine, embed_engine),
+                      prices={"tiny": {"prompt": 1.0, "cached_prompt": 0.5, "completion": 2.0}})
+    gw = make_gateway(cfg)
+    gw.wait_ready()
+    return gw
+
+
+@pytest.fixture(scope="session")
+def api_key(gateway: Gateway) -> str:
+    return gateway.create_key("alpha", "--user", "alice")
+
+
+@pytest.fixture
+def client(gateway: Gateway, api_key: str):  # type: ignore[no-untyped-def]
+    import openai
+
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0,
+                       timeout=60) as c:
+        yield c
+
+
+def usage_rows(db_url: str, timeout: float = 5.0, **where: Any) -> list[Any]:
+    """Usage records matching `where`, waiting briefly for the batch writer."""
+    from bastion.store.schema import usage
+
+    engine = sa.create_engine(db_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            q = sa.select(usage)
+            for k, v in where.items():
+                q = q.where(usage.c[k] == v)
+            with engine.connect() as conn:
+                rows = conn.execute(q).all()
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.05)
+    finally:
+        engine.dispose()

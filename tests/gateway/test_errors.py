@@ -1,0 +1,166 @@
+"""Every client mistake and engine failure gets the right status in OpenAI's error format.
+
+In-process app (Starlette's TestClient) in front of a stub engine for failure injection; the
+same classes of error are checked through the real SDK and real vLLM in test_sdk.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from bastion.app import build_app
+from bastion.config import parse_settings
+from bastion.engines.launcher import free_port
+from bastion.identity.keys import create_key, revoke_key
+from tests.stub_engine import StubEngine
+
+CHAT = {"model": "stub", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubEngine]:
+    s = StubEngine().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    db = tmp_path_factory.mktemp("errs") / "b.db"
+    settings = parse_settings({
+        "server": {"max_body_bytes": 2048},
+        "database": {"url": f"sqlite:///{db}", "usage_flush_seconds": 0.05},
+        "cost_centers": {"cc": {}},
+        "teams": {"t": {"cost_center": "cc"}},
+        "models": {
+            "stub": {"deployments": [{"url": stub.url, "served_name": "stub-served",
+                                      "first_byte_timeout": 1.0, "read_timeout": 1.0}]},
+            "down": {"deployments": [{"url": f"http://127.0.0.1:{free_port()}",
+                                      "served_name": "x"}]},
+            "vectors": {"kind": "embedding",
+                        "deployments": [{"url": stub.url, "served_name": "e"}]},
+        },
+    })
+    app = build_app(settings, health_interval=0.5)
+    with TestClient(app) as c:
+        db_engine = app.state.admin.db
+        known = set(settings.models)
+        keys = {
+            "all": create_key(db_engine, team="t", known_models=known)[1],
+            "only_down": create_key(db_engine, team="t", models=["down"], known_models=known)[1],
+            "short": create_key(db_engine, team="t", expires_in=timedelta(seconds=1),
+                                known_models=known)[1],
+        }
+        rec, keys["revoked"] = create_key(db_engine, team="t", known_models=known)
+        revoke_key(db_engine, rec.id)
+        yield c, keys
+
+
+def _post(c: TestClient, key: str | None, body: object, path: str = "/v1/chat/completions",
+          raw: bytes | None = None):  # type: ignore[no-untyped-def]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = raw if raw is not None else orjson.dumps(body)
+    return c.post(path, content=content, headers={**headers, "Content-Type": "application/json"})
+
+
+def _error(resp, status: int, code: str | None = None) -> dict:  # type: ignore[no-untyped-def]
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    return err
+
+
+def test_authentication_errors(app_env, stub: StubEngine) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    _error(_post(c, None, CHAT), 401)
+    _error(_post(c, "bst-not-a-real-key", CHAT), 401, "invalid_api_key")
+    _error(_post(c, "sk-something", CHAT), 401)
+    _error(_post(c, keys["revoked"], CHAT), 401, "key_revoked")
+    time.sleep(1.1)
+    _error(_post(c, keys["short"], CHAT), 401, "key_expired")
+    resp = c.post("/v1/chat/completions", content=b"{}", headers={"Authorization": "Basic abc"})
+    _error(resp, 401)
+
+
+def test_authorization_and_models(app_env) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    _error(_post(c, keys["only_down"], CHAT), 403, "model_not_allowed")
+    _error(_post(c, keys["all"], {**CHAT, "model": "gpt-99"}), 404, "model_not_found")
+    err = _error(_post(c, keys["all"], {**CHAT, "model": "vectors"}), 400, "wrong_endpoint")
+    assert "embedding" in err["message"]
+    listed = c.get("/v1/models", headers={"Authorization": f"Bearer {keys['only_down']}"})
+    assert [m["id"] for m in listed.json()["data"]] == ["down"]
+
+
+def test_bad_bodies(app_env) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    _error(_post(c, keys["all"], None, raw=b'{"model": "stub", '), 400, "invalid_json")
+    _error(_post(c, keys["all"], {"model": "stub"}), 400, "missing")
+    _error(_post(c, keys["all"], {**CHAT, "temperature": "hot"}), 400, "invalid_type")
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    _error(_post(c, keys["all"], big), 413, "request_too_large")
+
+
+def test_engine_failures(app_env, stub: StubEngine) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    ok = _post(c, keys["all"], CHAT)
+    assert ok.status_code == 200 and ok.json()["model"] == "stub"
+    assert stub.requests[-1]["model"] == "stub-served"  # alias rewritten on the way in
+    _error(_post(c, keys["all"], {**CHAT, "model": "down"}), 503, "engine_unavailable")
+    try:
+        stub.mode = "500"
+        _error(_post(c, keys["all"], CHAT), 502, "upstream_error")
+        stub.mode = "400"
+        err = _error(_post(c, keys["all"], CHAT), 400, "engine_rejected")
+        assert "context too long" in err["message"]
+        stub.mode = "garbage"
+        _error(_post(c, keys["all"], CHAT), 502)
+        stub.mode, stub.delay = "ok", 3.0
+        started = time.monotonic()
+        _error(_post(c, keys["all"], CHAT), 504, "engine_timeout")
+        assert time.monotonic() - started < 2.5  # no hang past the configured timeout
+        stub.mode, stub.delay = "stall-stream", 0.0
+        resp = _post(c, keys["all"], {**CHAT, "stream": True})
+        assert resp.status_code == 200
+        assert b'"engine_timeout"' in resp.content and resp.content.endswith(b"data: [DONE]\n\n")
+    finally:
+        stub.mode, stub.delay = "ok", 0.0
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(
+    st.sampled_from(["model", "messages", "stream", "max_tokens", "n", "user", "tools"]),
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=5)
+    | st.lists(st.dictionaries(st.sampled_from(["role", "content"]), st.text(max_size=5)),
+               max_size=2), max_size=6))
+def test_never_a_5xx_for_client_mistakes(app_env, body: dict) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    body.pop("model", None) if body.get("model") == "down" else None
+    resp = _post(c, keys["only_down"], body)  # this key may use no model the body can name
+    assert resp.status_code in (400, 403, 404), resp.text
+    assert "error" in resp.json()
+
+
+def test_every_request_is_recorded(app_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    gw = c.app.state.gateway
+    before = gw.usage.written
+    _post(c, None, CHAT)
+    _post(c, keys["all"], CHAT)
+    _post(c, keys["all"], {**CHAT, "model": "nope"})
+    deadline = time.monotonic() + 5
+    while gw.usage.written < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.usage.written >= before + 3

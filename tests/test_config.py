@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from bastion.config import ConfigError, load_settings, parse_settings
+from bastion.configdocs import render_config_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DEP = {"url": "http://127.0.0.1:8001", "served_name": "m"}
+
+
+def _err(raw: object) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, "bastion.yaml")
+    return str(info.value)
+
+
+def test_defaults_work_on_one_machine() -> None:
+    s = parse_settings({})
+    assert s.server.port == 8080 and s.server.host == "127.0.0.1"
+    assert s.database.url.startswith("sqlite:")
+
+
+def test_errors_name_the_exact_path() -> None:
+    msg = _err({"models": {"fast": {"deployments": [{"url": "nope", "served_name": "x"}]}}})
+    assert "models.fast.deployments[0].url: not a URL" in msg
+    assert "unknown setting" in _err({"server": {"prot": 1}})
+    assert "server.prot" in _err({"server": {"prot": 1}})
+    assert "server.port" in _err({"server": {"port": "eighty"}})
+    assert "models.fast.deployments" in _err({"models": {"fast": {"deployments": []}}})
+
+
+def test_references_are_checked() -> None:
+    msg = _err({"teams": {"t": {"cost_center": "nope"}}})
+    assert "teams.t.cost_center: unknown cost center 'nope'" in msg
+    msg = _err({"cost_centers": {"c": {}}, "teams": {"t": {"cost_center": "c", "models": ["x"]}}})
+    assert "teams.t.models[0]: unknown model 'x'" in msg
+    assert "prices.x: unknown model" in _err({"prices": {"x": {"prompt": 1}}})
+
+
+def test_env_interpolation_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENGINE_TOKEN", "s3cret")
+    s = parse_settings({"models": {"m": {"deployments": [{**DEP, "api_key": "${ENGINE_TOKEN}"}]}}})
+    assert s.models["m"].deployments[0].api_key == "s3cret"
+    assert "MISSING_VAR is not set" in _err({"admin": {"key": "${MISSING_VAR}"}})
+    monkeypatch.setenv("BASTION_ADMIN_KEY", "x" * 20)
+    monkeypatch.setenv("BASTION_DATABASE_URL", "postgresql+psycopg://u@h/db")
+    s = parse_settings({})
+    assert s.admin.key == "x" * 20 and s.database.url == "postgresql+psycopg://u@h/db"
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+
+
+def test_example_config_is_valid() -> None:
+    s = load_settings(ROOT / "examples/bastion.yaml")
+    assert set(s.models) == {"tiny", "minilm"}
+
+
+def test_config_reference_is_current() -> None:
+    """docs/config.md is generated from the settings; regenerate with `bastion config docs`."""
+    assert (ROOT / "docs/config.md").read_text() == render_config_reference()
