@@ -69,7 +69,7 @@ def summarize(
                 "cached_tokens": int(r.cached_tokens),
                 "completion_tokens": int(r.completion_tokens),
                 "total_tokens": int(r.prompt_tokens) + int(r.completion_tokens),
-                "cost": round(float(r.cost), 6),
+                "cost": round(float(r.cost), 10),
             }
         )
     return out

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs Bastion into .venv and the vLLM CPU engine into its own venv. Idempotent.
+# Usage: scripts/install.sh [--dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${BASTION_PYTHON:-}"
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.12 python3.13 python3; do
+    if command -v "$c" >/dev/null && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PY="$c"; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "Python >= 3.11 is required" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import bastion" 
+bash scripts/install-engine.sh 2>&1 | grep -v "^WARNING: Location"

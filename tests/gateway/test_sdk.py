@@ -1,0 +1,171 @@
+"""The official `openai` SDK against Bastion in front of real vLLM engines."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import Gateway, usage_rows
+
+pytestmark = pytest.mark.engine
+HELLO = [{"role": "user", "content": "Hello, who are you?"}]
+
+
+def _db(gateway: Gateway) -> str:
+    return gateway.config["database"]["url"]
+
+
+def test_chat(client: openai.OpenAI, gateway: Gateway) -> None:
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8,
+                                       temperature=0, user="end-user-42")
+    assert r.model == "tiny"  # the alias, not the engine's served name
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage and r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 8
+    rows = usage_rows(_db(gateway), request_id=None) if False else usage_rows(
+        _db(gateway), client_user="end-user-42")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.team, row.cost_center, row.user, row.model) == ("alpha", "cc-1", "alice", "tiny")
+    assert row.prompt_tokens == r.usage.prompt_tokens
+    assert row.completion_tokens == r.usage.completion_tokens
+    assert row.status == 200 and row.outcome == "ok" and row.deployment == "tiny[0]"
+    expected = (r.usage.prompt_tokens * 1.0 + r.usage.completion_tokens * 2.0) / 1e6
+    assert row.cost == pytest.approx(expected)
+
+
+def test_unknown_fields_pass_through(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, logprobs=True,
+                                       top_logprobs=2, seed=7, temperature=0)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.content and len(lp.content[0].top_logprobs) == 2
+
+
+def test_stream_without_usage(client: openai.OpenAI, gateway: Gateway) -> None:
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12,
+                                                 stream=True, user="streamer-1"))
+    assert len(chunks) > 2 and all(c.model == "tiny" for c in chunks)
+    # Bastion asked the engine for usage; the client did not, so it must not see it.
+    assert all(c.usage is None and c.choices for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text
+    row = usage_rows(_db(gateway), client_user="streamer-1")[0]
+    assert row.stream and row.outcome == "ok" and row.completion_tokens > 0
+    assert row.prompt_tokens > 0 and row.ttft_ms is not None and row.ttft_ms <= row.latency_ms
+
+
+def test_stream_with_usage(client: openai.OpenAI, gateway: Gateway) -> None:
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, user="streamer-2"))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    row = usage_rows(_db(gateway), client_user="streamer-2")[0]
+    assert row.completion_tokens == last.usage.completion_tokens
+    assert row.prompt_tokens == last.usage.prompt_tokens
+
+
+def test_cached_tokens_recorded(client: openai.OpenAI, gateway: Gateway) -> None:
+    prefix = "You are a careful assistant for the bank. " * 40
+    msgs = [{"role": "system", "content": prefix}, {"role": "user", "content": "hi"}]
+    for i in range(2):
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
+                                       user=f"cache-{i}")
+    second = usage_rows(_db(gateway), client_user="cache-1")[0]
+    assert second.cached_tokens > 0 and second.cached_tokens <= second.prompt_tokens
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="tiny", prompt="The bank said", max_tokens=6)
+    assert r.model == "tiny" and r.choices[0].text is not None
+    chunks = list(client.completions.create(model="tiny", prompt="Once", max_tokens=6,
+                                            stream=True))
+    assert chunks and all(c.model == "tiny" for c in chunks)
+
+
+def test_models_list(client: openai.OpenAI, gateway: Gateway) -> None:
+    assert sorted(m.id for m in client.models.list()) == ["minilm", "tiny"]
+    restricted = gateway.create_key("alpha", "--models", "minilm")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=restricted, max_retries=0) as c:
+        assert [m.id for m in c.models.list()] == ["minilm"]
+        assert c.models.retrieve("minilm").id == "minilm"
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("tiny")
+        with pytest.raises(openai.PermissionDeniedError):
+            c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+
+
+def test_embeddings(client: openai.OpenAI) -> None:
+    r = client.embeddings.create(
+        model="minilm",
+        input=["How do I reset my online banking password?",
+               "To reset your password, open the app and choose 'Forgot password'.",
+               "The quarterly dividend was raised by two cents."])
+    assert r.model == "minilm" and len(r.data) == 3 and len(r.data[0].embedding) == 384
+    q, a, other = (d.embedding for d in r.data)
+
+    def cos(x: list[float], y: list[float]) -> float:
+        dot = sum(i * j for i, j in zip(x, y, strict=True))
+        return dot / (sum(i * i for i in x) ** 0.5 * sum(j * j for j in y) ** 0.5)
+
+    assert cos(q, a) > cos(q, other) + 0.2  # real embeddings: meaning, not noise
+    assert r.usage.prompt_tokens > 0
+
+
+def test_error_classes(client: openai.OpenAI, gateway: Gateway) -> None:
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key="bst-wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model="tiny", messages=HELLO)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages="not a list")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError) as info:
+        # Longer than the engine's context window: the engine's own message comes back as 400.
+        client.chat.completions.create(model="tiny", messages=[
+            {"role": "user", "content": "word " * 3000}], max_tokens=4)
+    assert "context" in str(info.value).lower() or "length" in str(info.value).lower()
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model="tiny", input="x")  # a chat model has no embeddings
+    huge = [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.chat.completions.create(model="tiny", messages=huge)
+    assert too_big.value.status_code == 413
+    expiring = gateway.create_key("alpha", "--expires", "1s")
+    time.sleep(1.2)
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=expiring, max_retries=0) as c:
+        with pytest.raises(openai.AuthenticationError, match="expired"):
+            c.models.list()
+
+
+def _running(engine_url: str) -> float:
+    with urllib.request.urlopen(engine_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("vllm:num_requests_running"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no vllm:num_requests_running metric")
+
+
+def test_client_disconnect_cancels_upstream(gateway: Gateway, api_key: str, chat_engine) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 1900, "stream": True,
+            "ignore_eos": True, "user": "quitter"}
+    with httpx.Client(timeout=30) as h, h.stream(
+            "POST", gateway.url + "/v1/chat/completions", json=body,
+            headers={"Authorization": f"Bearer {api_key}"}) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert _running(chat_engine.url) >= 1
+    # Client gone: the engine must drop the request promptly, not generate 1900 tokens.
+    deadline = time.monotonic() + 5
+    while _running(chat_engine.url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(chat_engine.url) == 0
+    row = usage_rows(_db(gateway), client_user="quitter")[0]
+    assert row.outcome == "cancelled" and row.status == 499
+    assert 0 < row.completion_tokens < 1900
