@@ -35,7 +35,9 @@ from bastion.engines.launcher import (
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-" + secrets.token_hex(16)
-PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "BASTION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 TINY = "tiny-chat"
 EMBED = "all-minilm-l6-v2"
 
@@ -57,12 +59,16 @@ def tiny_model() -> Path:
 def engines(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProcess]]:
     """The tiny chat engine and the embedding engine, started together (they boot in parallel)."""
     procs = {
-        "chat": VllmProcess(EngineSpec(tiny_model, TINY, free_port(), gpu_memory_utilization=0.05,
-                                       max_model_len=2048),
-                            log_path=engine_logs / "chat.log"),
-        "embed": VllmProcess(EngineSpec(embedding_model_dir(), EMBED, free_port(),
-                                        gpu_memory_utilization=0.05),
-                             log_path=engine_logs / "embed.log"),
+        "chat": VllmProcess(
+            EngineSpec(
+                tiny_model, TINY, free_port(), gpu_memory_utilization=0.05, max_model_len=2048
+            ),
+            log_path=engine_logs / "chat.log",
+        ),
+        "embed": VllmProcess(
+            EngineSpec(embedding_model_dir(), EMBED, free_port(), gpu_memory_utilization=0.05),
+            log_path=engine_logs / "embed.log",
+        ),
     }
     try:
         for p in procs.values():
@@ -138,7 +144,12 @@ class Gateway:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "bastion.cli", *args, "--config", str(self.config_path)],
-            capture_output=True, text=True, env=self.env, check=check, cwd=self.workdir)
+            capture_output=True,
+            text=True,
+            env=self.env,
+            check=check,
+            cwd=self.workdir,
+        )
 
     def create_key(self, team: str = "alpha", *extra: str) -> str:
         out = self.cli("keys", "create", "--team", team, *extra).stdout.strip().splitlines()
@@ -148,9 +159,23 @@ class Gateway:
     def start(self, timeout: float = 30) -> Gateway:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bastion.cli", "serve", "--config", str(self.config_path),
-             "--port", str(self.port), "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir)
+            [
+                sys.executable,
+                "-m",
+                "bastion.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -200,18 +225,24 @@ def make_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 def engine_models(chat: VllmProcess, embed: VllmProcess) -> dict[str, Any]:
     return {
         "tiny": {"deployments": [{"url": chat.url, "served_name": TINY}]},
-        "minilm": {"kind": "embedding",
-                   "deployments": [{"url": embed.url, "served_name": EMBED}]},
+        "minilm": {"kind": "embedding", "deployments": [{"url": embed.url, "served_name": EMBED}]},
     }
 
 
 @pytest.fixture(scope="session")
-def gateway(make_gateway: Callable[..., Gateway], chat_engine: VllmProcess,
-            embed_engine: VllmProcess, tmp_path_factory: pytest.TempPathFactory) -> Gateway:
+def gateway(
+    make_gateway: Callable[..., Gateway],
+    chat_engine: VllmProcess,
+    embed_engine: VllmProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Gateway:
     """The shared gateway in front of the real engines, on SQLite."""
     db = tmp_path_factory.mktemp("db") / "bastion.db"
-    cfg = base_config(f"sqlite:///{db}", engine_models(chat_engine, embed_engine),
-                      prices={"tiny": {"prompt": 1.0, "cached_prompt": 0.5, "completion": 2.0}})
+    cfg = base_config(
+        f"sqlite:///{db}",
+        engine_models(chat_engine, embed_engine),
+        prices={"tiny": {"prompt": 1.0, "cached_prompt": 0.5, "completion": 2.0}},
+    )
     gw = make_gateway(cfg)
     gw.wait_ready()
     return gw
@@ -226,8 +257,9 @@ def api_key(gateway: Gateway) -> str:
 def client(gateway: Gateway, api_key: str):  # type: ignore[no-untyped-def]
     import openai
 
-    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0,
-                       timeout=60) as c:
+    with openai.OpenAI(
+        base_url=gateway.url + "/v1", api_key=api_key, max_retries=0, timeout=60
+    ) as c:
         yield c
 
 

@@ -49,23 +49,36 @@ class StubEngine:
         if self.mode == "500":
             return web.json_response({"error": {"message": "CUDA out of memory"}}, status=500)
         if self.mode == "400":
-            return web.json_response({"error": {"message": "context too long", "type":
-                                                "BadRequestError"}}, status=400)
+            return web.json_response(
+                {"error": {"message": "context too long", "type": "BadRequestError"}}, status=400
+            )
         if self.mode == "garbage":
             return web.Response(text="<html>proxy error</html>", status=200)
         if self.mode == "stall-stream":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
-            await resp.write(b'data: {"id":"x","model":"stub","choices":[{"index":0,"delta":'
-                             b'{"content":"a"}}]}\n\n')
+            await resp.write(
+                b'data: {"id":"x","model":"stub","choices":[{"index":0,"delta":'
+                b'{"content":"a"}}]}\n\n'
+            )
             await asyncio.sleep(3)
             return resp
-        return web.json_response({
-            "id": "cmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-        })
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hi"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            }
+        )
 
     def start(self) -> StubEngine:
         self._thread.start()

@@ -16,13 +16,15 @@ ADMIN = "admin-key-for-tests-0123456789"
 
 @pytest.fixture
 def admin(tmp_path: Path) -> Iterator[TestClient]:
-    settings = parse_settings({
-        "database": {"url": f"sqlite:///{tmp_path}/a.db"},
-        "admin": {"key": ADMIN},
-        "cost_centers": {"cc": {"name": "Retail"}},
-        "teams": {"t": {"cost_center": "cc"}},
-        "models": {"m": {"deployments": [{"url": "http://127.0.0.1:9", "served_name": "m"}]}},
-    })
+    settings = parse_settings(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/a.db"},
+            "admin": {"key": ADMIN},
+            "cost_centers": {"cc": {"name": "Retail"}},
+            "teams": {"t": {"cost_center": "cc"}},
+            "models": {"m": {"deployments": [{"url": "http://127.0.0.1:9", "served_name": "m"}]}},
+        }
+    )
     with TestClient(build_app(settings)) as c:
         c.headers["Authorization"] = f"Bearer {ADMIN}"
         yield c
@@ -35,8 +37,9 @@ def test_requires_the_admin_key(admin: TestClient) -> None:
 
 
 def test_key_lifecycle(admin: TestClient) -> None:
-    r = admin.post("/admin/keys", json={"team": "t", "user": "ann", "expires_in": "7d",
-                                        "name": "app"})
+    r = admin.post(
+        "/admin/keys", json={"team": "t", "user": "ann", "expires_in": "7d", "name": "app"}
+    )
     assert r.status_code == 201, r.text
     made = r.json()
     assert made["key"].startswith("bst-") and made["status"] == "active"
@@ -53,24 +56,35 @@ def test_key_lifecycle(admin: TestClient) -> None:
 
 
 def test_bad_input_is_400_in_openai_format(admin: TestClient) -> None:
-    for body in ({"team": "nope"}, {"team": "t", "models": ["zzz"]},
-                 {"team": "t", "expires_in": "later"}, {"user": "x"}, {"team": 5}):
+    for body in (
+        {"team": "nope"},
+        {"team": "t", "models": ["zzz"]},
+        {"team": "t", "expires_in": "later"},
+        {"user": "x"},
+        {"team": 5},
+    ):
         r = admin.post("/admin/keys", json=body)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["message"]
-    r = admin.post("/admin/keys", content=b"{not json", headers={"Content-Type":
-                                                                 "application/json"})
+    r = admin.post(
+        "/admin/keys", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400
 
 
 def test_teams_and_cost_centers(admin: TestClient) -> None:
-    assert admin.post("/admin/cost-centers", json={"name": "cc-9", "display_name": "Ops"}
-                      ).status_code == 201
+    assert (
+        admin.post("/admin/cost-centers", json={"name": "cc-9", "display_name": "Ops"}).status_code
+        == 201
+    )
     assert admin.post("/admin/cost-centers", json={"name": "cc-9"}).status_code == 400
-    assert admin.post("/admin/teams", json={"name": "ops", "cost_center": "cc-9",
-                                            "models": ["m"]}).status_code == 201
-    assert admin.post("/admin/teams", json={"name": "x", "cost_center": "nope"}
-                      ).status_code == 400
+    assert (
+        admin.post(
+            "/admin/teams", json={"name": "ops", "cost_center": "cc-9", "models": ["m"]}
+        ).status_code
+        == 201
+    )
+    assert admin.post("/admin/teams", json={"name": "x", "cost_center": "nope"}).status_code == 400
     teams = {t["name"]: t for t in admin.get("/admin/teams").json()}
     assert teams["ops"]["source"] == "api" and teams["t"]["source"] == "config"
     key = admin.post("/admin/keys", json={"team": "ops"}).json()["key"]
@@ -83,6 +97,11 @@ def test_usage_and_openapi(admin: TestClient) -> None:
     assert admin.get("/admin/usage", params={"since": "yesterday"}).status_code == 400
     assert admin.get("/admin/usage", params={"by": "planet"}).status_code == 400
     spec = admin.get("/admin/openapi.json").json()
-    assert {"/admin/keys", "/admin/keys/{key_id}/revoke", "/admin/teams", "/admin/usage",
-            "/admin/cost-centers"} <= set(spec["paths"])
+    assert {
+        "/admin/keys",
+        "/admin/keys/{key_id}/revoke",
+        "/admin/teams",
+        "/admin/usage",
+        "/admin/cost-centers",
+    } <= set(spec["paths"])
     assert not any(p.startswith("/v1") for p in spec["paths"])

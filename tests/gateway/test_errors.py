@@ -36,20 +36,33 @@ def stub() -> Iterator[StubEngine]:
 @pytest.fixture(scope="module")
 def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     db = tmp_path_factory.mktemp("errs") / "b.db"
-    settings = parse_settings({
-        "server": {"max_body_bytes": 2048},
-        "database": {"url": f"sqlite:///{db}", "usage_flush_seconds": 0.05},
-        "cost_centers": {"cc": {}},
-        "teams": {"t": {"cost_center": "cc"}},
-        "models": {
-            "stub": {"deployments": [{"url": stub.url, "served_name": "stub-served",
-                                      "first_byte_timeout": 1.0, "read_timeout": 1.0}]},
-            "down": {"deployments": [{"url": f"http://127.0.0.1:{free_port()}",
-                                      "served_name": "x"}]},
-            "vectors": {"kind": "embedding",
-                        "deployments": [{"url": stub.url, "served_name": "e"}]},
-        },
-    })
+    settings = parse_settings(
+        {
+            "server": {"max_body_bytes": 2048},
+            "database": {"url": f"sqlite:///{db}", "usage_flush_seconds": 0.05},
+            "cost_centers": {"cc": {}},
+            "teams": {"t": {"cost_center": "cc"}},
+            "models": {
+                "stub": {
+                    "deployments": [
+                        {
+                            "url": stub.url,
+                            "served_name": "stub-served",
+                            "first_byte_timeout": 1.0,
+                            "read_timeout": 1.0,
+                        }
+                    ]
+                },
+                "down": {
+                    "deployments": [{"url": f"http://127.0.0.1:{free_port()}", "served_name": "x"}]
+                },
+                "vectors": {
+                    "kind": "embedding",
+                    "deployments": [{"url": stub.url, "served_name": "e"}],
+                },
+            },
+        }
+    )
     app = build_app(settings, health_interval=0.5)
     with TestClient(app) as c:
         db_engine = app.state.admin.db
@@ -57,16 +70,22 @@ def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type
         keys = {
             "all": create_key(db_engine, team="t", known_models=known)[1],
             "only_down": create_key(db_engine, team="t", models=["down"], known_models=known)[1],
-            "short": create_key(db_engine, team="t", expires_in=timedelta(seconds=1),
-                                known_models=known)[1],
+            "short": create_key(
+                db_engine, team="t", expires_in=timedelta(seconds=1), known_models=known
+            )[1],
         }
         rec, keys["revoked"] = create_key(db_engine, team="t", known_models=known)
         revoke_key(db_engine, rec.id)
         yield c, keys
 
 
-def _post(c: TestClient, key: str | None, body: object, path: str = "/v1/chat/completions",
-          raw: bytes | None = None):  # type: ignore[no-untyped-def]
+def _post(
+    c: TestClient,
+    key: str | None,
+    body: object,
+    path: str = "/v1/chat/completions",
+    raw: bytes | None = None,
+):  # type: ignore[no-untyped-def]
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = raw if raw is not None else orjson.dumps(body)
     return c.post(path, content=content, headers={**headers, "Content-Type": "application/json"})
@@ -138,13 +157,24 @@ def test_engine_failures(app_env, stub: StubEngine) -> None:  # type: ignore[no-
         stub.mode, stub.delay = "ok", 0.0
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(
-    st.sampled_from(["model", "messages", "stream", "max_tokens", "n", "user", "tools"]),
-    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=5)
-    | st.lists(st.dictionaries(st.sampled_from(["role", "content"]), st.text(max_size=5)),
-               max_size=2), max_size=6))
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.dictionaries(
+        st.sampled_from(["model", "messages", "stream", "max_tokens", "n", "user", "tools"]),
+        st.none()
+        | st.booleans()
+        | st.integers(-5, 5)
+        | st.text(max_size=5)
+        | st.lists(
+            st.dictionaries(st.sampled_from(["role", "content"]), st.text(max_size=5)), max_size=2
+        ),
+        max_size=6,
+    )
+)
 def test_never_a_5xx_for_client_mistakes(app_env, body: dict) -> None:  # type: ignore[no-untyped-def]
     c, keys = app_env
     body.pop("model", None) if body.get("model") == "down" else None

@@ -20,13 +20,13 @@ def _db(gateway: Gateway) -> str:
 
 
 def test_chat(client: openai.OpenAI, gateway: Gateway) -> None:
-    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8,
-                                       temperature=0, user="end-user-42")
+    r = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=8, temperature=0, user="end-user-42"
+    )
     assert r.model == "tiny"  # the alias, not the engine's served name
     assert r.choices[0].message.role == "assistant"
     assert r.usage and r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 8
-    rows = usage_rows(_db(gateway), request_id=None) if False else usage_rows(
-        _db(gateway), client_user="end-user-42")
+    rows = usage_rows(_db(gateway), client_user="end-user-42")
     assert len(rows) == 1
     row = rows[0]
     assert (row.team, row.cost_center, row.user, row.model) == ("alpha", "cc-1", "alice", "tiny")
@@ -38,15 +38,25 @@ def test_chat(client: openai.OpenAI, gateway: Gateway) -> None:
 
 
 def test_unknown_fields_pass_through(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, logprobs=True,
-                                       top_logprobs=2, seed=7, temperature=0)
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=HELLO,
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        seed=7,
+        temperature=0,
+    )
     lp = r.choices[0].logprobs
     assert lp is not None and lp.content and len(lp.content[0].top_logprobs) == 2
 
 
 def test_stream_without_usage(client: openai.OpenAI, gateway: Gateway) -> None:
-    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12,
-                                                 stream=True, user="streamer-1"))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=12, stream=True, user="streamer-1"
+        )
+    )
     assert len(chunks) > 2 and all(c.model == "tiny" for c in chunks)
     # Bastion asked the engine for usage; the client did not, so it must not see it.
     assert all(c.usage is None and c.choices for c in chunks)
@@ -58,9 +68,16 @@ def test_stream_without_usage(client: openai.OpenAI, gateway: Gateway) -> None:
 
 
 def test_stream_with_usage(client: openai.OpenAI, gateway: Gateway) -> None:
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=HELLO, max_tokens=12, stream=True,
-        stream_options={"include_usage": True}, user="streamer-2"))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            user="streamer-2",
+        )
+    )
     last = chunks[-1]
     assert last.choices == [] and last.usage is not None
     assert all(c.usage is None for c in chunks[:-1])
@@ -73,8 +90,7 @@ def test_cached_tokens_recorded(client: openai.OpenAI, gateway: Gateway) -> None
     prefix = "You are a careful assistant for the bank. " * 40
     msgs = [{"role": "system", "content": prefix}, {"role": "user", "content": "hi"}]
     for i in range(2):
-        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2,
-                                       user=f"cache-{i}")
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, user=f"cache-{i}")
     second = usage_rows(_db(gateway), client_user="cache-1")[0]
     assert second.cached_tokens > 0 and second.cached_tokens <= second.prompt_tokens
 
@@ -82,8 +98,7 @@ def test_cached_tokens_recorded(client: openai.OpenAI, gateway: Gateway) -> None
 def test_completions(client: openai.OpenAI) -> None:
     r = client.completions.create(model="tiny", prompt="The bank said", max_tokens=6)
     assert r.model == "tiny" and r.choices[0].text is not None
-    chunks = list(client.completions.create(model="tiny", prompt="Once", max_tokens=6,
-                                            stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt="Once", max_tokens=6, stream=True))
     assert chunks and all(c.model == "tiny" for c in chunks)
 
 
@@ -102,9 +117,12 @@ def test_models_list(client: openai.OpenAI, gateway: Gateway) -> None:
 def test_embeddings(client: openai.OpenAI) -> None:
     r = client.embeddings.create(
         model="minilm",
-        input=["How do I reset my online banking password?",
-               "To reset your password, open the app and choose 'Forgot password'.",
-               "The quarterly dividend was raised by two cents."])
+        input=[
+            "How do I reset my online banking password?",
+            "To reset your password, open the app and choose 'Forgot password'.",
+            "The quarterly dividend was raised by two cents.",
+        ],
+    )
     assert r.model == "minilm" and len(r.data) == 3 and len(r.data[0].embedding) == 384
     q, a, other = (d.embedding for d in r.data)
 
@@ -126,8 +144,9 @@ def test_error_classes(client: openai.OpenAI, gateway: Gateway) -> None:
         client.chat.completions.create(model="tiny", messages="not a list")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError) as info:
         # Longer than the engine's context window: the engine's own message comes back as 400.
-        client.chat.completions.create(model="tiny", messages=[
-            {"role": "user", "content": "word " * 3000}], max_tokens=4)
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "word " * 3000}], max_tokens=4
+        )
     assert "context" in str(info.value).lower() or "length" in str(info.value).lower()
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model="tiny", input="x")  # a chat model has no embeddings
@@ -151,11 +170,23 @@ def _running(engine_url: str) -> float:
 
 
 def test_client_disconnect_cancels_upstream(gateway: Gateway, api_key: str, chat_engine) -> None:  # type: ignore[no-untyped-def]
-    body = {"model": "tiny", "messages": HELLO, "max_tokens": 1900, "stream": True,
-            "ignore_eos": True, "user": "quitter"}
-    with httpx.Client(timeout=30) as h, h.stream(
-            "POST", gateway.url + "/v1/chat/completions", json=body,
-            headers={"Authorization": f"Bearer {api_key}"}) as resp:
+    body = {
+        "model": "tiny",
+        "messages": HELLO,
+        "max_tokens": 1900,
+        "stream": True,
+        "ignore_eos": True,
+        "user": "quitter",
+    }
+    with (
+        httpx.Client(timeout=30) as h,
+        h.stream(
+            "POST",
+            gateway.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {api_key}"},
+        ) as resp,
+    ):
         assert resp.status_code == 200
         lines = resp.iter_lines()
         for _ in range(5):
@@ -169,3 +200,48 @@ def test_client_disconnect_cancels_upstream(gateway: Gateway, api_key: str, chat
     row = usage_rows(_db(gateway), client_user="quitter")[0]
     assert row.outcome == "cancelled" and row.status == 499
     assert 0 < row.completion_tokens < 1900
+
+
+def test_metrics(client: openai.OpenAI, gateway: Gateway) -> None:
+    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+    list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2, stream=True))
+    with pytest.raises(openai.AuthenticationError):
+        client.with_options(api_key="bst-nope").chat.completions.create(
+            model="tiny", messages=HELLO
+        )
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for series in (
+        'bastion_requests_total{endpoint="chat",model="tiny",status="200"}',
+        'bastion_request_duration_seconds_bucket{endpoint="chat"',
+        'bastion_time_to_first_token_seconds_count{model="tiny"}',
+        'bastion_tokens_total{kind="prompt",model="tiny"}',
+        'bastion_in_flight_requests{model="tiny"} 0.0',
+        'bastion_deployment_up{deployment="tiny[0]"} 1.0',
+    ):
+        assert series in text, series
+    assert 'status="401"' in text  # failures are counted too
+
+
+@pytest.mark.postgres
+def test_postgres_store(make_gateway, chat_engine, embed_engine, pg_url: str) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import base_config, engine_models
+
+    gw = make_gateway(base_config(pg_url, engine_models(chat_engine, embed_engine)))
+    key = gw.create_key("beta", "--user", "pg-user")
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as c:
+        c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, user="pg-1")
+        list(
+            c.chat.completions.create(
+                model="tiny", messages=HELLO, max_tokens=3, stream=True, user="pg-2"
+            )
+        )
+    rows = usage_rows(pg_url, team="beta")
+    assert {r.client_user for r in rows} >= {"pg-1", "pg-2"}
+    assert all(
+        r.user == "pg-user" and r.cost_center == "cc-2" and r.completion_tokens > 0
+        for r in rows
+        if r.client_user in ("pg-1", "pg-2")
+    )
+    out = gw.cli("usage", "--by", "team", "--format", "json").stdout
+    assert '"beta"' in out

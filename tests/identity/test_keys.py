@@ -23,15 +23,19 @@ from bastion.store.schema import api_keys
 CFG = {
     "cost_centers": {"cc": {}},
     "teams": {"t": {"cost_center": "cc"}, "limited": {"cost_center": "cc", "models": ["a"]}},
-    "models": {m: {"deployments": [{"url": "http://127.0.0.1:1", "served_name": m}]}
-               for m in ("a", "b")},
+    "models": {
+        m: {"deployments": [{"url": "http://127.0.0.1:1", "served_name": m}]} for m in ("a", "b")
+    },
 }
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path}/k.db" if request.param == "sqlite" else request.getfixturevalue(
-        "pg_url")
+    url = (
+        f"sqlite:///{tmp_path}/k.db"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
     engine = make_engine(url)
     upgrade(engine)
     with engine.begin() as conn:  # the PostgreSQL database is shared by the session
@@ -62,8 +66,9 @@ def test_store_authenticates_and_sees_revocations(db: sa.Engine) -> None:
     async def scenario() -> None:
         store = KeyStore(db, refresh_seconds=0.1)
         await store.start()
-        _rec, token = create_key(db, team="limited", models=["a", "b"], user="bob",
-                                 known_models={"a", "b"})
+        _rec, token = create_key(
+            db, team="limited", models=["a", "b"], user="bob", known_models={"a", "b"}
+        )
         p = await store.authenticate(f"Bearer {token}")  # made after start: found on a miss
         assert (p.team, p.cost_center, p.user) == ("limited", "cc", "bob")
         assert p.models == frozenset({"a"})  # the team's allowance narrows the key's
@@ -86,11 +91,26 @@ def test_cli_lifecycle(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump({**CFG, "database": {"url": f"sqlite:///{tmp_path}/c.db"}}))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "bastion.cli", *args, "-c", str(cfg)],
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", *args, "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+        )
 
-    made = cli("keys", "create", "--team", "t", "--user", "u1", "--expires", "30d",
-               "--name", "ci-bot", "--models", "a")
+    made = cli(
+        "keys",
+        "create",
+        "--team",
+        "t",
+        "--user",
+        "u1",
+        "--expires",
+        "30d",
+        "--name",
+        "ci-bot",
+        "--models",
+        "a",
+    )
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     assert token.startswith("bst-") and "only once" in made.stderr
@@ -114,8 +134,9 @@ def test_expired_key(db: sa.Engine) -> None:
         await store.start()
         with pytest.raises(DirectoryError):
             create_key(db, team="t", expires_in=timedelta(seconds=-1), known_models=set())
-        _rec, token = create_key(db, team="t", expires_in=timedelta(milliseconds=300),
-                                 known_models=set())
+        _rec, token = create_key(
+            db, team="t", expires_in=timedelta(milliseconds=300), known_models=set()
+        )
         await store.authenticate(f"Bearer {token}")
         await asyncio.sleep(0.4)
         with pytest.raises(AuthenticationFailed, match="expired"):

@@ -22,15 +22,26 @@ from bastion.store.schema import usage
 
 def _records(now: datetime) -> list[UsageRecord]:
     recs = []
-    for i, (team, cc, model, p, c, outcome) in enumerate([
-        ("alpha", "cc-1", "tiny", 100, 10, "ok"),
-        ("alpha", "cc-1", "tiny", 50, 5, "ok"),
-        ("beta", "cc-2", "minilm", 30, 0, "ok"),
-        ("beta", "cc-2", "tiny", 0, 0, "client_error"),
-    ]):
-        r = UsageRecord(request_id=f"req_{i}_{now.timestamp()}", endpoint="chat", team=team,
-                        cost_center=cc, model=model, prompt_tokens=p, completion_tokens=c,
-                        cached_tokens=p // 2, outcome=outcome, ts=now - timedelta(days=i % 2))
+    for i, (team, cc, model, p, c, outcome) in enumerate(
+        [
+            ("alpha", "cc-1", "tiny", 100, 10, "ok"),
+            ("alpha", "cc-1", "tiny", 50, 5, "ok"),
+            ("beta", "cc-2", "minilm", 30, 0, "ok"),
+            ("beta", "cc-2", "tiny", 0, 0, "client_error"),
+        ]
+    ):
+        r = UsageRecord(
+            request_id=f"req_{i}_{now.timestamp()}",
+            endpoint="chat",
+            team=team,
+            cost_center=cc,
+            model=model,
+            prompt_tokens=p,
+            completion_tokens=c,
+            cached_tokens=p // 2,
+            outcome=outcome,
+            ts=now - timedelta(days=i % 2),
+        )
         r.price(PriceSettings(prompt=1.0, cached_prompt=0.5, completion=2.0))
         recs.append(r)
     return recs
@@ -90,11 +101,16 @@ def test_usage_cli(tmp_path: Path) -> None:
     cfg = tmp_path / "b.yaml"
     cfg.write_text(yaml.safe_dump({"database": {"url": url}}))
     run = [sys.executable, "-m", "bastion.cli", "usage", "-c", str(cfg)]
-    out = subprocess.run([*run, "--by", "cost-center", "--format", "csv"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [*run, "--by", "cost-center", "--format", "csv"], capture_output=True, text=True, check=True
+    ).stdout
     assert list(csv.DictReader(io.StringIO(out)))[0]["cost-center"] == "cc-1"
-    js = subprocess.run([*run, "--by", "model", "--since", "12h", "--format", "json"],
-                        capture_output=True, text=True, check=True).stdout
+    js = subprocess.run(
+        [*run, "--by", "model", "--since", "12h", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert {r["model"] for r in json.loads(js)} == {"tiny", "minilm"}
     bad = subprocess.run([*run, "--since", "last tuesday"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a time" in bad.stderr

