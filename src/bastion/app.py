@@ -1,12 +1,13 @@
 """App assembly: settings → components → one ASGI app.
 
 The /v1 routes are plain Starlette routes (the hot path pays for nothing it does not use);
-the /admin API is FastAPI, for its typed validation and its OpenAPI document.
+the /admin API is a mounted FastAPI app, for its typed validation and its OpenAPI document.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,10 +16,11 @@ import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from bastion import __version__
 from bastion.admin.api import AdminContext
@@ -38,7 +40,7 @@ from bastion.store.db import make_engine, upgrade
 log = logging.getLogger("bastion")
 
 
-def build_app(settings: Settings, *, health_interval: float = 5.0) -> FastAPI:
+def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
     db = make_engine(settings.database.url)
     upgrade(db)
     sync_config(db, settings)
@@ -53,11 +55,15 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> FastAPI:
     health = HealthChecker(client, deployments, interval=health_interval)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await client.start()
         await keys.start()
         usage.start()
         health.start()
+        # Everything built so far lives as long as the process: keep it out of the cyclic GC's
+        # full collections, which otherwise stall the event loop for tens of milliseconds.
+        gc.collect()
+        gc.freeze()
         log.info("bastion %s serving %d model(s)", __version__, len(routes))
         try:
             yield
@@ -138,13 +144,18 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> FastAPI:
             metrics.deployment_up.labels(d.name).set(1 if d.healthy else 0)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app = FastAPI(
+    admin_app = FastAPI(
         title="Bastion admin API",
         version=__version__,
-        lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
         openapi_url="/admin/openapi.json",
+    )
+    admin_app.state.admin = AdminContext(settings=settings, db=db, keys=keys)
+    admin_app.include_router(admin_router)
+    _install_error_handlers(admin_app)
+    app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
@@ -154,13 +165,14 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> FastAPI:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
+            # Everything else — /admin and unknown URLs (404 in OpenAI format) — goes to the
+            # FastAPI app, so the hot path above never pays for its middleware.
+            Mount("", app=admin_app),
         ],
     )
-    app.state.admin = AdminContext(settings=settings, db=db, keys=keys)
+    app.state.admin = admin_app.state.admin
     app.state.gateway = gateway
     app.state.health = health
-    app.include_router(admin_router)
-    _install_error_handlers(app)
     return app
 
 

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
@@ -60,8 +60,13 @@ class UsageRecord:
         self.currency = p.currency
 
 
+_FIELDS = tuple(f.name for f in fields(UsageRecord))
+
+
 class UsageWriter:
-    BATCH = 1000
+    #: Rows per transaction. Small batches keep each GIL-holding stretch of the writer short,
+    #: so the event loop is never stalled for long (measured: p99 at one request in flight).
+    BATCH = 128
 
     def __init__(self, engine: Engine, flush_seconds: float):
         self._engine = engine
@@ -108,6 +113,8 @@ class UsageWriter:
                     self._write(pending)
                     self.written += len(pending)
                     pending = self._drain()
+                    if pending:
+                        time.sleep(0.001)  # let the event loop have the GIL between batches
                     backoff = self._every
                 except Exception:
                     log.exception("writing %d usage records failed; will retry", len(pending))
@@ -120,7 +127,7 @@ class UsageWriter:
                 return
 
     def _write(self, batch: list[UsageRecord]) -> None:
-        rows = [asdict(r) for r in batch]
+        rows = [{f: getattr(r, f) for f in _FIELDS} for r in batch]
         try:
             with self._engine.begin() as conn:
                 conn.execute(usage.insert(), rows)
