@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from bastion.engines.quickstart import run_quickstart
 
-    return run_quickstart(_settings(args), args.config)
+    return run_quickstart(_settings(args))
 
 
 # -- keys ---------------------------------------------------------------------------------------

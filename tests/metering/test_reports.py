@@ -84,7 +84,7 @@ def test_writer_and_summaries(db_url: str) -> None:
 
 def test_render_formats() -> None:
     rows = [{"team": "a", "requests": 2, "cost": 0.5}]
-    assert "team" in render(rows, "table") and "0.5000" in render(rows, "table")
+    assert "team" in render(rows, "table") and "0.500000" in render(rows, "table")
     assert list(csv.DictReader(io.StringIO(render(rows, "csv"))))[0]["requests"] == "2"
     assert json.loads(render(rows, "json")) == rows
 

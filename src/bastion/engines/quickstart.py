@@ -80,12 +80,13 @@ def quickstart_key(settings: Settings) -> str | None:
     return token
 
 
-def run_quickstart(settings: Settings, config_path: str | None) -> int:
+def run_quickstart(settings: Settings) -> int:
     import uvicorn
 
     from bastion.app import build_app
 
     engines: list[VllmProcess] = []
+    Path("var").mkdir(exist_ok=True)
     try:
         for alias, model in settings.models.items():
             for dep in model.deployments:

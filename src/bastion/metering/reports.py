@@ -103,4 +103,4 @@ def render(rows: list[dict[str, Any]], fmt: Literal["table", "csv", "json"]) -> 
 
 
 def _cell(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    return f"{v:.6f}" if isinstance(v, float) else str(v)
