@@ -7,6 +7,7 @@ processes and stop with the gateway. Production runs engines under their own sup
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +81,10 @@ def quickstart_key(settings: Settings) -> str | None:
     return token
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_quickstart(settings: Settings) -> int:
     import uvicorn
 
@@ -87,6 +92,9 @@ def run_quickstart(settings: Settings) -> int:
 
     engines: list[VllmProcess] = []
     Path("var").mkdir(exist_ok=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets
+    # the `finally` below stop the engines instead of leaving them orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         for alias, model in settings.models.items():
             for dep in model.deployments:
