@@ -33,6 +33,9 @@ from bastion.identity.directory import sync_config
 from bastion.identity.keys import KeyStore
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
+from bastion.policy.admission import Admission
+from bastion.policy.counters import CounterBackend, MemoryCounters
+from bastion.policy.redis_counters import RedisCounters
 from bastion.routing.balancer import LeastOutstanding, ModelRoute
 from bastion.routing.health import HealthChecker
 from bastion.store.db import make_engine, upgrade
@@ -51,7 +54,8 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
     client = EngineClient()
     keys = KeyStore(db, settings.identity.key_refresh_seconds)
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
-    gateway = Gateway(settings, keys, usage, client, metrics, routes)
+    admission = Admission(settings, _counters(settings), db, metrics)
+    gateway = Gateway(settings, keys, usage, client, metrics, routes, admission)
     health = HealthChecker(client, deployments, interval=health_interval)
 
     @contextlib.asynccontextmanager
@@ -70,6 +74,7 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
         finally:
             await health.stop()
             await keys.stop()
+            await admission.close()
             await client.close()
             usage.close()  # drains every queued usage record before the process exits
             db.dispose()
@@ -151,7 +156,7 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
         redoc_url=None,
         openapi_url="/admin/openapi.json",
     )
-    admin_app.state.admin = AdminContext(settings=settings, db=db, keys=keys)
+    admin_app.state.admin = AdminContext(settings=settings, db=db, keys=keys, admission=admission)
     admin_app.include_router(admin_router)
     _install_error_handlers(admin_app)
     app = Starlette(
@@ -174,6 +179,12 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
     app.state.gateway = gateway
     app.state.health = health
     return app
+
+
+def _counters(settings: Settings) -> CounterBackend:
+    if settings.limits.backend == "redis":
+        return RedisCounters(settings.limits.redis_url)
+    return MemoryCounters()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

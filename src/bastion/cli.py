@@ -73,6 +73,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
         rec, token = create_key(
             _db(settings),
+            limits=_limit_flags(args),
             team=args.team,
             user=args.user,
             models=models,
@@ -91,6 +92,67 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         + ".\nStore it now: it is shown only once.\n"
     )
     sys.stdout.write(token + "\n")
+    return 0
+
+
+def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from bastion.config import LimitSettings
+
+    return LimitSettings(
+        rpm=args.rpm,
+        tpm=args.tpm,
+        concurrent=args.concurrent,
+        budget_day=args.budget_day,
+        budget_month=args.budget_month,
+    )
+
+
+def cmd_keys_limits(args: argparse.Namespace) -> int:
+    from bastion.identity.directory import DirectoryError
+    from bastion.identity.keys import set_key_limits
+
+    try:
+        rec = set_key_limits(_db(_settings(args)), args.key_id, _limit_flags(args))
+    except (DirectoryError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    shown = rec.limits.model_dump(exclude_none=True) if rec.limits else "the defaults"
+    sys.stdout.write(f"{rec.id}: limits now {shown}\n")
+    return 0
+
+
+def cmd_limits_status(args: argparse.Namespace) -> int:
+    """Asks the running gateway: with the in-memory backend only it knows the counters."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from bastion.metering.reports import render
+
+    settings = _settings(args)
+    base = (
+        args.url
+        or settings.server.public_url
+        or (f"http://{settings.server.host}:{settings.server.port}")
+    )
+    query = "?" + urllib.parse.urlencode({"team": args.team}) if args.team else ""
+    req = urllib.request.Request(
+        base.rstrip("/") + "/admin/limits" + query,
+        headers={"Authorization": f"Bearer {settings.admin.key or ''}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            rows = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        sys.stderr.write(f"error: the gateway answered {exc.code}: {exc.read().decode()}\n")
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        sys.stderr.write(f"error: cannot reach the gateway at {base}: {exc}\n")
+        return 2
+    if args.format == "json":
+        _print_json(rows)
+    else:
+        sys.stdout.write(render(rows, args.format) if rows else "no limits configured\n")
     return 0
 
 
@@ -181,6 +243,14 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--concurrent", type=int, help="requests in flight at once")
+    p.add_argument("--budget-day", type=float, help="spend per UTC day")
+    p.add_argument("--budget-month", type=float, help="spend per UTC month")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bastion", description="Operate your own LLMs behind one OpenAI-compatible endpoint."
@@ -217,7 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", help="comma-separated aliases this key may use (default: all)")
     s.add_argument("--expires", help="lifetime, e.g. 30d, 12h (default: never)")
     s.add_argument("--name", help="a label, e.g. the application using it")
+    _add_limit_flags(s)
     s.set_defaults(func=cmd_keys_create)
+    s = keys.add_parser(
+        "limits", parents=[common], help="set a key's own limits (no flags: back to the defaults)"
+    )
+    s.add_argument("key_id")
+    _add_limit_flags(s)
+    s.set_defaults(func=cmd_keys_limits)
     s = keys.add_parser("list", parents=[common], help="list keys (never their secrets)")
     s.add_argument("--team")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -229,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     teams = sub.add_parser("teams", help="teams").add_subparsers(dest="teams_cmd", required=True)
     s = teams.add_parser("list", parents=[common])
     s.set_defaults(func=cmd_teams_list)
+
+    lim = sub.add_parser("limits", help="rate limits and budgets").add_subparsers(
+        dest="limits_cmd", required=True
+    )
+    s = lim.add_parser(
+        "status", parents=[common], help="usage against every limit, from the running gateway"
+    )
+    s.add_argument("--team")
+    s.add_argument("--url", help="gateway URL (default: from the config's server section)")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.set_defaults(func=cmd_limits_status)
 
     s = sub.add_parser("usage", parents=[common], help="usage and cost summaries")
     s.add_argument(

@@ -113,6 +113,68 @@ class DeploymentSettings(_Strict):
         return v.rstrip("/")
 
 
+class LimitSettings(_Strict):
+    """Limits at one level (key, user, team, cost center, model, team x model); unset = none."""
+
+    rpm: int | None = Field(None, ge=0, description="Requests per minute.")
+    tpm: int | None = Field(
+        None, ge=0, description="Tokens per minute (prompt + completion; reserved up front)."
+    )
+    concurrent: int | None = Field(None, ge=0, description="Requests in flight at once.")
+    budget_day: float | None = Field(
+        None, ge=0, description="Spend per UTC day, in the price book's currency."
+    )
+    budget_month: float | None = Field(
+        None, ge=0, description="Spend per UTC calendar month, in the price book's currency."
+    )
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self.model_dump().values())
+
+
+class LimitDefaults(_Strict):
+    key: LimitSettings = Field(
+        default_factory=LimitSettings, description="Each key, unless the key has its own."
+    )
+    user: LimitSettings = Field(default_factory=LimitSettings, description="Each user.")
+    team: LimitSettings = Field(
+        default_factory=LimitSettings, description="Each team without `teams.<name>.limits`."
+    )
+    cost_center: LimitSettings = Field(
+        default_factory=LimitSettings,
+        description="Each cost center without `cost_centers.<name>.limits`.",
+    )
+
+
+class LimitsSettings(_Strict):
+    backend: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where counters live: `memory` (one gateway process) or `redis` "
+        "(exact across replicas).",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for `backend: redis` (`${ENV}` allowed)."
+    )
+    on_backend_failure: Literal["closed", "local"] = Field(
+        "closed",
+        description="Redis unreachable: `closed` answers 503 and forwards nothing; `local` "
+        "falls back to this replica's own counters, logged and counted every time.",
+    )
+    defaults: LimitDefaults = Field(
+        default_factory=LimitDefaults, description="Limits applied to every key/user/team/CC."
+    )
+    max_messages: int = Field(
+        1000, ge=1, description="Most `messages` a chat request may carry (400 beyond)."
+    )
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+    queue_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a request may wait for a free engine slot (fair share) before "
+        "a 503 with retry-after.",
+    )
+
+
 class ModelSettings(_Strict):
     deployments: list[DeploymentSettings] = Field(
         min_length=1, description="Engine replicas serving this alias."
@@ -121,6 +183,17 @@ class ModelSettings(_Strict):
         "chat", description="What the model does; embeddings models only serve /v1/embeddings."
     )
     owned_by: str = Field("bastion", description="Shown in /v1/models.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Ceiling on a request's `max_tokens` (400 above it)."
+    )
+    default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Tokens reserved for the completion when a request sets no `max_tokens`.",
+    )
+    limits: LimitSettings = Field(
+        default_factory=LimitSettings, description="Limits for the model as a whole."
+    )
 
 
 class PriceSettings(_Strict):
@@ -134,12 +207,24 @@ class PriceSettings(_Strict):
 
 class CostCenterSettings(_Strict):
     name: str = Field("", description="Human-readable name (e.g. 'Retail Banking IT').")
+    limits: LimitSettings | None = Field(
+        None, description="This cost center's limits (else `limits.defaults.cost_center`)."
+    )
 
 
 class TeamSettings(_Strict):
     cost_center: str = Field(description="The cost center this team is charged to.")
     models: list[str] | None = Field(
         None, description="Model aliases this team may use (none: all)."
+    )
+    limits: LimitSettings | None = Field(
+        None, description="This team's limits (else `limits.defaults.team`)."
+    )
+    model_limits: dict[str, LimitSettings] = Field(
+        default_factory=dict, description="Limits for this team on one model (team x model)."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Share of saturated engines this team gets (fair share)."
     )
 
 
@@ -153,6 +238,9 @@ class Settings(_Strict):
     admin: AdminSettings = Field(default_factory=AdminSettings, description="The /admin API.")
     identity: IdentitySettings = Field(
         default_factory=IdentitySettings, description="How callers are authenticated."
+    )
+    limits: LimitsSettings = Field(
+        default_factory=LimitsSettings, description="Rate limits, budgets and request caps."
     )
     cost_centers: dict[Annotated[str, Field(pattern=NAME)], CostCenterSettings] = Field(
         default_factory=dict, description="Cost centers teams are charged to."
@@ -176,6 +264,9 @@ class Settings(_Strict):
             for i, m in enumerate(ts.models or []):
                 if m not in self.models:
                     errors.append(f"teams.{team}.models[{i}]: unknown model {m!r}")
+            for m in ts.model_limits:
+                if m not in self.models:
+                    errors.append(f"teams.{team}.model_limits.{m}: unknown model {m!r}")
         for m in self.prices:
             if m not in self.models:
                 errors.append(f"prices.{m}: unknown model {m!r}")

@@ -50,7 +50,17 @@ def _nested(tp: object) -> tuple[str, type[BaseModel]] | None:
     return None
 
 
-def _sections(model: type[BaseModel], prefix: str, out: list[str]) -> None:
+def _sections(
+    model: type[BaseModel], prefix: str, out: list[str], seen: dict[type, str] | None = None
+) -> None:
+    seen = {} if seen is None else seen
+    if prefix and model in seen:
+        out.append(
+            f"\n## `{prefix}`\n\nThe same keys as [`{seen[model]}`](#{_anchor(seen[model])})."
+        )
+        return
+    if prefix:
+        seen[model] = prefix
     rows, children = [], []
     for name, field in model.model_fields.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -70,7 +80,11 @@ def _sections(model: type[BaseModel], prefix: str, out: list[str]) -> None:
     out.append("| key | type | default | meaning |\n|---|---|---|---|")
     out.extend(rows)
     for path, child in children:
-        _sections(child, path, out)
+        _sections(child, path, out, seen)
+
+
+def _anchor(path: str) -> str:
+    return "".join(c for c in path.lower() if c.isalnum() or c in "-_")
 
 
 def render_config_reference() -> str:

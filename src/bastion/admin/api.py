@@ -7,6 +7,7 @@ is served at `/admin/openapi.json`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,11 +17,25 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
-from bastion.config import NAME, Settings
-from bastion.gateway.errors import AuthenticationFailed, InvalidRequest, NotFound
+from bastion.config import NAME, LimitSettings, Settings
+from bastion.gateway.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    LimitsUnavailable,
+    NotFound,
+)
 from bastion.identity import directory
-from bastion.identity.keys import KeyStore, create_key, get_key, list_keys, revoke_key
+from bastion.identity.keys import (
+    KeyStore,
+    create_key,
+    get_key,
+    list_keys,
+    revoke_key,
+    set_key_limits,
+)
 from bastion.metering.reports import summarize
+from bastion.policy.admission import BACKEND_ERRORS, Admission
+from bastion.policy.status import limit_status
 from bastion.timeutil import parse_duration, parse_time
 
 
@@ -29,6 +44,7 @@ class AdminContext:
     settings: Settings
     db: Engine
     keys: KeyStore
+    admission: Admission
 
 
 def _ctx(request: Request) -> AdminContext:
@@ -73,6 +89,9 @@ class KeyIn(BaseModel):
     models: list[str] | None = Field(None, description="Aliases this key may use (none: all).")
     expires_in: str | None = Field(None, description="e.g. 30d, 12h; none: never expires.")
     name: str = ""
+    limits: LimitSettings | None = Field(
+        None, description="This key's own limits (none: `limits.defaults.key`)."
+    )
 
 
 class KeyOut(BaseModel):
@@ -86,6 +105,7 @@ class KeyOut(BaseModel):
     expires_at: str | None
     revoked_at: str | None
     status: Literal["active", "expired", "revoked"]
+    limits: dict[str, float] | None
 
 
 class NewKeyOut(KeyOut):
@@ -155,6 +175,7 @@ def post_key(body: KeyIn, ctx: Admin) -> NewKeyOut:
             expires_in=expires,
             name=body.name,
             known_models=set(ctx.settings.models),
+            limits=body.limits,
         )
     except (directory.DirectoryError, ValueError) as exc:
         raise _bad(exc) from None
@@ -177,6 +198,27 @@ def post_revoke(key_id: str, ctx: Admin) -> KeyOut:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.forget(rec)  # immediate on this replica; others pick it up on their next poll
     return KeyOut(**rec.public())  # type: ignore[arg-type]
+
+
+@router.put("/keys/{key_id}/limits")
+def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin) -> KeyOut:
+    """Replaces the key's own limits; an empty object returns it to `limits.defaults.key`."""
+    try:
+        rec = set_key_limits(ctx.db, key_id, body)
+    except directory.DirectoryError:
+        raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
+    ctx.keys.forget(rec)
+    return KeyOut(**rec.public())  # type: ignore[arg-type]
+
+
+@router.get("/limits")
+async def get_limits(ctx: Admin, team: str | None = None) -> list[dict[str, Any]]:
+    """Usage against every configured limit (of one team, its cost center and its keys)."""
+    keys = await asyncio.to_thread(list_keys, ctx.db, team)
+    try:
+        return await limit_status(ctx.admission, ctx.settings, keys, team)
+    except BACKEND_ERRORS as exc:
+        raise LimitsUnavailable(f"The limits backend is unreachable: {exc}") from None
 
 
 @router.get("/usage")

@@ -6,6 +6,9 @@
     ├── AuthenticationFailed            401    authentication_error   (code invalid_api_key)
     ├── PermissionDenied                403    permission_error
     ├── NotFound                        404    invalid_request_error  (code model_not_found)
+    ├── RateLimited                     429    rate_limit_error       (code rate_limit_exceeded)
+    │   └── BudgetExceeded              429    rate_limit_error       (code budget_exceeded)
+    ├── LimitsUnavailable               503    service_unavailable    (limits backend down)
     └── UpstreamError                   502    upstream_error
         ├── UpstreamUnavailable         503    service_unavailable
         └── UpstreamTimeout             504    timeout
@@ -28,11 +31,20 @@ class BastionError(Exception):
     #: How the request ends up in the usage records.
     outcome: ClassVar[str] = "client_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        #: Extra response headers (retry-after, x-ratelimit-*).
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {
@@ -78,6 +90,28 @@ class NotFound(BastionError):
     status = 404
     type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class RateLimited(BastionError):
+    """A rate, concurrency or budget limit refused the request (OpenAI's 429)."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+    outcome = "rate_limited"
+
+
+class BudgetExceeded(RateLimited):
+    default_code = "budget_exceeded"
+
+
+class LimitsUnavailable(BastionError):
+    """The limits backend cannot be asked, and the policy is to fail closed."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "limits_unavailable"
+    outcome = "limits_unavailable"
 
 
 class UpstreamError(BastionError):

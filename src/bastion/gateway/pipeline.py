@@ -1,6 +1,6 @@
 """The request path, one stage after another:
 
-    authenticate → read body → parse → authorize → route → relay → record
+    authenticate → read body → parse → authorize → cap → admit → route → relay → record
 
 Every request, whatever happens to it, leaves exactly one usage record and one metrics sample.
 """
@@ -35,6 +35,9 @@ from bastion.identity.keys import KeyStore
 from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
+from bastion.policy.admission import Admission, Ticket
+from bastion.policy.caps import check_caps
+from bastion.policy.fairshare import FairQueue
 from bastion.routing.balancer import Deployment, ModelRoute
 
 log = logging.getLogger("bastion.gateway")
@@ -50,7 +53,7 @@ def error_response(exc: BastionError, request_id: str) -> Response:
         exc.json(),
         status_code=exc.status,
         media_type="application/json",
-        headers={"x-request-id": request_id},
+        headers={"x-request-id": request_id, **exc.headers},
     )
 
 
@@ -58,6 +61,15 @@ def error_response(exc: BastionError, request_id: str) -> Response:
 class Call:
     rec: UsageRecord
     started: float
+    ticket: Ticket | None = None
+    queue: FairQueue | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        headers = {"x-request-id": self.rec.request_id}
+        if self.ticket is not None:
+            headers.update(self.ticket.headers)
+        return headers
 
 
 class Gateway:
@@ -69,6 +81,7 @@ class Gateway:
         client: EngineClient,
         metrics: Metrics,
         routes: dict[str, ModelRoute],
+        admission: Admission,
     ):
         self.settings = settings
         self.keys = keys
@@ -78,6 +91,12 @@ class Gateway:
         self.routes = routes
         self.max_body = settings.server.max_body_bytes
         self.prices: dict[str, PriceSettings] = dict(settings.prices)
+        self.admission = admission
+        self.queues = {
+            alias: FairQueue(cap, settings.limits.queue_timeout_seconds)
+            for alias, route in routes.items()
+            if (cap := route.capacity) is not None
+        }
 
     # -- stages -----------------------------------------------------------------------------
     async def handle(self, endpoint: Endpoint, request: Request) -> Response | SSERelay:
@@ -92,9 +111,15 @@ class Gateway:
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
             route = self._authorize(principal, req)
+            check_caps(self.settings, req)
+            call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
+            if (queue := self.queues.get(route.alias)) is not None:
+                await queue.acquire(principal.team, self._weight(principal.team))
+                call.queue = queue
             return await self._relay(call, route, req)
         except BastionError as exc:
             self._finish(call, exc.status, exc.outcome, exc.code)
+            exc.headers = {**call.headers, **exc.headers}
             return error_response(exc, call.rec.request_id)
         except ClientDisconnect:
             self._finish(call, 499, "cancelled", "client_disconnected")
@@ -104,6 +129,10 @@ class Gateway:
             exc = InternalError("Bastion failed to handle this request; it has been logged.")
             self._finish(call, exc.status, exc.outcome, exc.code)
             return error_response(exc, call.rec.request_id)
+
+    def _weight(self, team: str) -> float:
+        t = self.settings.teams.get(team)
+        return t.weight if t is not None else 1.0
 
     @staticmethod
     def _attribute(rec: UsageRecord, p: Principal) -> None:
@@ -156,9 +185,7 @@ class Gateway:
                 gauge.dec()
                 self._end_stream(call, state, cancelled)
 
-            return SSERelay(
-                upstream, route.alias, req.client_wants_usage, call.rec.request_id, on_end
-            )
+            return SSERelay(upstream, route.alias, req.client_wants_usage, call.headers, on_end)
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -173,9 +200,7 @@ class Gateway:
         out, usage = rewrite_body(raw, route.alias)
         self._count(call.rec, usage)
         self._finish(call, 200, "ok", None)
-        return Response(
-            out, media_type="application/json", headers={"x-request-id": call.rec.request_id}
-        )
+        return Response(out, media_type="application/json", headers=call.headers)
 
     async def _connect(
         self, call: Call, route: ModelRoute, req: ParsedRequest
@@ -250,4 +275,9 @@ class Gateway:
             m.tokens.labels(model, "cached").inc(rec.cached_tokens)
         if rec.completion_tokens:
             m.tokens.labels(model, "completion").inc(rec.completion_tokens)
+        if call.queue is not None:
+            call.queue.release()
+            call.queue = None
+        if call.ticket is not None:
+            self.admission.settle(call.ticket, rec)
         self.usage.add(rec)

@@ -64,13 +64,13 @@ class SSERelay:
         upstream: aiohttp.ClientResponse,
         alias: str,
         client_wants_usage: bool,
-        request_id: str,
+        headers: dict[str, str],
         on_end: Callable[[StreamState, bool], None],
     ):
         self.upstream = upstream
         self.alias = alias
         self.wants_usage = client_wants_usage
-        self.request_id = request_id
+        self.headers = [*SSE_HEADERS, *((k.encode(), v.encode()) for k, v in headers.items())]
         self.on_end = on_end
         self.state = StreamState()
 
@@ -81,7 +81,7 @@ class SSERelay:
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [*SSE_HEADERS, (b"x-request-id", self.request_id.encode())],
+                    "headers": self.headers,
                 }
             )
             pump = asyncio.ensure_future(self._pump(send))

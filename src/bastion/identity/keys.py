@@ -18,9 +18,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 from sqlalchemy import Engine, select
 
+from bastion.config import LimitSettings
 from bastion.gateway.errors import AuthenticationFailed
 from bastion.identity.directory import DirectoryError, Team, load_teams
 from bastion.identity.principal import Principal
@@ -53,6 +55,7 @@ class KeyRecord:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    limits: LimitSettings | None = None
 
     @classmethod
     def from_row(cls, r) -> KeyRecord:  # type: ignore[no-untyped-def]
@@ -67,6 +70,7 @@ class KeyRecord:
             _utc(r.created_at),
             _utc(r.expires_at),
             _utc(r.revoked_at),
+            LimitSettings.model_validate(r.limits) if r.limits else None,
         )  # type: ignore[arg-type]
 
     def status(self, now: datetime) -> str:
@@ -90,6 +94,7 @@ class KeyRecord:
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "status": self.status(now),
+            "limits": self.limits.model_dump(exclude_none=True) if self.limits else None,
         }
 
 
@@ -102,6 +107,7 @@ def create_key(
     models: list[str] | None = None,
     expires_in: timedelta | None = None,
     name: str = "",
+    limits: LimitSettings | None = None,
 ) -> tuple[KeyRecord, str]:
     """Creates a key and returns it with its plaintext, which is never stored or shown again."""
     teams = load_teams(engine)
@@ -126,22 +132,31 @@ def create_key(
         "expires_at": now + expires_in if expires_in else None,
         "revoked_at": None,
         "updated_at": now,
+        "limits": _limits_json(limits),
     }
     with engine.begin() as conn:
         conn.execute(api_keys.insert(), row)
-    rec = KeyRecord(
-        row["id"],
-        row["key_hash"],
-        row["prefix"],
-        name,
-        team,
-        user,
-        tuple(models) if models is not None else None,
-        now,
-        row["expires_at"],
-        None,
-    )
-    return rec, token
+    return KeyRecord.from_row(SimpleNamespace(**row)), token
+
+
+def _limits_json(limits: LimitSettings | None) -> dict[str, object] | None:
+    if limits is None or limits.is_empty():
+        return None
+    return limits.model_dump(exclude_none=True)
+
+
+def set_key_limits(engine: Engine, key_id: str, limits: LimitSettings | None) -> KeyRecord:
+    """Replaces a key's own limits (None: back to `limits.defaults.key`)."""
+    with engine.begin() as conn:
+        done = conn.execute(
+            api_keys.update().where(api_keys.c.id == key_id),
+            {"limits": _limits_json(limits), "updated_at": datetime.now(UTC)},
+        )
+        if done.rowcount == 0:
+            raise DirectoryError(f"no key with id {key_id!r}")
+    rec = get_key(engine, key_id)
+    assert rec is not None
+    return rec
 
 
 def list_keys(engine: Engine, team: str | None = None) -> list[KeyRecord]:
@@ -270,7 +285,7 @@ class KeyStore:
         models: frozenset[str] | None = frozenset(rec.models) if rec.models is not None else None
         if team.models is not None:
             models = team.models if models is None else models & team.models
-        return Principal(rec.id, rec.team, team.cost_center, rec.user, models)
+        return Principal(rec.id, rec.team, team.cost_center, rec.user, models, rec.limits)
 
     async def _miss(self, key_hash: str) -> KeyRecord | None:
         now = time.monotonic()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bastion.config import LimitSettings
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -13,6 +15,8 @@ class Principal:
     user: str | None
     #: Model aliases this caller may use; None means every model.
     models: frozenset[str] | None
+    #: This key's own limits, replacing `limits.defaults.key`; None: the defaults apply.
+    limits: LimitSettings | None = None
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -46,6 +46,18 @@ class Metrics:
             ["deployment", "kind"],
             registry=r,
         )
+        self.limit_rejections = Counter(
+            "bastion_limit_rejections",
+            "Requests refused by a limit, by kind "
+            "(rpm, tpm, concurrent, budget_day, budget_month).",
+            ["kind"],
+            registry=r,
+        )
+        self.limits_backend_failures = Counter(
+            "bastion_limits_backend_failures",
+            "Times the limits backend (Redis) could not be used.",
+            registry=r,
+        )
         self.deployment_up = Gauge(
             "bastion_deployment_up",
             "1 if the deployment passed its last health check.",

@@ -73,5 +73,11 @@ class ModelRoute:
         return self.balancer.order(self.deployments)
 
     @property
+    def capacity(self) -> int | None:
+        """Requests all deployments accept at once; None if any of them is unbounded."""
+        caps = [d.settings.max_concurrency for d in self.deployments]
+        return None if None in caps else sum(c for c in caps if c is not None)
+
+    @property
     def ready(self) -> bool:
         return any(d.healthy for d in self.deployments)

@@ -56,6 +56,7 @@ api_keys = Table(
     Column("team", String(128), nullable=False, index=True),
     Column("user", String(256), nullable=True),
     Column("models", JSON, nullable=True),
+    Column("limits", JSON, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),

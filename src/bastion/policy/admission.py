@@ -1,0 +1,266 @@
+"""Admission: the request must fit every limit that applies, reserved before it is forwarded.
+
+Reservation: prompt tokens (an upper bound counted from the request: a token is never shorter
+than one byte) plus the completion the request may produce (`max_tokens`, else the model's
+`default_max_tokens`, times `n`); its cost from the price book. After the response the
+reservation is replaced by the actual usage, so TPM and budgets end up charged exactly; a
+cancelled stream is charged what was generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.exceptions
+from sqlalchemy import Engine, func, select
+
+from bastion.config import PriceSettings, Settings
+from bastion.gateway.errors import BudgetExceeded, LimitsUnavailable, RateLimited
+from bastion.gateway.protocol import ParsedRequest
+from bastion.identity.principal import Principal
+from bastion.metering.usage import UsageRecord
+from bastion.observability.metrics import Metrics
+from bastion.policy.counters import Check, CounterBackend, MemoryCounters, Verdict
+from bastion.policy.levels import Level, applicable_levels, budget_period, checks_for
+from bastion.store.schema import usage
+
+log = logging.getLogger("bastion.policy")
+BACKEND_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
+PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
+
+
+def prompt_upper_bound(req: ParsedRequest) -> int:
+    """At least as many tokens as the engine will count: one per UTF-8 byte of text."""
+    body = req.body
+    if req.endpoint == "chat":
+        n = 0
+        for msg in body["messages"]:
+            n += PER_MESSAGE_OVERHEAD + _text_bytes(msg.get("content"))
+            if "tool_calls" in msg:
+                n += len(str(msg["tool_calls"]).encode())
+        if tools := body.get("tools"):
+            n += len(str(tools).encode())
+        return n
+    return _text_bytes(body.get("prompt" if req.endpoint == "completions" else "input"))
+
+
+def _text_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, int):
+        return 1  # a token id
+    if isinstance(value, list):
+        return sum(_text_bytes(v) for v in value)
+    if isinstance(value, dict):  # a content part: text, or an image/audio we cannot size
+        return _text_bytes(value["text"]) if "text" in value else 1024
+    return 0
+
+
+def completion_reserve(req: ParsedRequest, default: int) -> int:
+    if req.endpoint == "embeddings":
+        return 0
+    body = req.body
+    per_choice = body.get("max_completion_tokens") or body.get("max_tokens") or default
+    return int(per_choice) * int(body.get("n") or 1)
+
+
+def cost_micros(prompt: int, cached: int, completion: int, price: PriceSettings | None) -> int:
+    """Cost in millionths of the currency; the price book is per 1M tokens."""
+    if price is None:
+        return 0
+    cached_price = price.cached_prompt if price.cached_prompt is not None else price.prompt
+    return math.ceil(
+        (prompt - cached) * price.prompt + cached * cached_price + completion * price.completion
+    )
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What was reserved for one request; settled once when it ends."""
+
+    checks: list[Check]
+    tokens: int
+    cost_micros: int
+    backend: CounterBackend
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: 850ms, 12s, 6m0s."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def ratelimit_headers(checks: list[Check], values: tuple[int, ...], now: float) -> dict[str, str]:
+    """x-ratelimit-* as OpenAI sends them: the tightest requests and tokens limits."""
+    headers: dict[str, str] = {}
+    for kind, suffix in (("rpm", "requests"), ("tpm", "tokens")):
+        pairs = [(c, v) for c, v in zip(checks, values, strict=True) if c.kind == kind]
+        if not pairs:
+            continue
+        c, v = min(pairs, key=lambda cv: cv[0].limit - cv[1])
+        headers[f"x-ratelimit-limit-{suffix}"] = str(c.limit)
+        headers[f"x-ratelimit-remaining-{suffix}"] = str(max(0, c.limit - v))
+        headers[f"x-ratelimit-reset-{suffix}"] = _duration(c.reset_at - now)
+    return headers
+
+
+class Admission:
+    def __init__(self, settings: Settings, backend: CounterBackend, db: Engine, metrics: Metrics):
+        self.settings = settings
+        self.backend = backend
+        self.local = MemoryCounters()  # used only when configured to fall back
+        self.db = db
+        self.metrics = metrics
+        self.fail_open_locally = settings.limits.on_backend_failure == "local"
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def levels(self, p: Principal, model: str) -> list[Level]:
+        return applicable_levels(self.settings, p, model)
+
+    async def admit(self, p: Principal, req: ParsedRequest, request_id: str) -> Ticket | None:
+        levels = self.levels(p, req.model)
+        if not levels:
+            return None  # nothing to count: no round trip at all
+        prompt = prompt_upper_bound(req)
+        completion = completion_reserve(req, self.settings.models[req.model].default_max_tokens)
+        price = self.settings.prices.get(req.model)
+        micros = cost_micros(prompt, 0, completion, price)
+        tokens = prompt + completion
+        checks = checks_for(levels, tokens, micros)
+        backend, verdict = await self._ask(checks, request_id, levels)
+        now = time.time()
+        if not verdict.ok:
+            currency = price.currency if price else "USD"
+            self._refuse(checks[verdict.index], verdict.values[0], tokens, micros, currency, now)
+        ticket = Ticket(checks, tokens, micros, backend)
+        ticket.headers = ratelimit_headers(checks, verdict.values, now)
+        return ticket
+
+    async def _ask(
+        self, checks: list[Check], request_id: str, levels: list[Level]
+    ) -> tuple[CounterBackend, Verdict]:
+        backend: CounterBackend = self.backend
+        for _attempt in range(8):
+            try:
+                verdict = await backend.admit(checks, request_id)
+            except BACKEND_ERRORS as exc:
+                backend = self._backend_failed(exc)
+                continue
+            if not verdict.needs_seed:
+                return backend, verdict
+            check = checks[verdict.index]
+            spent = await asyncio.to_thread(self._spent, check, levels)
+            try:
+                await backend.seed(check.key, spent, check.ttl)
+            except BACKEND_ERRORS as exc:
+                backend = self._backend_failed(exc)
+        raise LimitsUnavailable(
+            "Limits could not be evaluated; try again.", headers={"retry-after": "1"}
+        )
+
+    def _backend_failed(self, exc: BaseException) -> CounterBackend:
+        self.metrics.limits_backend_failures.inc()
+        if not self.fail_open_locally:
+            log.error("limits backend unreachable (%s): refusing requests (fail closed)", exc)
+            raise LimitsUnavailable(
+                "The rate-limit service is unavailable, so the request was not forwarded.",
+                headers={"retry-after": "1"},
+            ) from exc
+        log.warning("limits backend unreachable (%s): using this replica's local counters", exc)
+        return self.local
+
+    def _spent(self, check: Check, levels: list[Level]) -> int:
+        """Spend so far in the check's budget period, from the usage records (micros)."""
+        level = next(lv for lv in levels if lv.label == check.level)
+        _name, start, end = budget_period(check.kind, datetime.now(UTC))
+        col = {
+            "key": usage.c.key_id,
+            "user": usage.c.user,
+            "team": usage.c.team,
+            "cost_center": usage.c.cost_center,
+            "model": usage.c.model,
+        }
+        q = select(func.coalesce(func.sum(usage.c.cost), 0.0)).where(
+            usage.c.ts >= start, usage.c.ts < end
+        )
+        if level.scope == "team_model":
+            team, model = level.ident.split("|", 1)
+            q = q.where(usage.c.team == team, usage.c.model == model)
+        else:
+            q = q.where(col[level.scope] == level.ident)
+        with self.db.connect() as conn:
+            return math.ceil(float(conn.execute(q).scalar_one()) * 1_000_000)
+
+    def _refuse(
+        self, check: Check, value: int, tokens: int, micros: int, currency: str, now: float
+    ) -> None:
+        self.metrics.limit_rejections.labels(check.kind).inc()
+        wait = max(1, math.ceil(check.reset_at - now))
+        if check.kind in ("budget_day", "budget_month"):
+            period = "daily" if check.kind == "budget_day" else "monthly"
+            raise BudgetExceeded(
+                f"The {period} budget of {check.level} is exhausted "
+                f"({value / 1e6:.4f} of {check.limit / 1e6:.2f} {currency} spent or reserved; "
+                f"this request may cost up to {micros / 1e6:.4f}).",
+                headers={"retry-after": str(wait), "x-should-retry": "false"},
+            )
+        if check.kind == "concurrent":
+            raise RateLimited(
+                f"Too many requests in flight for {check.level} (limit {check.limit}).",
+                headers={"retry-after": "1"},
+            )
+        what = "requests" if check.kind == "rpm" else "tokens"
+        asked = "" if check.kind == "rpm" else f" This request reserves {tokens} tokens."
+        raise RateLimited(
+            f"Rate limit reached for {check.level}: {check.limit} {what} per minute, "
+            f"{value} used.{asked} Retry after {wait}s.",
+            headers={"retry-after": str(wait)},
+        )
+
+    def settle(self, ticket: Ticket, rec: UsageRecord) -> None:
+        """Replaces the reservation by what was used (called once, from the event loop)."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        used = rec.prompt_tokens + rec.completion_tokens
+        spent = math.ceil(rec.cost * 1_000_000)
+        items = []
+        for c in ticket.checks:
+            if c.kind == "tpm":
+                items.append((c, used - ticket.tokens))
+            elif c.kind in ("budget_day", "budget_month"):
+                items.append((c, spent - ticket.cost_micros))
+            elif c.kind == "concurrent":
+                items.append((c, -1))
+        if not items:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._adjust(ticket.backend, items, rec.request_id)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adjust(
+        self, backend: CounterBackend, items: list[tuple[Check, int]], request_id: str
+    ) -> None:
+        try:
+            await backend.adjust(items, request_id)
+        except BACKEND_ERRORS as exc:
+            # The reservation stays charged until its window ends: errs on the safe side.
+            self.metrics.limits_backend_failures.inc()
+            log.warning("could not settle limits for %s: %s", request_id, exc)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backend.close()
