@@ -224,7 +224,7 @@ class Admission:
         raise RateLimited(
             f"Rate limit reached for {check.level}: {check.limit} {what} per minute, "
             f"{value} used.{asked} Retry after {wait}s.",
-            headers={"retry-after": str(wait)},
+            headers={"retry-after": str(wait), **ratelimit_headers([check], (value,), now)},
         )
 
     def settle(self, ticket: Ticket, rec: UsageRecord) -> None:

@@ -1,16 +1,18 @@
 """Fair share of saturated engines: when every slot of a model's deployments is busy, waiting
 requests queue per team and are admitted by weighted fair queuing (team weights from config).
 
-Each team has a virtual time that advances by 1/weight per admitted request; the next free
-slot goes to the waiting team with the smallest virtual time. A team that floods the queue
-therefore only delays itself: another team's request waits for at most about one slot turn
-per unit of its weight. Per gateway process (each replica shares its own engine slots).
+Start-time fair queuing: each team's requests carry start tags that advance by 1/weight per
+admitted request, and a team that was idle rejoins at the current virtual time (no credit for
+idling). The next free slot goes to the smallest start tag. A team that floods the queue
+therefore only delays itself: a light team's request is next in line as soon as it arrives.
+Per gateway process (each replica shares out its own view of the engine slots).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections import deque
 
@@ -22,34 +24,38 @@ class QueueTimeout(UpstreamUnavailable):
 
 
 class FairQueue:
+    """Start-time fair queuing over one model's engine slots."""
+
     def __init__(self, capacity: int, timeout: float):
         self.capacity = capacity
         self.timeout = timeout
         self.in_use = 0
-        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
-        self._vtime: dict[str, float] = {}
+        self._waiting: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
+        self._next: dict[str, float] = {}  # each team's next start tag
         self._weights: dict[str, float] = {}
+        self._clock = 0.0  # start tag of the request granted last
+        self._arrivals = itertools.count()
 
     @property
     def queued(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    def _floor(self) -> float:
-        """A team that was idle starts at the busiest teams' level: no credit for idling."""
-        active = [self._vtime[t] for t, q in self._waiting.items() if q]
-        return min(active) if active else max(self._vtime.values(), default=0.0)
+    def _grant(self, team: str) -> None:
+        self._clock = self._next[team]
+        self._next[team] += 1.0 / self._weights[team]
+        self.in_use += 1
 
     async def acquire(self, team: str, weight: float) -> None:
         self._weights[team] = weight
-        if self.in_use < self.capacity and not self.queued:
-            self._vtime[team] = max(self._vtime.get(team, 0.0), self._floor()) + 1.0 / weight
-            self.in_use += 1
-            return
         queue = self._waiting.setdefault(team, deque())
-        if not queue:
-            self._vtime[team] = max(self._vtime.get(team, 0.0), self._floor())
+        if not queue:  # (re)joining: no credit for time spent idle
+            self._next[team] = max(self._next.get(team, 0.0), self._clock)
+        if self.in_use < self.capacity and not self.queued:
+            self._grant(team)
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(fut)
+        entry = (next(self._arrivals), fut)
+        queue.append(entry)
         try:
             async with asyncio.timeout(self.timeout):
                 await fut
@@ -59,7 +65,7 @@ class FairQueue:
             else:
                 fut.cancel()
                 with contextlib.suppress(ValueError):
-                    queue.remove(fut)
+                    queue.remove(entry)
             if isinstance(exc, TimeoutError):
                 raise QueueTimeout(
                     f"All engines for this model are busy; the request waited "
@@ -71,13 +77,13 @@ class FairQueue:
     def release(self) -> None:
         self.in_use -= 1
         while self.in_use < self.capacity:
-            ready = [(self._vtime[t], t) for t, q in self._waiting.items() if q]
+            # Ties go to the team with less waiting (the light one), then to the oldest request.
+            ready = [(self._next[t], len(q), q[0][0], t) for t, q in self._waiting.items() if q]
             if not ready:
                 return
-            _vt, team = min(ready)
-            fut = self._waiting[team].popleft()
+            *_order, team = min(ready)
+            _seq, fut = self._waiting[team].popleft()
             if fut.cancelled():
                 continue
-            self._vtime[team] += 1.0 / self._weights[team]
-            self.in_use += 1
+            self._grant(team)
             fut.set_result(None)
