@@ -60,8 +60,24 @@ class Gateway:
     log: Path
 
 
-def write_gateway_config(work: Path, stub: Stub, port: int, template: Path | None) -> Path:
+#: `--limits memory|redis`: limits at the key, team and cost-center levels that never refuse
+#: (so every request pays for every check: rpm, tpm, concurrency and budgets).
+LIMITS_CONFIG = """\
+limits:
+  backend: $backend
+  defaults:
+    key: {rpm: 1000000000, tpm: 1000000000000, concurrent: 100000}
+    team: {rpm: 1000000000, tpm: 1000000000000, budget_day: 1000000000}
+    cost_center: {budget_month: 1000000000}
+"""
+
+
+def write_gateway_config(
+    work: Path, stub: Stub, port: int, template: Path | None, limits: str = "none"
+) -> Path:
     text = template.read_text() if template else GATEWAY_CONFIG
+    if limits != "none":
+        text += string.Template(LIMITS_CONFIG).substitute(backend=limits)
     cfg = work / "bastion.yaml"
     cfg.write_text(
         string.Template(text).substitute(
@@ -112,7 +128,7 @@ def create_key(bastion: str, cfg: Path, env: dict[str, str]) -> str:
 
 def start_gateway(procs: Processes, work: Path, stub: Stub, args: argparse.Namespace) -> Gateway:
     port = free_port()
-    cfg = write_gateway_config(work, stub, port, args.config_template)
+    cfg = write_gateway_config(work, stub, port, args.config_template, args.limits)
     env = dict(os.environ, BASTION_CONFIG=str(cfg))
     bastion = str(args.bastion)
     key = args.api_key or create_key(bastion, cfg, env)

@@ -82,6 +82,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="gateway config template (string.Template: $host $port $db_url $admin_key $team "
         "$model_json $model_stream $served_name $json_url $sse_url)",
     )
+    p.add_argument(
+        "--limits",
+        choices=["none", "memory", "redis"],
+        default="none",
+        help="turn on limits at the key, team and cost-center levels (never refusing), with "
+        "in-memory counters or the machine's Redis (127.0.0.1:6379)",
+    )
     p.add_argument("--direct-only", action="store_true", help="bench only the nginx stub")
     p.add_argument(
         "--proxy-baseline",

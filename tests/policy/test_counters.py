@@ -38,7 +38,7 @@ def test_all_or_nothing(kind: str) -> None:
         refused = await backend.admit([rpm, tpm], "r3")  # tpm would be 120 > 100
         assert not refused.ok and refused.index == 1 and refused.values == (80,)
         assert await backend.peek([rpm, tpm]) == [2, 80]  # the rpm was not charged either
-        await backend.adjust([(tpm, -30)], "r1")  # the answer was shorter than reserved
+        await backend.adjust([(tpm, -30, "r1")])  # the answer was shorter than reserved
         assert (await backend.admit([rpm, tpm], "r3")).values == (3, 90)
         assert not (await backend.admit([rpm], "r4")).ok  # 4th request in the minute
         await backend.close()
@@ -55,7 +55,7 @@ def test_slots_and_budget_seeding(kind: str) -> None:
         assert (await backend.admit([slots], "a")).ok
         assert (await backend.admit([slots], "b")).ok
         assert not (await backend.admit([slots], "c")).ok
-        await backend.adjust([(slots, -1)], "a")  # a finished
+        await backend.adjust([(slots, -1, "a")])  # a finished
         assert (await backend.admit([slots], "c")).ok
         budget = _check("budget_day", f"{p}:budget", 1000, 300, "budget")
         first = await backend.admit([budget], "x")

@@ -10,6 +10,7 @@ cancelled stream is charged what was generated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord
 from bastion.observability.metrics import Metrics
 from bastion.policy.counters import Check, CounterBackend, MemoryCounters, Verdict
-from bastion.policy.levels import Level, applicable_levels, budget_period, checks_for
+from bastion.policy.levels import Level, Plan, applicable_levels, budget_period, checks_for
 from bastion.store.schema import usage
 
 log = logging.getLogger("bastion.policy")
@@ -122,22 +123,32 @@ class Admission:
         self.db = db
         self.metrics = metrics
         self.fail_open_locally = settings.limits.on_backend_failure == "local"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._plans: dict[tuple[object, ...], Plan] = {}
+        # Settlements for a remote backend are sent in batches, one pipeline per loop turn.
+        self._pending: list[tuple[Check, int, str]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
-    def levels(self, p: Principal, model: str) -> list[Level]:
-        return applicable_levels(self.settings, p, model)
+    def plan(self, p: Principal, model: str) -> Plan:
+        key = (p.key_id, p.user, p.team, p.cost_center, p.limits, model)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 50_000:
+                self._plans.clear()
+            plan = self._plans[key] = Plan.compile(applicable_levels(self.settings, p, model))
+        return plan
 
     async def admit(self, p: Principal, req: ParsedRequest, request_id: str) -> Ticket | None:
-        levels = self.levels(p, req.model)
-        if not levels:
+        plan = self.plan(p, req.model)
+        if not plan.templates:
             return None  # nothing to count: no round trip at all
         prompt = prompt_upper_bound(req)
         completion = completion_reserve(req, self.settings.models[req.model].default_max_tokens)
         price = self.settings.prices.get(req.model)
         micros = cost_micros(prompt, 0, completion, price)
         tokens = prompt + completion
-        checks = checks_for(levels, tokens, micros)
-        backend, verdict = await self._ask(checks, request_id, levels)
+        checks = checks_for(plan, tokens, micros)
+        backend, verdict = await self._ask(checks, request_id, plan.levels)
         now = time.time()
         if not verdict.ok:
             currency = price.currency if price else "USD"
@@ -147,7 +158,7 @@ class Admission:
         return ticket
 
     async def _ask(
-        self, checks: list[Check], request_id: str, levels: list[Level]
+        self, checks: list[Check], request_id: str, levels: tuple[Level, ...]
     ) -> tuple[CounterBackend, Verdict]:
         backend: CounterBackend = self.backend
         for _attempt in range(8):
@@ -179,7 +190,7 @@ class Admission:
         log.warning("limits backend unreachable (%s): using this replica's local counters", exc)
         return self.local
 
-    def _spent(self, check: Check, levels: list[Level]) -> int:
+    def _spent(self, check: Check, levels: tuple[Level, ...]) -> int:
         """Spend so far in the check's budget period, from the usage records (micros)."""
         level = next(lv for lv in levels if lv.label == check.level)
         _name, start, end = budget_period(check.kind, datetime.now(UTC))
@@ -237,30 +248,42 @@ class Admission:
         items = []
         for c in ticket.checks:
             if c.kind == "tpm":
-                items.append((c, used - ticket.tokens))
+                items.append((c, used - ticket.tokens, rec.request_id))
             elif c.kind in ("budget_day", "budget_month"):
-                items.append((c, spent - ticket.cost_micros))
+                items.append((c, spent - ticket.cost_micros, rec.request_id))
             elif c.kind == "concurrent":
-                items.append((c, -1))
+                items.append((c, -1, rec.request_id))
         if not items:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._adjust(ticket.backend, items, rec.request_id)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if isinstance(ticket.backend, MemoryCounters):
+            ticket.backend.apply(items)
+            return
+        self._pending.extend(items)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+        self._wake.set()
 
-    async def _adjust(
-        self, backend: CounterBackend, items: list[tuple[Check, int]], request_id: str
-    ) -> None:
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        items, self._pending = self._pending, []
+        if not items:
+            return
         try:
-            await backend.adjust(items, request_id)
+            await self.backend.adjust(items)
         except BACKEND_ERRORS as exc:
-            # The reservation stays charged until its window ends: errs on the safe side.
+            # The reservations stay charged until their windows end: errs on the safe side.
             self.metrics.limits_backend_failures.inc()
-            log.warning("could not settle limits for %s: %s", request_id, exc)
+            log.warning("could not settle limits for %d requests: %s", len(items), exc)
 
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush()
         await self.backend.close()

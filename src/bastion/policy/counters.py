@@ -16,13 +16,14 @@ from typing import Literal, Protocol
 #: budget: the same, but it must be seeded from the usage records when absent;
 #: slots: requests in flight, each a lease that expires if its gateway died.
 Op = Literal["counter", "budget", "slots"]
+Kind = Literal["rpm", "tpm", "concurrent", "budget_day", "budget_month"]
 SLOT_LEASE_SECONDS = 900
 
 
 @dataclass(frozen=True, slots=True)
 class Check:
     level: str  # what the client is told: "team 'alpha'"
-    kind: Literal["rpm", "tpm", "concurrent", "budget_day", "budget_month"]
+    kind: Kind
     key: str
     op: Op
     limit: int
@@ -44,8 +45,9 @@ class Verdict:
 class CounterBackend(Protocol):
     async def admit(self, checks: list[Check], request_id: str) -> Verdict: ...
 
-    async def adjust(self, items: list[tuple[Check, int]], request_id: str) -> None:
-        """Applies corrections after the response (actual minus reserved), frees slots."""
+    async def adjust(self, items: list[tuple[Check, int, str]]) -> None:
+        """Applies corrections after responses (actual minus reserved) and frees slots:
+        (check, delta, request id) for any number of requests."""
         ...
 
     async def seed(self, key: str, value: int, ttl: int) -> None:
@@ -69,8 +71,9 @@ class MemoryCounters:
     def _get(self, check: Check, now: float) -> int | None:
         if check.op == "slots":
             leases = self._slots.get(check.key, {})
-            for rid in [r for r, end in leases.items() if end <= now]:
-                del leases[rid]
+            if len(leases) + check.amount > check.limit:  # full: drop leases of lost requests
+                for rid in [r for r, end in leases.items() if end <= now]:
+                    del leases[rid]
             return len(leases)
         value = self._values.get(check.key)
         if value is None or value[1] <= now:
@@ -96,9 +99,12 @@ class MemoryCounters:
                 self._values[c.key] = (v + c.amount, now + c.ttl)
         return Verdict(True, tuple(v + c.amount for c, v in zip(checks, current, strict=True)))
 
-    async def adjust(self, items: list[tuple[Check, int]], request_id: str) -> None:
+    async def adjust(self, items: list[tuple[Check, int, str]]) -> None:
+        self.apply(items)
+
+    def apply(self, items: list[tuple[Check, int, str]]) -> None:
         now = time.time()
-        for c, delta in items:
+        for c, delta, request_id in items:
             if c.op == "slots":
                 self._slots.get(c.key, {}).pop(request_id, None)
             elif (value := self._values.get(c.key)) is not None and value[1] > now:

@@ -3,13 +3,15 @@ team x model that has any limit set, each with the counters it needs for this in
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bastion.config import LimitSettings, Settings
 from bastion.identity.principal import Principal
-from bastion.policy.counters import SLOT_LEASE_SECONDS, Check
+from bastion.policy.counters import SLOT_LEASE_SECONDS, Check, Kind, Op
 
 WINDOW = 60  # seconds: rpm and tpm count per calendar minute
 
@@ -55,72 +57,84 @@ def budget_period(kind: str, now: datetime) -> tuple[str, datetime, datetime]:
     return start.strftime("%Y-%m"), start, (start + timedelta(days=32)).replace(day=1)
 
 
-def checks_for(
-    levels: list[Level], tokens: int, cost_micros: int, now: float | None = None
-) -> list[Check]:
-    """The counters this request must fit into, at every level."""
-    now = now if now is not None else datetime.now(UTC).timestamp()
+@dataclass(frozen=True, slots=True)
+class _Template:
+    level: str
+    kind: Kind
+    prefix: str  # the counter key without its window or period
+    op: Op
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The limits of one (caller, model) pair, compiled once and reused for every request."""
+
+    levels: tuple[Level, ...]
+    templates: tuple[_Template, ...]
+
+    @classmethod
+    def compile(cls, levels: list[Level]) -> Plan:
+        out = []
+        for lv in levels:
+            base, lim = f"bst:{lv.scope}:{lv.ident}", lv.limits
+            for kind, op, value in (
+                ("rpm", "counter", lim.rpm),
+                ("tpm", "counter", lim.tpm),
+                ("concurrent", "slots", lim.concurrent),
+                ("budget_day", "budget", lim.budget_day),
+                ("budget_month", "budget", lim.budget_month),
+            ):
+                if value is None:
+                    continue
+                limit = math.floor(value * 1_000_000) if op == "budget" else int(value)
+                out.append(_Template(lv.label, kind, f"{base}:{kind}", op, limit))  # type: ignore[arg-type]
+        return cls(tuple(levels), tuple(out))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_of_day(kind: str, day: int) -> tuple[str, float]:
+    name, _start, end = budget_period(kind, datetime.fromtimestamp(day * 86_400, UTC))
+    return name, end.timestamp()
+
+
+def checks_for(plan: Plan, tokens: int, cost_micros: int, now: float | None = None) -> list[Check]:
+    """The counters this request must fit into, at every level, for this instant."""
+    now = time.time() if now is None else now
     window = int(now // WINDOW)
     window_end = (window + 1) * WINDOW
-    today = datetime.fromtimestamp(now, UTC)
+    day = int(now // 86_400)
     out: list[Check] = []
-    for lv in levels:
-        base = f"bst:{lv.scope}:{lv.ident}"
-        lim = lv.limits
-        if lim.rpm is not None:
-            out.append(
-                Check(
-                    lv.label,
-                    "rpm",
-                    f"{base}:rpm:{window}",
-                    "counter",
-                    lim.rpm,
-                    1,
-                    2 * WINDOW,
-                    window_end,
-                )
+    for t in plan.templates:
+        if t.kind == "rpm":
+            c = Check(
+                t.level, t.kind, f"{t.prefix}:{window}", t.op, t.limit, 1, 2 * WINDOW, window_end
             )
-        if lim.tpm is not None:
-            out.append(
-                Check(
-                    lv.label,
-                    "tpm",
-                    f"{base}:tpm:{window}",
-                    "counter",
-                    lim.tpm,
-                    tokens,
-                    2 * WINDOW,
-                    window_end,
-                )
+        elif t.kind == "tpm":
+            c = Check(
+                t.level,
+                t.kind,
+                f"{t.prefix}:{window}",
+                t.op,
+                t.limit,
+                tokens,
+                2 * WINDOW,
+                window_end,
             )
-        if lim.concurrent is not None:
-            out.append(
-                Check(
-                    lv.label,
-                    "concurrent",
-                    f"{base}:inflight",
-                    "slots",
-                    lim.concurrent,
-                    1,
-                    SLOT_LEASE_SECONDS,
-                    now + 1,
-                )
+        elif t.kind == "concurrent":
+            c = Check(t.level, t.kind, t.prefix, t.op, t.limit, 1, SLOT_LEASE_SECONDS, now + 1)
+        else:
+            name, end = _period_of_day(t.kind, day)
+            # The counter outlives its period by a day, then expires.
+            c = Check(
+                t.level,
+                t.kind,
+                f"{t.prefix}:{name}",
+                t.op,
+                t.limit,
+                cost_micros,
+                int(end - now) + 86_400,
+                end,
             )
-        for kind, budget in (("budget_day", lim.budget_day), ("budget_month", lim.budget_month)):
-            if budget is None:
-                continue
-            name, _start, end = budget_period(kind, today)
-            ttl = int(end.timestamp() - now) + 86_400  # outlives its period by a day
-            out.append(
-                Check(
-                    lv.label,
-                    kind,
-                    f"{base}:{kind}:{name}",
-                    "budget",
-                    math.floor(budget * 1_000_000),
-                    cost_micros,
-                    ttl,
-                    end.timestamp(),
-                )
-            )
+        out.append(c)
     return out

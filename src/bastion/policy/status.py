@@ -9,7 +9,7 @@ from typing import Any
 from bastion.config import Settings
 from bastion.identity.keys import KeyRecord
 from bastion.policy.admission import Admission
-from bastion.policy.levels import Level, checks_for
+from bastion.policy.levels import Level, Plan, checks_for
 
 BUDGETS = ("budget_day", "budget_month")
 
@@ -42,7 +42,7 @@ async def limit_status(
     admission: Admission, settings: Settings, keys: list[KeyRecord], team: str | None
 ) -> list[dict[str, Any]]:
     levels = _levels(settings, keys, team)
-    checks = checks_for(levels, 0, 0)
+    checks = checks_for(Plan.compile(levels), 0, 0)
     values = await admission.backend.peek(checks)
     now = time.time()
     rows = []
