@@ -186,6 +186,12 @@ class ModelSettings(_Strict):
     max_tokens: int | None = Field(
         None, ge=1, description="Ceiling on a request's `max_tokens` (400 above it)."
     )
+    tokenizer: str | None = Field(
+        None,
+        description="The model's tokenizer (its directory or tokenizer.json), for exact "
+        "prompt-token reservations; without it one token per UTF-8 byte is reserved "
+        "(an upper bound). Needs the `tokenizers` extra.",
+    )
     default_max_tokens: int = Field(
         1024,
         ge=1,

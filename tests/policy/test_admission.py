@@ -103,10 +103,11 @@ def test_key_override_and_every_level_applies(stub: StubEngine, tmp_path: Path) 
 def test_tpm_reserves_then_settles(stub: StubEngine, tmp_path: Path) -> None:
     with make_app(stub, tmp_path) as c:
         h = key(c, "bulk")
-        # Reserve: 'hi' (2 bytes) + 8 per message + max_tokens 5 = 15; the stub uses 6.
+        # Reserve: 'hi' (2 bytes) + 8 per message + 8 per chat + max_tokens 5 = 23; the stub
+        # then reports 6 used.
         r = c.post("/v1/chat/completions", content=chat(), headers=h)
         assert r.headers["x-ratelimit-limit-tokens"] == "40"
-        assert r.headers["x-ratelimit-remaining-tokens"] == "25"
+        assert r.headers["x-ratelimit-remaining-tokens"] == "17"
         too_big = c.post("/v1/chat/completions", content=chat(max_tokens=40), headers=h)
         assert (
             too_big.status_code == 429 and "tokens per minute" in too_big.json()["error"]["message"]

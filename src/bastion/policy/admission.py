@@ -1,8 +1,9 @@
 """Admission: the request must fit every limit that applies, reserved before it is forwarded.
 
-Reservation: prompt tokens (an upper bound counted from the request: a token is never shorter
-than one byte) plus the completion the request may produce (`max_tokens`, else the model's
-`default_max_tokens`, times `n`); its cost from the price book. After the response the
+Reservation: prompt tokens (counted by the model's tokenizer when configured, else an upper
+bound: a token is never shorter than one byte; see tokens.py) plus the completion the request
+may produce (`max_tokens`, else the model's `default_max_tokens`, times `n`); its cost from
+the price book. After the response the
 reservation is replaced by the actual usage, so TPM and budgets end up charged exactly; a
 cancelled stream is charged what was generated.
 """
@@ -16,7 +17,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import redis.exceptions
 from sqlalchemy import Engine, func, select
@@ -29,38 +29,11 @@ from bastion.metering.usage import UsageRecord
 from bastion.observability.metrics import Metrics
 from bastion.policy.counters import Check, CounterBackend, MemoryCounters, Verdict
 from bastion.policy.levels import Level, Plan, applicable_levels, budget_period, checks_for
+from bastion.policy.tokens import PromptCounter
 from bastion.store.schema import usage
 
 log = logging.getLogger("bastion.policy")
 BACKEND_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
-PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
-
-
-def prompt_upper_bound(req: ParsedRequest) -> int:
-    """At least as many tokens as the engine will count: one per UTF-8 byte of text."""
-    body = req.body
-    if req.endpoint == "chat":
-        n = 0
-        for msg in body["messages"]:
-            n += PER_MESSAGE_OVERHEAD + _text_bytes(msg.get("content"))
-            if "tool_calls" in msg:
-                n += len(str(msg["tool_calls"]).encode())
-        if tools := body.get("tools"):
-            n += len(str(tools).encode())
-        return n
-    return _text_bytes(body.get("prompt" if req.endpoint == "completions" else "input"))
-
-
-def _text_bytes(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, int):
-        return 1  # a token id
-    if isinstance(value, list):
-        return sum(_text_bytes(v) for v in value)
-    if isinstance(value, dict):  # a content part: text, or an image/audio we cannot size
-        return _text_bytes(value["text"]) if "text" in value else 1024
-    return 0
 
 
 def completion_reserve(req: ParsedRequest, default: int) -> int:
@@ -124,6 +97,7 @@ class Admission:
         self.metrics = metrics
         self.fail_open_locally = settings.limits.on_backend_failure == "local"
         self._plans: dict[tuple[object, ...], Plan] = {}
+        self.prompts = PromptCounter(settings)
         # Settlements for a remote backend are sent in batches, one pipeline per loop turn.
         self._pending: list[tuple[Check, int, str]] = []
         self._wake = asyncio.Event()
@@ -142,7 +116,7 @@ class Admission:
         plan = self.plan(p, req.model)
         if not plan.templates:
             return None  # nothing to count: no round trip at all
-        prompt = prompt_upper_bound(req)
+        prompt = await self.prompts.count(req)
         completion = completion_reserve(req, self.settings.models[req.model].default_max_tokens)
         price = self.settings.prices.get(req.model)
         micros = cost_micros(prompt, 0, completion, price)

@@ -1,0 +1,95 @@
+"""Counting a request's prompt tokens for its reservation.
+
+With `models.<alias>.tokenizer` set, the model's own tokenizer counts the text, in a worker
+thread (never on the event loop). Without it, every UTF-8 byte counts as one token: a token is
+never shorter than a byte, so this is an upper bound, and the reservation is settled to the
+engine's exact count after the response anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from bastion.config import ConfigError, Settings
+from bastion.gateway.protocol import ParsedRequest
+
+PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
+PER_CHAT_OVERHEAD = 8  # the template's start and the assistant's generation prompt
+UNSIZED_PART = 1024  # an image or audio part: we cannot size it without the engine
+
+
+def _texts(req: ParsedRequest) -> tuple[list[str], int]:
+    """The request's texts, and the tokens counted without a tokenizer (ids, parts, template)."""
+    body = req.body
+    texts: list[str] = []
+    extra = 0
+
+    def walk(value: Any) -> None:
+        nonlocal extra
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, int):
+            extra += 1  # already a token id
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            if "text" in value:
+                walk(value["text"])
+            else:
+                extra += UNSIZED_PART
+
+    if req.endpoint == "chat":
+        extra += PER_CHAT_OVERHEAD
+        for msg in body["messages"]:
+            extra += PER_MESSAGE_OVERHEAD
+            walk(msg.get("content"))
+            if "tool_calls" in msg:
+                texts.append(str(msg["tool_calls"]))
+        if tools := body.get("tools"):
+            texts.append(str(tools))
+    else:
+        walk(body.get("prompt" if req.endpoint == "completions" else "input"))
+    return texts, extra
+
+
+def prompt_upper_bound(req: ParsedRequest) -> int:
+    texts, extra = _texts(req)
+    return extra + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+
+class PromptCounter:
+    def __init__(self, settings: Settings):
+        self._tokenizers: dict[str, Any] = {}
+        for alias, model in settings.models.items():
+            if model.tokenizer is not None:
+                self._tokenizers[alias] = _load(alias, model.tokenizer)
+
+    async def count(self, req: ParsedRequest) -> int:
+        tok = self._tokenizers.get(req.model)
+        if tok is None:
+            return prompt_upper_bound(req)
+        texts, extra = _texts(req)
+        if not texts:
+            return extra
+        encoded = await asyncio.to_thread(tok.encode_batch, texts, add_special_tokens=False)
+        return extra + sum(len(e.ids) for e in encoded)
+
+
+def _load(alias: str, where: str) -> Any:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ConfigError(
+            f"models.{alias}.tokenizer: the `tokenizers` package is not "
+            "installed (pip install 'bastion[tokenizers]')"
+        ) from None
+    path = Path(where).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises plain Exception for unreadable files
+        raise ConfigError(f"models.{alias}.tokenizer: cannot load {path}: {exc}") from None
