@@ -195,7 +195,8 @@ class ModelSettings(_Strict):
     default_max_tokens: int = Field(
         1024,
         ge=1,
-        description="Tokens reserved for the completion when a request sets no `max_tokens`.",
+        description="`max_tokens` for requests that set none: sent to the engine and reserved "
+        "against token limits and budgets. Keep it within the engine's context length.",
     )
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Limits for the model as a whole."

@@ -168,6 +168,11 @@ def test_caps(stub: StubEngine, tmp_path: Path) -> None:
         for body, param in cases:
             r = c.post("/v1/chat/completions", content=body, headers=h)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        # No max_tokens: the model's default cap (within its ceiling) is sent to the engine.
+        bare = orjson.dumps({"model": "stub", "messages": [{"role": "user", "content": "x"}]})
+        r = c.post("/v1/chat/completions", content=bare, headers=key(c, "t"))
+        assert r.status_code == 200, r.text
+        assert stub.requests[-1]["max_tokens"] == 50
 
 
 @pytest.mark.parametrize("mode", ["closed", "local"])

@@ -7,6 +7,7 @@ Every request, whatever happens to it, leaves exactly one usage record and one m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -124,6 +125,9 @@ class Gateway:
         except ClientDisconnect:
             self._finish(call, 499, "cancelled", "client_disconnected")
             return Response(status_code=499)
+        except asyncio.CancelledError:  # e.g. shutdown: still recorded, slots still freed
+            self._finish(call, 499, "cancelled", "cancelled")
+            raise
         except Exception:
             log.exception("unexpected error on %s", call.rec.request_id)
             exc = InternalError("Bastion failed to handle this request; it has been logged.")

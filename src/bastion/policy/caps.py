@@ -1,4 +1,5 @@
-"""Request caps, checked before anything reaches an engine: 400 naming the cap."""
+"""Request caps, checked before anything reaches an engine: 400 naming the cap; and the
+model's default completion cap for requests that set none."""
 
 from __future__ import annotations
 
@@ -24,7 +25,16 @@ def check_caps(settings: Settings, req: ParsedRequest) -> None:
             param="n",
             code="n_too_large",
         )
-    ceiling = settings.models[req.model].max_tokens
+    model = settings.models[req.model]
+    if (
+        req.endpoint != "embeddings"
+        and body.get("max_tokens") is None
+        and body.get("max_completion_tokens") is None
+    ):
+        # The model's default cap, sent to the engine too: what was reserved is what may be
+        # generated, so budgets and token limits hold even when clients set no limit.
+        body["max_tokens"] = min(model.default_max_tokens, model.max_tokens or 1 << 31)
+    ceiling = model.max_tokens
     if ceiling is not None:
         for name in ("max_tokens", "max_completion_tokens"):
             value = body.get(name)
