@@ -236,12 +236,15 @@ def test_postgres_store(make_gateway, chat_engine, embed_engine, pg_url: str) ->
                 model="tiny", messages=HELLO, max_tokens=3, stream=True, user="pg-2"
             )
         )
-    rows = usage_rows(pg_url, team="beta")
-    assert {r.client_user for r in rows} >= {"pg-1", "pg-2"}
+    # Each waits for its own record: a stream's is written just after its last byte.
+    rows = usage_rows(pg_url, client_user="pg-1") + usage_rows(pg_url, client_user="pg-2")
+    assert len(rows) == 2
     assert all(
-        r.user == "pg-user" and r.cost_center == "cc-2" and r.completion_tokens > 0
+        r.team == "beta"
+        and r.user == "pg-user"
+        and r.cost_center == "cc-2"
+        and r.completion_tokens > 0
         for r in rows
-        if r.client_user in ("pg-1", "pg-2")
     )
     out = gw.cli("usage", "--by", "team", "--format", "json").stdout
     assert '"beta"' in out

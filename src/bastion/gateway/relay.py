@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ import orjson
 from bastion.engines.client import Usage, read_usage
 from bastion.gateway.errors import BastionError, UpstreamError, UpstreamTimeout
 
+log = logging.getLogger("bastion.gateway")
 Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
 SSE_HEADERS = [
@@ -89,7 +91,10 @@ class SSERelay:
             done, _ = await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
             if pump in done:
                 watch.cancel()
-                cancelled = pump.exception() is not None  # the client went away mid-send
+                failure = pump.exception()
+                cancelled = failure is not None  # mostly: the client went away mid-send
+                if failure is not None and not isinstance(failure, OSError):
+                    log.error("stream relay failed", exc_info=failure)
             else:
                 cancelled = True
                 pump.cancel()
