@@ -147,6 +147,8 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
     async def prometheus(_request: Request) -> Response:
         for d in deployments:
             metrics.deployment_up.labels(d.name).set(1 if d.healthy else 0)
+        for alias, queue in gateway.queues.items():
+            metrics.queued.labels(alias).set(queue.queued)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     admin_app = FastAPI(

@@ -58,6 +58,12 @@ class Metrics:
             "Times the limits backend (Redis) could not be used.",
             registry=r,
         )
+        self.queued = Gauge(
+            "bastion_queued_requests",
+            "Requests waiting for an engine slot (fair-share queue).",
+            ["model"],
+            registry=r,
+        )
         self.deployment_up = Gauge(
             "bastion_deployment_up",
             "1 if the deployment passed its last health check.",
