@@ -23,6 +23,15 @@ from bastion.store.schema import usage
 log = logging.getLogger("bastion.metering")
 
 
+def cost_of(prompt: int, cached: int, completion: int, p: PriceSettings) -> float:
+    """The price book's cost of some tokens (prices are per 1M tokens; cached at their price)."""
+    cached = min(cached, prompt)
+    cached_price = p.cached_prompt if p.cached_prompt is not None else p.prompt
+    return ((prompt - cached) * p.prompt + cached * cached_price + completion * p.completion) / (
+        1_000_000
+    )
+
+
 @dataclass(slots=True)
 class UsageRecord:
     request_id: str
@@ -50,13 +59,7 @@ class UsageRecord:
     def price(self, p: PriceSettings | None) -> None:
         if p is None:
             return
-        cached = min(self.cached_tokens, self.prompt_tokens)
-        cached_price = p.cached_prompt if p.cached_prompt is not None else p.prompt
-        self.cost = (
-            (self.prompt_tokens - cached) * p.prompt
-            + cached * cached_price
-            + self.completion_tokens * p.completion
-        ) / 1_000_000
+        self.cost = cost_of(self.prompt_tokens, self.cached_tokens, self.completion_tokens, p)
         self.currency = p.currency
 
 

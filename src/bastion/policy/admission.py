@@ -25,7 +25,7 @@ from bastion.config import PriceSettings, Settings
 from bastion.gateway.errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from bastion.gateway.protocol import ParsedRequest
 from bastion.identity.principal import Principal
-from bastion.metering.usage import UsageRecord
+from bastion.metering.usage import UsageRecord, cost_of
 from bastion.observability.metrics import Metrics
 from bastion.policy.counters import Check, CounterBackend, MemoryCounters, Verdict
 from bastion.policy.levels import Level, Plan, applicable_levels, budget_period, checks_for
@@ -44,14 +44,9 @@ def completion_reserve(req: ParsedRequest, default: int) -> int:
     return int(per_choice) * int(body.get("n") or 1)
 
 
-def cost_micros(prompt: int, cached: int, completion: int, price: PriceSettings | None) -> int:
-    """Cost in millionths of the currency; the price book is per 1M tokens."""
-    if price is None:
-        return 0
-    cached_price = price.cached_prompt if price.cached_prompt is not None else price.prompt
-    return math.ceil(
-        (prompt - cached) * price.prompt + cached * cached_price + completion * price.completion
-    )
+def cost_micros(prompt: int, completion: int, price: PriceSettings | None) -> int:
+    """What a reservation may cost, in millionths of the currency (counters are integers)."""
+    return 0 if price is None else math.ceil(cost_of(prompt, 0, completion, price) * 1_000_000)
 
 
 @dataclass(slots=True)
@@ -119,7 +114,7 @@ class Admission:
         prompt = await self.prompts.count(req)
         completion = completion_reserve(req, self.settings.models[req.model].default_max_tokens)
         price = self.settings.prices.get(req.model)
-        micros = cost_micros(prompt, 0, completion, price)
+        micros = cost_micros(prompt, completion, price)
         tokens = prompt + completion
         checks = checks_for(plan, tokens, micros)
         backend, verdict = await self._ask(checks, request_id, plan.levels)
