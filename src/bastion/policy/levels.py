@@ -24,27 +24,46 @@ class Level:
     limits: LimitSettings
 
 
-def applicable_levels(settings: Settings, p: Principal, model: str) -> list[Level]:
-    d = settings.limits.defaults
-    team = settings.teams.get(p.team)
-    cc = settings.cost_centers.get(p.cost_center)
-    candidates = [
-        Level("key", p.key_id, f"key '{p.key_id}'", p.limits or d.key),
-        Level("team", p.team, f"team '{p.team}'", (team and team.limits) or d.team),
-        Level(
-            "cost_center",
-            p.cost_center,
-            f"cost center '{p.cost_center}'",
-            (cc and cc.limits) or d.cost_center,
-        ),
-        Level("model", model, f"model '{model}'", settings.models[model].limits),
+def key_level(settings: Settings, key_id: str, own: LimitSettings | None) -> Level:
+    return Level("key", key_id, f"key '{key_id}'", own or settings.limits.defaults.key)
+
+
+def team_level(settings: Settings, team: str) -> Level:
+    t = settings.teams.get(team)
+    return Level("team", team, f"team '{team}'", (t and t.limits) or settings.limits.defaults.team)
+
+
+def cost_center_level(settings: Settings, cc: str) -> Level:
+    c = settings.cost_centers.get(cc)
+    limits = (c and c.limits) or settings.limits.defaults.cost_center
+    return Level("cost_center", cc, f"cost center '{cc}'", limits)
+
+
+def model_level(settings: Settings, model: str) -> Level:
+    return Level("model", model, f"model '{model}'", settings.models[model].limits)
+
+
+def team_model_levels(settings: Settings, team: str, model: str | None = None) -> list[Level]:
+    """team x model limits: for one model, or for every model the team has them for."""
+    t = settings.teams.get(team)
+    limits = t.model_limits if t else {}
+    return [
+        Level("team_model", f"{team}|{m}", f"team '{team}' on model '{m}'", lim)
+        for m, lim in limits.items()
+        if model is None or m == model
     ]
+
+
+def applicable_levels(settings: Settings, p: Principal, model: str) -> list[Level]:
+    candidates = [key_level(settings, p.key_id, p.limits)]
     if p.user:
-        candidates.insert(1, Level("user", p.user, f"user '{p.user}'", d.user))
-    if team and (tm := team.model_limits.get(model)):
-        candidates.append(
-            Level("team_model", f"{p.team}|{model}", f"team '{p.team}' on model '{model}'", tm)
-        )
+        candidates.append(Level("user", p.user, f"user '{p.user}'", settings.limits.defaults.user))
+    candidates += [
+        team_level(settings, p.team),
+        cost_center_level(settings, p.cost_center),
+        model_level(settings, model),
+        *team_model_levels(settings, p.team, model),
+    ]
     return [lv for lv in candidates if not lv.limits.is_empty()]
 
 

@@ -9,32 +9,34 @@ from typing import Any
 from bastion.config import Settings
 from bastion.identity.keys import KeyRecord
 from bastion.policy.admission import Admission
-from bastion.policy.levels import Level, Plan, checks_for
+from bastion.policy.levels import (
+    Level,
+    Plan,
+    checks_for,
+    cost_center_level,
+    key_level,
+    model_level,
+    team_level,
+    team_model_levels,
+)
 
 BUDGETS = ("budget_day", "budget_month")
 
 
 def _levels(settings: Settings, keys: list[KeyRecord], team: str | None) -> list[Level]:
-    d = settings.limits.defaults
+    teams = [team] if team else list(settings.teams)
     out: list[Level] = []
-    teams = {team: settings.teams.get(team)} if team else dict(settings.teams)
-    for name, t in teams.items():
-        out.append(Level("team", name, f"team '{name}'", (t and t.limits) or d.team))
-        for model, lim in (t.model_limits if t else {}).items():
-            out.append(
-                Level("team_model", f"{name}|{model}", f"team '{name}' on model '{model}'", lim)
-            )
-    centers = {t.cost_center for t in teams.values() if t} if team else set(settings.cost_centers)
-    for cc in sorted(centers):
-        c = settings.cost_centers.get(cc)
-        out.append(
-            Level("cost_center", cc, f"cost center '{cc}'", (c and c.limits) or d.cost_center)
-        )
-    if team is None:
-        out += [Level("model", m, f"model '{m}'", ms.limits) for m, ms in settings.models.items()]
-    for k in keys:
-        if k.status(datetime.now(UTC)) == "active":
-            out.append(Level("key", k.id, f"key '{k.id}'", k.limits or d.key))
+    for name in teams:
+        out += [team_level(settings, name), *team_model_levels(settings, name)]
+    if team:
+        t = settings.teams.get(team)
+        centers = [t.cost_center] if t else []
+    else:
+        centers = sorted(settings.cost_centers)
+        out += [model_level(settings, m) for m in settings.models]
+    out += [cost_center_level(settings, cc) for cc in centers]
+    now = datetime.now(UTC)
+    out += [key_level(settings, k.id, k.limits) for k in keys if k.status(now) == "active"]
     return [lv for lv in out if not lv.limits.is_empty()]
 
 
