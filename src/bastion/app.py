@@ -128,7 +128,6 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
                 "deployments": [
                     {
                         "name": d.name,
-                        "url": d.settings.url,
                         "healthy": d.healthy,
                         "in_flight": d.in_flight,
                     }

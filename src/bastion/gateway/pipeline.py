@@ -54,7 +54,7 @@ def error_response(exc: BastionError, request_id: str) -> Response:
         exc.json(),
         status_code=exc.status,
         media_type="application/json",
-        headers={"x-request-id": request_id, **exc.headers},
+        headers={**({"x-request-id": request_id} if request_id else {}), **exc.headers},
     )
 
 
