@@ -29,7 +29,7 @@ from bastion.config import Settings
 from bastion.engines.client import EngineClient
 from bastion.gateway.errors import AuthenticationFailed, BastionError, InvalidRequest, NotFound
 from bastion.gateway.pipeline import Gateway, error_response
-from bastion.identity.directory import sync_config
+from bastion.identity.directory import open_database
 from bastion.identity.keys import KeyStore
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
@@ -38,15 +38,12 @@ from bastion.policy.counters import CounterBackend, MemoryCounters
 from bastion.policy.redis_counters import RedisCounters
 from bastion.routing.balancer import LeastOutstanding, ModelRoute
 from bastion.routing.health import HealthChecker
-from bastion.store.db import make_engine, upgrade
 
 log = logging.getLogger("bastion")
 
 
 def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
-    db = make_engine(settings.database.url)
-    upgrade(db)
-    sync_config(db, settings)
+    db = open_database(settings)
     metrics = Metrics()
     balancer = LeastOutstanding()
     routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}

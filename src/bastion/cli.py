@@ -21,13 +21,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]
-    from bastion.identity.directory import sync_config
-    from bastion.store.db import make_engine, upgrade
+    from bastion.identity.directory import open_database
 
-    engine = make_engine(settings.database.url)
-    upgrade(engine)
-    sync_config(engine, settings)
-    return engine
+    return open_database(settings)
 
 
 def _print_json(obj: Any) -> None:
@@ -56,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from bastion.engines.quickstart import run_quickstart
+    from bastion.quickstart import run_quickstart
 
     return run_quickstart(_settings(args))
 

@@ -196,7 +196,7 @@ def post_revoke(key_id: str, ctx: Admin) -> KeyOut:
         rec = revoke_key(ctx.db, key_id)
     except directory.DirectoryError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
-    ctx.keys.forget(rec)  # immediate on this replica; others pick it up on their next poll
+    ctx.keys.update(rec)  # immediate on this replica; others pick it up on their next poll
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 
@@ -207,7 +207,7 @@ def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin) -> KeyOut:
         rec = set_key_limits(ctx.db, key_id, body)
     except directory.DirectoryError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
-    ctx.keys.forget(rec)
+    ctx.keys.update(rec)
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 

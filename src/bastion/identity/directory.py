@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, select
 
 from bastion.config import Settings
+from bastion.store.db import make_engine, upgrade
 from bastion.store.schema import cost_centers, teams
 
 
@@ -45,6 +46,14 @@ def sync_config(engine: Engine, settings: Settings) -> None:
                 conn.execute(teams.update().where(teams.c.name == name), values)
             else:
                 conn.execute(teams.insert(), {"name": name, "created_at": now, **values})
+
+
+def open_database(settings: Settings) -> Engine:
+    """The configured database, migrated to the newest schema, with the config's teams in it."""
+    engine = make_engine(settings.database.url)
+    upgrade(engine)
+    sync_config(engine, settings)
+    return engine
 
 
 def load_teams(engine: Engine) -> dict[str, Team]:

@@ -248,7 +248,7 @@ class KeyStore:
             except Exception:  # keep serving from the cache; say so every time
                 log.exception("key refresh failed; serving from cached keys")
 
-    def forget(self, rec: KeyRecord) -> None:
+    def update(self, rec: KeyRecord) -> None:
         """Applies a change made on this replica at once (e.g. a revocation via the admin API)."""
         self._by_hash[rec.key_hash] = rec
 

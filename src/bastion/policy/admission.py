@@ -36,11 +36,14 @@ log = logging.getLogger("bastion.policy")
 BACKEND_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
-def completion_reserve(req: ParsedRequest, default: int) -> int:
+def completion_reserve(req: ParsedRequest) -> int:
+    """The most the request may generate. The caps stage has filled in `max_tokens` already."""
     if req.endpoint == "embeddings":
         return 0
     body = req.body
-    per_choice = body.get("max_completion_tokens") or body.get("max_tokens") or default
+    per_choice = body.get("max_completion_tokens")
+    if per_choice is None:
+        per_choice = body.get("max_tokens") or 0
     return int(per_choice) * int(body.get("n") or 1)
 
 
@@ -112,7 +115,7 @@ class Admission:
         if not plan.templates:
             return None  # nothing to count: no round trip at all
         prompt = await self.prompts.count(req)
-        completion = completion_reserve(req, self.settings.models[req.model].default_max_tokens)
+        completion = completion_reserve(req)
         price = self.settings.prices.get(req.model)
         micros = cost_micros(prompt, completion, price)
         tokens = prompt + completion

@@ -60,12 +60,12 @@ def engine_spec(dep: DeploymentSettings, embedding: bool) -> EngineSpec:
 
 def quickstart_key(settings: Settings) -> str | None:
     """A key for trying things out, kept in var/quickstart-key (mode 0600) between runs."""
-    from bastion.cli import _db
+    from bastion.identity.directory import open_database
     from bastion.identity.keys import create_key, hash_key, list_keys
 
     if not settings.teams:
         return None
-    db = _db(settings)
+    db = open_database(settings)
     path = Path("var/quickstart-key")
     now = datetime.now(UTC)
     if path.is_file():
