@@ -121,6 +121,16 @@ def base_config(db_url: str, models: dict[str, Any], **extra: Any) -> dict[str, 
     return cfg
 
 
+def audit_config(directory: Path, **extra: Any) -> dict[str, Any]:
+    """Audit settings with every file under `directory` (in-process apps run in the repo)."""
+    return {
+        "wal_dir": str(directory / "audit"),
+        "signing_key": str(directory / "audit-signing.pem"),
+        "master_key_file": str(directory / "audit-master.key"),
+        **extra,
+    }
+
+
 class Gateway:
     """A real `bastion serve` process."""
 

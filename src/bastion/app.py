@@ -25,6 +25,8 @@ from starlette.routing import Mount, Route
 from bastion import __version__
 from bastion.admin.api import AdminContext
 from bastion.admin.api import router as admin_router
+from bastion.audit import api as audit_api
+from bastion.audit.trail import AuditTrail
 from bastion.config import Settings
 from bastion.engines.client import EngineClient
 from bastion.gateway.errors import AuthenticationFailed, BastionError, InvalidRequest, NotFound
@@ -42,9 +44,16 @@ from bastion.routing.health import HealthChecker
 log = logging.getLogger("bastion")
 
 
-def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
+def build_app(
+    settings: Settings, *, health_interval: float = 5.0, port: int | None = None
+) -> Starlette:
     db = open_database(settings)
     metrics = Metrics()
+    audit = (
+        AuditTrail(settings, db, metrics, port or settings.server.port)
+        if settings.audit.enabled
+        else None
+    )
     balancer = LeastOutstanding()
     routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}
     deployments = [d for r in routes.values() for d in r.deployments]
@@ -52,13 +61,15 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
     keys = KeyStore(db, settings.identity.key_refresh_seconds)
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, _counters(settings), db, metrics)
-    gateway = Gateway(settings, keys, usage, client, metrics, routes, admission)
+    gateway = Gateway(settings, keys, usage, client, metrics, routes, admission, audit)
     health = HealthChecker(client, deployments, interval=health_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await client.start()
         await keys.start()
+        if audit is not None:
+            await audit.start()  # before any request: recovers what a crash left behind
         usage.start()
         health.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
@@ -74,6 +85,8 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
             await admission.close()
             await client.close()
             usage.close()  # drains every queued usage record before the process exits
+            if audit is not None:
+                await audit.close()  # final checkpoint, everything shipped
             db.dispose()
 
     async def chat(request: Request) -> Any:
@@ -155,7 +168,10 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
         openapi_url="/admin/openapi.json",
     )
     admin_app.state.admin = AdminContext(settings=settings, db=db, keys=keys, admission=admission)
+    admin_app.state.audit = audit
     admin_app.include_router(admin_router)
+    admin_app.include_router(audit_api.router)
+    admin_app.include_router(audit_api.admin_router)
     _install_error_handlers(admin_app)
     app = Starlette(
         lifespan=lifespan,
@@ -175,6 +191,7 @@ def build_app(settings: Settings, *, health_interval: float = 5.0) -> Starlette:
     )
     app.state.admin = admin_app.state.admin
     app.state.gateway = gateway
+    app.state.audit = audit
     app.state.health = health
     return app
 

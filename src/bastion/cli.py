@@ -37,11 +37,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.app import build_app
 
     settings = _settings(args)
-    app = build_app(settings)
+    port = args.port or settings.server.port
+    app = build_app(settings, port=port)
     uvicorn.run(
         app,
         host=args.host or settings.server.host,
-        port=args.port or settings.server.port,
+        port=port,
         loop="uvloop",
         http="httptools",
         access_log=False,
@@ -76,11 +77,17 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             expires_in=expires,
             name=args.name or "",
             known_models=set(settings.models),
+            role=args.role,
         )
     except (DirectoryError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     pub = rec.public()
+    if not _recorded(settings, "key.create", team=rec.team, after=pub):
+        from bastion.identity.keys import revoke_key
+
+        revoke_key(_db(settings), rec.id)  # nothing unrecorded stays usable
+        return 2
     sys.stderr.write(
         f"Created key {pub['id']} for team {pub['team']}"
         + (f", user {pub['user']}" if pub["user"] else "")
@@ -89,6 +96,19 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(token + "\n")
     return 0
+
+
+def _recorded(settings: Settings, action: str, **fields: Any) -> bool:
+    """Writes an admin event to the audit trail; False (and says why) if it cannot."""
+    from bastion.audit.offline import record_event
+    from bastion.audit.wal import AuditLogError
+
+    try:
+        record_event(settings, _db(settings), "admin", action, **fields)
+    except (AuditLogError, OSError) as exc:
+        sys.stderr.write(f"error: the audit trail cannot record this change: {exc}\n")
+        return False
+    return True
 
 
 def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -107,11 +127,13 @@ def cmd_keys_limits(args: argparse.Namespace) -> int:
     from bastion.identity.directory import DirectoryError
     from bastion.identity.keys import set_key_limits
 
+    settings = _settings(args)
     try:
-        rec = set_key_limits(_db(_settings(args)), args.key_id, _limit_flags(args))
+        rec = set_key_limits(_db(settings), args.key_id, _limit_flags(args))
     except (DirectoryError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    _recorded(settings, "key.limits", team=rec.team, after=rec.public())
     shown = rec.limits.model_dump(exclude_none=True) if rec.limits else "the defaults"
     sys.stdout.write(f"{rec.id}: limits now {shown}\n")
     return 0
@@ -173,11 +195,14 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from bastion.identity.directory import DirectoryError
     from bastion.identity.keys import revoke_key
 
+    settings = _settings(args)
     try:
-        rec = revoke_key(_db(_settings(args)), args.key_id)
+        rec = revoke_key(_db(settings), args.key_id)
     except DirectoryError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    # A revocation is never held back: if the trail cannot record it, say so and still revoke.
+    _recorded(settings, "key.revoke", team=rec.team, after=rec.public())
     sys.stdout.write(f"revoked {rec.id} ({rec.prefix}…, team {rec.team})\n")
     return 0
 
@@ -283,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", help="comma-separated aliases this key may use (default: all)")
     s.add_argument("--expires", help="lifetime, e.g. 30d, 12h (default: never)")
     s.add_argument("--name", help="a label, e.g. the application using it")
+    s.add_argument(
+        "--role",
+        choices=["member", "auditor"],
+        default="member",
+        help="member: calls models (default); auditor: reads the audit trail only",
+    )
     _add_limit_flags(s)
     s.set_defaults(func=cmd_keys_create)
     s = keys.add_parser(
@@ -327,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_cmd", required=True)
     s = db.add_parser("upgrade", parents=[common], help="apply schema migrations")
     s.set_defaults(func=cmd_db_upgrade)
+
+    from bastion.audit.cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub, common)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(
         dest="cfg_cmd", required=True

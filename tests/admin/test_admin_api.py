@@ -10,6 +10,7 @@ from starlette.testclient import TestClient
 
 from bastion.app import build_app
 from bastion.config import parse_settings
+from tests.conftest import audit_config
 
 ADMIN = "admin-key-for-tests-0123456789"
 
@@ -20,6 +21,7 @@ def admin(tmp_path: Path) -> Iterator[TestClient]:
         {
             "database": {"url": f"sqlite:///{tmp_path}/a.db"},
             "admin": {"key": ADMIN},
+            "audit": audit_config(tmp_path),
             "cost_centers": {"cc": {"name": "Retail"}},
             "teams": {"t": {"cost_center": "cc"}},
             "models": {"m": {"deployments": [{"url": "http://127.0.0.1:9", "served_name": "m"}]}},

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from bastion.audit.chain import Chain, load_or_create_key, public_key_hex, verify
+from bastion.audit.chain import (
+    Chain,
+    content_digest,
+    load_or_create_key,
+    public_key_hex,
+    verify,
+)
 from bastion.audit.crypto import ContentUnavailable, MasterKey, new_data_key, open_sealed, seal
 
 
@@ -43,13 +49,24 @@ def test_shredding_hides_contents_but_the_chain_still_verifies(tmp_path: Path) -
     for i, team in enumerate(["alpha", "beta", "alpha"]):
         ctx = f"gw-a:{i + 1}".encode()
         sealed = seal(keys[team], f"prompt {i}".encode(), ctx)
-        entries.append(chain.append({"team": team, "content": sealed.hex()}))
+        entries.append(
+            chain.append(
+                {
+                    "team": team,
+                    "content": base64.b64encode(sealed).decode(),
+                    "content_sha256": content_digest(sealed),
+                }
+            )
+        )
     del keys["alpha"]  # crypto-shred team alpha
     with pytest.raises(ContentUnavailable, match="shredded"):
-        open_sealed(keys.get("alpha"), bytes.fromhex(entries[0]["content"]), b"gw-a:1")
-    assert open_sealed(keys["beta"], bytes.fromhex(entries[1]["content"]), b"gw-a:2") == (
+        open_sealed(keys.get("alpha"), base64.b64decode(entries[0]["content"]), b"gw-a:1")
+    assert open_sealed(keys["beta"], base64.b64decode(entries[1]["content"]), b"gw-a:2") == (
         b"prompt 1"
     )
     signing, _ = load_or_create_key(tmp_path / "k.pem")
     cp = chain.checkpoint(signing, "now")
     assert verify(entries, [cp], bytes.fromhex(public_key_hex(signing))).ok
+    entries[2]["content"] = entries[0]["content"]  # sealed content swapped: caught
+    v = verify(entries, [cp], bytes.fromhex(public_key_hex(signing)))
+    assert not v.ok and v.seq == 3 and "sealed content" in (v.reason or "")

@@ -21,6 +21,7 @@ from bastion.app import build_app
 from bastion.config import parse_settings
 from bastion.engines.launcher import free_port
 from bastion.identity.keys import create_key, revoke_key
+from tests.conftest import audit_config
 from tests.stub_engine import StubEngine
 
 CHAT = {"model": "stub", "messages": [{"role": "user", "content": "hi"}]}
@@ -39,6 +40,7 @@ def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type
     settings = parse_settings(
         {
             "server": {"max_body_bytes": 2048},
+            "audit": audit_config(db.parent),
             "database": {"url": f"sqlite:///{db}", "usage_flush_seconds": 0.05},
             "cost_centers": {"cc": {}},
             "teams": {"t": {"cost_center": "cc"}},

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from bastion.app import build_app
 from bastion.config import LimitSettings, parse_settings
 from bastion.identity.keys import create_key
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, audit_config
 from tests.stub_engine import StubEngine
 
 ADMIN = "admin-key-for-tests-0123456789"
@@ -37,6 +37,7 @@ def make_app(stub: StubEngine, tmp: Path, **limits: object) -> TestClient:
         {
             "database": {"url": f"sqlite:///{tmp}/l.db", "usage_flush_seconds": 0.05},
             "admin": {"key": ADMIN},
+            "audit": audit_config(tmp),
             "limits": limits,
             "cost_centers": {"cc": {}, "cc-rich": {"limits": {"budget_month": 1000}}},
             "teams": {

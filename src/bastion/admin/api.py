@@ -8,11 +8,13 @@ is served at `/admin/openapi.json`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import anyio.from_thread
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine
@@ -92,6 +94,9 @@ class KeyIn(BaseModel):
     limits: LimitSettings | None = Field(
         None, description="This key's own limits (none: `limits.defaults.key`)."
     )
+    role: Literal["member", "auditor"] = Field(
+        "member", description="member: calls models; auditor: reads the audit trail only."
+    )
 
 
 class KeyOut(BaseModel):
@@ -106,10 +111,20 @@ class KeyOut(BaseModel):
     revoked_at: str | None
     status: Literal["active", "expired", "revoked"]
     limits: dict[str, float] | None
+    role: str
 
 
 class NewKeyOut(KeyOut):
     key: str = Field(description="The secret key. Shown only in this response.")
+
+
+def _record(request: Request, action: str, **fields: Any) -> None:
+    """Writes the change to the audit trail (from the worker thread sync handlers run in)."""
+    trail = request.app.state.audit
+    if trail is not None:
+        anyio.from_thread.run(
+            functools.partial(trail.event, "admin", actor="admin-key", action=action, **fields)
+        )
 
 
 def _bad(exc: Exception) -> InvalidRequest:
@@ -122,11 +137,12 @@ def get_cost_centers(ctx: Admin) -> list[dict[str, str]]:
 
 
 @router.post("/cost-centers", status_code=201)
-def post_cost_center(body: CostCenterIn, ctx: Admin) -> dict[str, str]:
+def post_cost_center(body: CostCenterIn, ctx: Admin, request: Request) -> dict[str, str]:
     try:
         directory.create_cost_center(ctx.db, body.name, body.display_name)
     except directory.DirectoryError as exc:
         raise _bad(exc) from None
+    _record(request, "cost_center.create", after=body.model_dump())
     return {"name": body.name, "display_name": body.display_name, "source": "api"}
 
 
@@ -144,11 +160,12 @@ def get_teams(ctx: Admin) -> list[dict[str, Any]]:
 
 
 @router.post("/teams", status_code=201)
-def post_team(body: TeamIn, ctx: Admin) -> dict[str, Any]:
+def post_team(body: TeamIn, ctx: Admin, request: Request) -> dict[str, Any]:
     try:
         directory.create_team(ctx.db, ctx.settings, body.name, body.cost_center, body.models)
     except directory.DirectoryError as exc:
         raise _bad(exc) from None
+    _record(request, "team.create", team=body.name, after=body.model_dump())
     return {
         "name": body.name,
         "cost_center": body.cost_center,
@@ -164,7 +181,7 @@ def get_keys(ctx: Admin, team: str | None = None) -> list[KeyOut]:
 
 
 @router.post("/keys", status_code=201)
-def post_key(body: KeyIn, ctx: Admin) -> NewKeyOut:
+def post_key(body: KeyIn, ctx: Admin, request: Request) -> NewKeyOut:
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
         rec, token = create_key(
@@ -176,9 +193,15 @@ def post_key(body: KeyIn, ctx: Admin) -> NewKeyOut:
             name=body.name,
             known_models=set(ctx.settings.models),
             limits=body.limits,
+            role=body.role,
         )
     except (directory.DirectoryError, ValueError) as exc:
         raise _bad(exc) from None
+    try:
+        _record(request, "key.create", team=rec.team, after=rec.public())
+    except Exception:
+        revoke_key(ctx.db, rec.id)  # nothing unrecorded stays usable
+        raise
     return NewKeyOut(key=token, **rec.public())  # type: ignore[arg-type]
 
 
@@ -191,23 +214,32 @@ def get_one_key(key_id: str, ctx: Admin) -> KeyOut:
 
 
 @router.post("/keys/{key_id}/revoke")
-def post_revoke(key_id: str, ctx: Admin) -> KeyOut:
+def post_revoke(key_id: str, ctx: Admin, request: Request) -> KeyOut:
     try:
         rec = revoke_key(ctx.db, key_id)
     except directory.DirectoryError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)  # immediate on this replica; others pick it up on their next poll
+    _record(request, "key.revoke", team=rec.team, after=rec.public())
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 
 @router.put("/keys/{key_id}/limits")
-def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin) -> KeyOut:
+def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin, request: Request) -> KeyOut:
     """Replaces the key's own limits; an empty object returns it to `limits.defaults.key`."""
+    before = get_key(ctx.db, key_id)
     try:
         rec = set_key_limits(ctx.db, key_id, body)
     except directory.DirectoryError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)
+    _record(
+        request,
+        "key.limits",
+        team=rec.team,
+        before=before.public() if before else None,
+        after=rec.public(),
+    )
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 

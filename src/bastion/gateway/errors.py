@@ -114,6 +114,15 @@ class LimitsUnavailable(BastionError):
     outcome = "limits_unavailable"
 
 
+class AuditUnavailable(BastionError):
+    """The audit trail cannot record the request: nothing is forwarded (fail closed)."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "audit_unavailable"
+    outcome = "audit_unavailable"
+
+
 class UpstreamError(BastionError):
     status = 502
     type = "upstream_error"

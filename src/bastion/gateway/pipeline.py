@@ -1,8 +1,10 @@
 """The request path, one stage after another:
 
-    authenticate → read body → parse → authorize → cap → admit → route → relay → record
+    authenticate → read body → parse → authorize → cap → admit → audit → route → relay → record
 
-Every request, whatever happens to it, leaves exactly one usage record and one metrics sample.
+Every request, whatever happens to it, leaves exactly one usage record, one metrics sample and
+its audit entries: the request entry durable before anything is forwarded, and a completion
+(or, for a request refused before that, a rejection) entry when it ends.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from bastion.audit.trail import AuditTrail
 from bastion.config import PriceSettings, Settings
 from bastion.engines.client import EngineClient, EngineConnectError, Usage, raise_for_engine_status
 from bastion.gateway.errors import (
+    AuditUnavailable,
     BastionError,
     BodyTooLarge,
     InternalError,
@@ -31,7 +36,7 @@ from bastion.gateway.errors import (
     UpstreamUnavailable,
 )
 from bastion.gateway.protocol import PATHS, Endpoint, ParsedRequest, parse_request
-from bastion.gateway.relay import SSERelay, StreamState, rewrite_body
+from bastion.gateway.relay import Answer, SSERelay, StreamState
 from bastion.identity.keys import KeyStore
 from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord, UsageWriter
@@ -62,8 +67,14 @@ def error_response(exc: BastionError, request_id: str) -> Response:
 class Call:
     rec: UsageRecord
     started: float
+    source: str | None = None
     ticket: Ticket | None = None
     queue: FairQueue | None = None
+    body: dict[str, Any] | None = None
+    #: The request entry is durable: the call ends with a completion entry, not a rejection.
+    audited: bool = False
+    #: The closing audit entry is written (or on its way).
+    audit_closed: bool = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -83,6 +94,7 @@ class Gateway:
         metrics: Metrics,
         routes: dict[str, ModelRoute],
         admission: Admission,
+        audit: AuditTrail | None = None,
     ):
         self.settings = settings
         self.keys = keys
@@ -93,6 +105,7 @@ class Gateway:
         self.max_body = settings.server.max_body_bytes
         self.prices: dict[str, PriceSettings] = dict(settings.prices)
         self.admission = admission
+        self.audit = audit
         self.queues = {
             alias: FairQueue(cap, settings.limits.queue_timeout_seconds)
             for alias, route in routes.items()
@@ -104,11 +117,13 @@ class Gateway:
         call = Call(
             UsageRecord(request_id="req_" + secrets.token_hex(12), endpoint=endpoint),
             time.perf_counter(),
+            request.client.host if request.client else None,
         )
         try:
             principal = await self.keys.authenticate(request.headers.get("authorization"))
             self._attribute(call.rec, principal)
             req = parse_request(endpoint, await self._read_body(request))
+            call.body = req.body
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
             route = self._authorize(principal, req)
@@ -117,9 +132,13 @@ class Gateway:
             if (queue := self.queues.get(route.alias)) is not None:
                 await queue.acquire(principal.team, self._weight(principal.team))
                 call.queue = queue
+            if self.audit is not None:
+                await self.audit.request(call.rec, principal, req.body, call.source)
+                call.audited = True
+                req.body = self.audit.redact_upstream(req.body)
             return await self._relay(call, route, req)
         except BastionError as exc:
-            self._finish(call, exc.status, exc.outcome, exc.code)
+            self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
             exc.headers = {**call.headers, **exc.headers}
             return error_response(exc, call.rec.request_id)
         except ClientDisconnect:
@@ -157,6 +176,10 @@ class Gateway:
         return b"".join(chunks)
 
     def _authorize(self, principal: Principal, req: ParsedRequest) -> ModelRoute:
+        if principal.role != "member":
+            raise PermissionDenied(
+                f"An {principal.role} key cannot call models.", code="role_not_allowed"
+            )
         route = self.routes.get(req.model)
         if route is None or not principal.may_use(req.model):
             if route is None:
@@ -189,7 +212,17 @@ class Gateway:
                 gauge.dec()
                 self._end_stream(call, state, cancelled)
 
-            return SSERelay(upstream, route.alias, req.client_wants_usage, call.headers, on_end)
+            async def before_done(state: StreamState) -> BastionError | None:
+                return await self._record_answer(call, state.assembled(), state.engine_model, state)
+
+            return SSERelay(
+                upstream,
+                route.alias,
+                req.client_wants_usage,
+                call.headers,
+                on_end,
+                before_done if self.audit is not None else None,
+            )
         try:
             raw = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -201,10 +234,14 @@ class Gateway:
             dep.in_flight -= 1
             gauge.dec()
             upstream.release()
-        out, usage = rewrite_body(raw, route.alias)
-        self._count(call.rec, usage)
+        answer = Answer(raw, route.alias)
+        self._count(call.rec, answer.usage)
+        if self.audit is not None:
+            failure = await self._record_answer(call, answer.obj, answer.engine_model)
+            if failure is not None:
+                raise failure
         self._finish(call, 200, "ok", None)
-        return Response(out, media_type="application/json", headers=call.headers)
+        return Response(answer.body, media_type="application/json", headers=call.headers)
 
     async def _connect(
         self, call: Call, route: ModelRoute, req: ParsedRequest
@@ -246,23 +283,66 @@ class Gateway:
             rec.cached_tokens = usage.cached_tokens
             rec.completion_tokens = usage.completion_tokens
 
-    def _end_stream(self, call: Call, state: StreamState, cancelled: bool) -> None:
-        rec = call.rec
+    def _count_stream(self, rec: UsageRecord, state: StreamState) -> None:
         self._count(rec, state.usage)
         if state.usage is None:
             # No usage chunk (cancelled, or the engine broke off): each chunk is about one token.
             rec.completion_tokens = state.chunks
+
+    async def _record_answer(
+        self,
+        call: Call,
+        content: Any,
+        engine_model: str | None,
+        state: StreamState | None = None,
+    ) -> BastionError | None:
+        """The completion entry of a successful answer, durable before the client has it all."""
+        assert self.audit is not None
+        rec = call.rec
+        if state is not None:
+            self._count_stream(rec, state)
+        rec.status, rec.outcome, rec.error_code = 200, "ok", None
+        rec.latency_ms = (time.perf_counter() - call.started) * 1000
+        call.audit_closed = True
+        try:
+            await self.audit.completion(rec, content=content, engine_model=engine_model)
+        except Exception as exc:
+            if self.audit.settings.on_failure == "open":
+                self.metrics.audit_failures.labels("forwarded").inc()
+                log.error("AUDIT NOT RECORDED (audit.on_failure=open) %s: %s", rec.request_id, exc)
+                return None
+            self.metrics.audit_failures.labels("refused").inc()
+            log.error("audit completion of %s failed; answer withheld: %s", rec.request_id, exc)
+            return AuditUnavailable(
+                "The audit trail cannot record the answer, so it is withheld. Try again shortly."
+            )
+        return None
+
+    def _end_stream(self, call: Call, state: StreamState, cancelled: bool) -> None:
+        rec = call.rec
+        self._count_stream(rec, state)
         if state.first_token_at is not None:
             rec.ttft_ms = (state.first_token_at - call.started) * 1000
             self.metrics.ttft.labels(rec.model).observe(state.first_token_at - call.started)
+        partial = state.assembled() if state.output is not None else None
         if cancelled:
-            self._finish(call, 499, "cancelled", "client_disconnected")
+            self._finish(call, 499, "cancelled", "client_disconnected", content=partial)
         elif state.error is not None:
-            self._finish(call, 200, state.error.outcome, state.error.code)
+            err = state.error
+            self._finish(call, 200, err.outcome, err.code, error=err.message, content=partial)
         else:
             self._finish(call, 200, "ok", None)
 
-    def _finish(self, call: Call, status: int, outcome: str, code: str | None) -> None:
+    def _finish(
+        self,
+        call: Call,
+        status: int,
+        outcome: str,
+        code: str | None,
+        *,
+        error: str | None = None,
+        content: Any = None,
+    ) -> None:
         rec = call.rec
         elapsed = time.perf_counter() - call.started
         rec.latency_ms = elapsed * 1000
@@ -285,3 +365,11 @@ class Gateway:
         if call.ticket is not None:
             self.admission.settle(call.ticket, rec)
         self.usage.add(rec)
+        if self.audit is not None and not call.audit_closed:
+            call.audit_closed = True
+            if call.audited:  # forwarded, and did not end well: what was sent so far
+                self.audit.completion_later(rec, content=content, aborted=True, error=error)
+            else:
+                self.audit.completion_later(
+                    rec, kind="rejected", content={"request": call.body}, error=error
+                )

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -25,6 +25,7 @@ from bastion.gateway.errors import BastionError, UpstreamError, UpstreamTimeout
 log = logging.getLogger("bastion.gateway")
 Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
+DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -32,30 +33,94 @@ SSE_HEADERS = [
 ]
 
 
-def rewrite_body(raw: bytes, alias: str) -> tuple[bytes, Usage | None]:
-    """Non-streamed engine answer → the client's answer (alias restored) and its usage."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("the engine returned a body that is not JSON") from None
-    if not isinstance(obj, dict):
-        raise UpstreamError("the engine returned JSON that is not an object")
-    if "model" in obj:
-        obj["model"] = alias
-    return orjson.dumps(obj), read_usage(obj.get("usage"))
+class Answer:
+    """A non-streamed engine answer, as the client gets it."""
+
+    __slots__ = ("body", "engine_model", "obj", "usage")
+
+    def __init__(self, raw: bytes, alias: str):
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the engine returned a body that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamError("the engine returned JSON that is not an object")
+        self.engine_model = obj.get("model")
+        if "model" in obj:
+            obj["model"] = alias
+        self.obj: dict[str, Any] = obj
+        self.body = orjson.dumps(obj)
+        self.usage = read_usage(obj.get("usage"))
 
 
 class StreamState:
     """What the relay learned from the stream; read by the pipeline when recording usage."""
 
-    __slots__ = ("chunks", "done", "error", "first_token_at", "usage")
+    __slots__ = ("chunks", "done", "engine_model", "error", "first_token_at", "output", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, collect: bool = False) -> None:
         self.usage: Usage | None = None
         self.first_token_at: float | None = None
         self.chunks = 0
         self.done = False
         self.error: BastionError | None = None
+        self.engine_model: str | None = None
+        #: The answer so far, per choice (only when collecting for the audit trail).
+        self.output: dict[int, dict[str, Any]] | None = {} if collect else None
+
+    def collect(self, choices: list[Any]) -> None:
+        out = self.output
+        assert out is not None
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            acc = out.setdefault(ch.get("index", 0), {"parts": [], "tools": {}})
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(c := delta.get("content"), str):
+                    acc["parts"].append(c)
+                if isinstance(r := delta.get("role"), str):
+                    acc["role"] = r
+                for tc in delta.get("tool_calls") or ():
+                    _merge_tool_call(acc["tools"], tc)
+            elif isinstance(t := ch.get("text"), str):
+                acc["parts"].append(t)
+            if ch.get("finish_reason") is not None:
+                acc["finish_reason"] = ch["finish_reason"]
+
+    def assembled(self) -> list[dict[str, Any]]:
+        """The streamed answer put back together: text, tool calls, finish reason per choice."""
+        result = []
+        for index, acc in sorted((self.output or {}).items()):
+            choice: dict[str, Any] = {
+                "index": index,
+                "text": "".join(acc["parts"]),
+                "finish_reason": acc.get("finish_reason"),
+            }
+            if acc["tools"]:
+                choice["tool_calls"] = [
+                    {**tc, "function": {**tc["function"], "arguments": "".join(tc["args"])}}
+                    for _i, tc in sorted(acc["tools"].items())
+                ]
+                for tc in choice["tool_calls"]:
+                    del tc["args"]
+            result.append(choice)
+        return result
+
+
+def _merge_tool_call(tools: dict[int, dict[str, Any]], tc: Any) -> None:
+    if not isinstance(tc, dict):
+        return
+    acc = tools.setdefault(tc.get("index", 0), {"function": {}, "args": []})
+    for k in ("id", "type"):
+        if tc.get(k):
+            acc[k] = tc[k]
+    fn = tc.get("function")
+    if isinstance(fn, dict):
+        if fn.get("name"):
+            acc["function"]["name"] = fn["name"]
+        if isinstance(a := fn.get("arguments"), str):
+            acc["args"].append(a)
 
 
 class SSERelay:
@@ -68,13 +133,17 @@ class SSERelay:
         client_wants_usage: bool,
         headers: dict[str, str],
         on_end: Callable[[StreamState, bool], None],
+        before_done: Callable[[StreamState], Awaitable[BastionError | None]] | None = None,
     ):
         self.upstream = upstream
         self.alias = alias
         self.wants_usage = client_wants_usage
         self.headers = [*SSE_HEADERS, *((k.encode(), v.encode()) for k, v in headers.items())]
         self.on_end = on_end
-        self.state = StreamState()
+        #: Runs when the engine has finished, before the client gets [DONE] (the audit trail's
+        #: completion entry); an error it returns is sent instead of [DONE].
+        self.before_done = before_done
+        self.state = StreamState(collect=before_done is not None)
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         cancelled = False
@@ -135,6 +204,12 @@ class SSERelay:
             state.error = UpstreamError(
                 f"the engine connection broke mid-stream: {type(exc).__name__}"
             )
+        if state.error is None and state.done:
+            failure = await self.before_done(state) if self.before_done is not None else None
+            if failure is None:
+                await send({"type": "http.response.body", "body": DONE, "more_body": True})
+            else:
+                state.done, state.error = False, failure
         if state.error is not None:
             await send({"type": "http.response.body", "body": state.error.sse(), "more_body": True})
         elif not state.done:
@@ -147,7 +222,7 @@ class SSERelay:
         payload = event[5:].lstrip()
         if payload == b"[DONE]":
             self.state.done = True
-            return b"data: [DONE]\n\n"
+            return None  # sent once the answer is recorded (see `before_done`)
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -164,6 +239,8 @@ class SSERelay:
             state.chunks += 1
             if state.first_token_at is None:
                 state.first_token_at = time.perf_counter()
+            if state.output is not None and isinstance(choices, list):
+                state.collect(choices)
         if "usage" in obj:
             usage = obj["usage"]
             if usage is not None:
@@ -173,6 +250,7 @@ class SSERelay:
                     return None  # the usage-only chunk Bastion asked for on the client's behalf
                 del obj["usage"]
         if "model" in obj:
+            state.engine_model = obj["model"]
             obj["model"] = self.alias
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 

@@ -30,6 +30,8 @@ from bastion.store.schema import api_keys
 
 log = logging.getLogger("bastion.identity")
 KEY_PREFIX = "bst-"
+#: member: calls the models; auditor: reads the audit trail and usage, calls no model.
+ROLES = ("member", "auditor")
 
 
 def hash_key(token: str) -> str:
@@ -56,6 +58,7 @@ class KeyRecord:
     expires_at: datetime | None
     revoked_at: datetime | None
     limits: LimitSettings | None = None
+    role: str = "member"
 
     @classmethod
     def from_row(cls, r) -> KeyRecord:  # type: ignore[no-untyped-def]
@@ -71,6 +74,7 @@ class KeyRecord:
             _utc(r.expires_at),
             _utc(r.revoked_at),
             LimitSettings.model_validate(r.limits) if r.limits else None,
+            r.role or "member",
         )  # type: ignore[arg-type]
 
     def status(self, now: datetime) -> str:
@@ -95,6 +99,7 @@ class KeyRecord:
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "status": self.status(now),
             "limits": self.limits.model_dump(exclude_none=True) if self.limits else None,
+            "role": self.role,
         }
 
 
@@ -108,8 +113,11 @@ def create_key(
     expires_in: timedelta | None = None,
     name: str = "",
     limits: LimitSettings | None = None,
+    role: str = "member",
 ) -> tuple[KeyRecord, str]:
     """Creates a key and returns it with its plaintext, which is never stored or shown again."""
+    if role not in ROLES:
+        raise DirectoryError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
     teams = load_teams(engine)
     if team not in teams:
         raise DirectoryError(f"unknown team {team!r}")
@@ -133,6 +141,7 @@ def create_key(
         "revoked_at": None,
         "updated_at": now,
         "limits": _limits_json(limits),
+        "role": role,
     }
     with engine.begin() as conn:
         conn.execute(api_keys.insert(), row)
@@ -285,7 +294,7 @@ class KeyStore:
         models: frozenset[str] | None = frozenset(rec.models) if rec.models is not None else None
         if team.models is not None:
             models = team.models if models is None else models & team.models
-        return Principal(rec.id, rec.team, team.cost_center, rec.user, models, rec.limits)
+        return Principal(rec.id, rec.team, team.cost_center, rec.user, models, rec.limits, rec.role)
 
     async def _miss(self, key_hash: str) -> KeyRecord | None:
         now = time.monotonic()

@@ -17,6 +17,7 @@ class Principal:
     models: frozenset[str] | None
     #: This key's own limits, replacing `limits.defaults.key`; None: the defaults apply.
     limits: LimitSettings | None = None
+    role: str = "member"
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -70,3 +70,20 @@ class Metrics:
             ["deployment"],
             registry=r,
         )
+        self.audit_failures = Counter(
+            "bastion_audit_failures",
+            "Audit entries that could not be made durable, by what happened to the request "
+            "(refused: fail closed; forwarded: audit.on_failure=open).",
+            ["action"],
+            registry=r,
+        )
+        self.audit_shipped = Counter(
+            "bastion_audit_shipped_entries",
+            "Audit entries moved from the local log into the store.",
+            registry=r,
+        )
+        self.audit_ship_errors = Counter(
+            "bastion_audit_ship_errors",
+            "Failed attempts to move audit entries into the store (retried).",
+            registry=r,
+        )

@@ -14,9 +14,11 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
 )
 
 metadata = MetaData(
@@ -57,6 +59,8 @@ api_keys = Table(
     Column("user", String(256), nullable=True),
     Column("models", JSON, nullable=True),
     Column("limits", JSON, nullable=True),
+    # member: calls /v1; auditor: reads the audit trail and usage only (no /v1).
+    Column("role", String(16), nullable=False, server_default="member"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
@@ -91,3 +95,57 @@ usage = Table(
     Column("ttft_ms", Float, nullable=True),
 )
 Index("ix_usage_team_ts", usage.c.team, usage.c.ts)
+
+# -- the audit trail (append-only: nothing in Bastion updates or deletes rows, except purging
+# -- expired `content` and destroying data keys, which leave every hash verifiable) ----------
+audit_entries = Table(
+    "audit_entries",
+    metadata,
+    Column("replica", String(128), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(16), nullable=False),
+    Column("request_id", String(64), nullable=True, index=True),
+    Column("ts", DateTime(timezone=True), nullable=False, index=True),
+    Column("team", String(128), nullable=True),
+    Column("user", String(256), nullable=True),
+    Column("key_id", String(64), nullable=True),
+    Column("model", String(128), nullable=True),
+    Column("status", Integer, nullable=True),
+    # The chained entry as written (canonical JSON, without the sealed content).
+    Column("doc", Text, nullable=False),
+    # AES-256-GCM sealed prompt/response; its SHA-256 is in `doc`. NULL once purged.
+    Column("content", LargeBinary, nullable=True),
+    Column("purged_at", DateTime(timezone=True), nullable=True),
+)
+Index("ix_audit_entries_team_ts", audit_entries.c.team, audit_entries.c.ts)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("replica", String(128), primary_key=True),
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("head", String(64), nullable=False),
+    Column("ts", String(40), nullable=False),
+    Column("public_key", String(64), nullable=False),
+    Column("signature", String(128), nullable=False),
+)
+
+audit_keys = Table(
+    "audit_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("team", String(128), nullable=False, index=True),
+    # The team's data key wrapped by the master key; NULL once destroyed (crypto-shredded).
+    Column("wrapped", LargeBinary, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("destroyed_at", DateTime(timezone=True), nullable=True),
+)
+
+audit_holds = Table(
+    "audit_holds",
+    metadata,
+    Column("team", String(128), primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("placed_by", String(256), nullable=False),
+    Column("placed_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,208 @@
+"""`/audit/…`: the trail, for auditors only; and `/admin/audit/…`: holds, shredding, purging.
+
+Only a key with the `auditor` role reads the trail (the admin key cannot: administering the
+platform and reading what staff asked are separate duties). Every read is appended to the
+trail itself — who searched for what — before any data is returned. No endpoint edits or
+deletes an entry; shredding destroys a team's data key, purging drops expired contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from bastion.admin.api import Admin
+from bastion.audit import reader, store
+from bastion.audit.chain import Verdict
+from bastion.audit.trail import AuditTrail
+from bastion.audit.verify import trusted_keys, verify_store
+from bastion.gateway.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.identity.principal import Principal
+from bastion.timeutil import parse_time
+
+
+def _trail(request: Request) -> AuditTrail:
+    trail = request.app.state.audit
+    if trail is None:
+        raise NotFound("The audit trail is disabled on this gateway.", code="audit_disabled")
+    return trail  # type: ignore[no-any-return]
+
+
+async def require_auditor(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> tuple[AuditTrail, Principal]:
+    trail = _trail(request)
+    principal = await request.app.state.admin.keys.authenticate(authorization)
+    if principal.role != "auditor":
+        raise PermissionDenied(
+            "Only auditor keys may read the audit trail.", code="auditor_role_required"
+        )
+    return trail, principal
+
+
+Auditor = Annotated[tuple[AuditTrail, Principal], Depends(require_auditor)]
+router = APIRouter(prefix="/audit", tags=["audit"])
+admin_router = APIRouter(prefix="/admin/audit", tags=["audit administration"])
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    try:
+        return parse_time(value) if value else None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=name) from None
+
+
+async def _read(trail: AuditTrail, who: Principal, action: str, query: dict[str, Any]) -> None:
+    """Recorded before the data leaves: a read that cannot be recorded does not happen."""
+    await trail.event(
+        "read",
+        actor=who.user or who.key_id,
+        action=action,
+        key_id=who.key_id,
+        team=None,
+        query={k: v for k, v in query.items() if v is not None},
+    )
+
+
+@router.get("/entries")
+async def search_entries(
+    auditor: Auditor,
+    since: str | None = None,
+    until: str | None = None,
+    team: str | None = None,
+    user: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+    status: int | None = None,
+    kind: str | None = None,
+    request_id: str | None = None,
+    q: Annotated[str | None, Query(description="Text to find in decrypted contents.")] = None,
+    limit: int = 100,
+) -> dict[str, Any]:
+    """Entries, newest first, filtered by metadata and (q) by decrypted content."""
+    trail, who = auditor
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be between 1 and 1000.", param="limit")
+    query = reader.Query(
+        _time(since, "since"), _time(until, "until"), team, user, key_id, model, status,
+        kind, request_id, q, limit,
+    )  # fmt: skip
+    await _read(trail, who, "search", {**vars(query), "since": since, "until": until})
+    return await asyncio.to_thread(reader.search, trail.db, trail.keys.wrapper, query)
+
+
+@router.get("/requests/{request_id}")
+async def show_request(request_id: str, auditor: Auditor) -> dict[str, Any]:
+    """Everything recorded about one request: its request and completion entries."""
+    trail, who = auditor
+    await _read(trail, who, "show", {"request_id": request_id})
+    found = await asyncio.to_thread(
+        reader.search, trail.db, trail.keys.wrapper, reader.Query(request_id=request_id)
+    )
+    if not found["data"]:
+        raise NotFound(f"No audit entry for request '{request_id}'.", code="entry_not_found")
+    return {"request_id": request_id, "entries": list(reversed(found["data"]))}
+
+
+@router.get("/export")
+async def export(
+    auditor: Auditor, since: str | None = None, until: str | None = None, team: str | None = None
+) -> StreamingResponse:
+    """JSON lines, verifiable offline with `bastion audit verify --file`."""
+    trail, who = auditor
+    start, end = _time(since, "since"), _time(until, "until")
+    await _read(trail, who, "export", {"since": since, "until": until, "team": team})
+    lines = reader.export(
+        trail.db, trail.keys.wrapper, trusted_keys(trail.settings, trail.public_key),
+        start, end, team,
+    )  # fmt: skip
+
+    async def body() -> AsyncIterator[bytes]:
+        sentinel = object()
+        while (line := await asyncio.to_thread(next, lines, sentinel)) is not sentinel:
+            yield line  # type: ignore[misc]
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+@router.get("/verify")
+async def verify(auditor: Auditor, since: str | None = None) -> dict[str, Any]:
+    trail, who = auditor
+    await _read(trail, who, "verify", {"since": since})
+    verdict: Verdict = await asyncio.to_thread(
+        verify_store, trail.db, trust=trusted_keys(trail.settings, trail.public_key),
+        since=_time(since, "since"),
+    )  # fmt: skip
+    return vars(verdict)
+
+
+# -- administration: holds, shredding, retention ---------------------------------------------
+class HoldIn(BaseModel):
+    team: str
+    reason: str = Field(min_length=3, description="Why, e.g. the matter or case reference.")
+
+
+class TeamIn(BaseModel):
+    team: str
+
+
+async def _admin_event(request: Request, action: str, **fields: Any) -> AuditTrail:
+    trail = _trail(request)
+    await trail.event("admin", actor="admin-key", action=action, **fields)
+    return trail
+
+
+@admin_router.get("/holds")
+async def get_holds(request: Request, ctx: Admin) -> list[dict[str, Any]]:
+    return await asyncio.to_thread(store.holds, ctx.db)
+
+
+@admin_router.post("/holds", status_code=201)
+async def post_hold(body: HoldIn, request: Request, ctx: Admin) -> dict[str, Any]:
+    await _admin_event(request, "audit.hold", team=body.team, after={"reason": body.reason})
+    placed = await asyncio.to_thread(store.place_hold, ctx.db, body.team, body.reason, "admin-key")
+    return {"team": body.team, "placed": placed}
+
+
+@admin_router.delete("/holds/{team}")
+async def delete_hold(team: str, request: Request, ctx: Admin) -> dict[str, Any]:
+    await _admin_event(request, "audit.release", team=team)
+    if not await asyncio.to_thread(store.release_hold, ctx.db, team):
+        raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
+    return {"team": team, "released": True}
+
+
+@admin_router.post("/shred")
+async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, Any]:
+    """Destroys the team's data keys: its recorded contents become unreadable for good."""
+    await _admin_event(request, "audit.shred", team=body.team)
+    try:
+        destroyed = await asyncio.to_thread(store.shred, ctx.db, body.team)
+    except store.AuditStoreError as exc:
+        raise InvalidRequest(str(exc), param="team", code="legal_hold") from None
+    _trail(request).keys.cache.pop(body.team, None)
+    return {"team": body.team, "destroyed_keys": destroyed}
+
+
+@admin_router.post("/purge")
+async def post_purge(request: Request, ctx: Admin) -> dict[str, Any]:
+    """Drops contents past each team's retention (metadata and hashes stay)."""
+    await _admin_event(request, "audit.purge")
+    purged = await asyncio.to_thread(store.purge, ctx.db, retention_map(ctx.settings))
+    return {"purged": purged}
+
+
+def retention_map(settings: Any) -> dict[str | None, int]:
+    out: dict[str | None, int] = {}
+    if settings.audit.retention_days is not None:
+        out[None] = settings.audit.retention_days
+    for name, team in settings.teams.items():
+        if team.audit_retention_days is not None:
+            out[name] = team.audit_retention_days
+    return out

@@ -1,0 +1,282 @@
+"""The audit trail in the database: entries, checkpoints, team data keys and legal holds.
+
+Writes are idempotent by (replica, seq), so the shipper can deliver at least once. Nothing here
+edits an entry: the only changes after insertion are purging expired `content` (its digest
+stays in the chained entry) and destroying a team's data key (crypto-shredding).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, and_, delete, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Insert
+
+from bastion.audit.crypto import KeyWrapper, new_data_key
+from bastion.store.schema import audit_checkpoints, audit_entries, audit_holds, audit_keys
+
+
+class AuditStoreError(Exception):
+    """An audit operation is refused (e.g. shredding a team under legal hold)."""
+
+
+def _insert(conn: Connection, table: Any) -> Insert:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)  # type: ignore[no-any-return]
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def entry_row(entry: dict[str, Any]) -> dict[str, Any]:
+    sealed = entry.get("content")
+    doc = {k: v for k, v in entry.items() if k != "content"}
+    return {
+        "replica": entry["replica"],
+        "seq": entry["seq"],
+        "kind": entry.get("kind", "?"),
+        "request_id": entry.get("request_id"),
+        "ts": datetime.fromisoformat(entry["ts"]),
+        "team": entry.get("team"),
+        "user": entry.get("user"),
+        "key_id": entry.get("key_id"),
+        "model": entry.get("model"),
+        "status": entry.get("status"),
+        "doc": orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode(),
+        "content": base64.b64decode(sealed) if sealed is not None else None,
+    }
+
+
+def insert_lines(conn: Connection, lines: Iterable[dict[str, Any]]) -> int:
+    """Stores WAL lines (entries and checkpoints); already stored ones are skipped."""
+    entries, cps = [], []
+    for obj in lines:
+        if "checkpoint" in obj:
+            cps.append({**obj["checkpoint"], "public_key": obj["checkpoint"]["key"]})
+        else:
+            entries.append(entry_row(obj))
+    if entries:
+        stmt = _insert(conn, audit_entries).on_conflict_do_nothing()
+        conn.execute(stmt, entries)
+    if cps:
+        rows = [{c.name: cp[c.name] for c in audit_checkpoints.columns} for cp in cps]
+        conn.execute(_insert(conn, audit_checkpoints).on_conflict_do_nothing(), rows)
+    return len(entries)
+
+
+def row_entry(row: Any, with_content: bool = True) -> dict[str, Any]:
+    entry: dict[str, Any] = orjson.loads(row.doc)
+    if with_content and row.content is not None:
+        entry["content"] = base64.b64encode(row.content).decode()
+    return entry
+
+
+def checkpoints(db: Engine, since: datetime | None = None) -> list[dict[str, Any]]:
+    with db.connect() as conn:
+        rows = conn.execute(select(audit_checkpoints)).all()
+    out = []
+    for r in rows:
+        cp = {"replica": r.replica, "seq": r.seq, "head": r.head, "ts": r.ts}
+        out.append({**cp, "key": r.public_key, "signature": r.signature})
+    return out
+
+
+def iter_entries(
+    db: Engine, since: datetime | None = None, until: datetime | None = None, chunk: int = 5000
+) -> Iterator[dict[str, Any]]:
+    """Every entry in (replica, seq) order, read in chunks (keyset pagination)."""
+    with db.connect() as conn:
+        replicas = [r for (r,) in conn.execute(select(audit_entries.c.replica).distinct())]
+    for replica in sorted(replicas):
+        start = 0
+        if since is not None:
+            with db.connect() as conn:
+                first = conn.execute(
+                    select(func.min(audit_entries.c.seq)).where(
+                        audit_entries.c.replica == replica, audit_entries.c.ts >= since
+                    )
+                ).scalar()
+            if first is None:
+                continue
+            start = first - 1
+        while True:
+            q = (
+                select(audit_entries.c.doc, audit_entries.c.content, audit_entries.c.seq)
+                .where(audit_entries.c.replica == replica, audit_entries.c.seq > start)
+                .order_by(audit_entries.c.seq)
+                .limit(chunk)
+            )
+            if until is not None:
+                q = q.where(audit_entries.c.ts < until)
+            with db.connect() as conn:
+                rows = conn.execute(q).all()
+            if not rows:
+                break
+            for row in rows:
+                yield row_entry(row)
+            start = rows[-1].seq
+
+
+def last_entry(db: Engine, replica: str) -> dict[str, Any] | None:
+    """The replica's newest stored entry: where its chain resumes if its log is gone."""
+    with db.connect() as conn:
+        row = conn.execute(
+            select(audit_entries.c.doc)
+            .where(audit_entries.c.replica == replica)
+            .order_by(audit_entries.c.seq.desc())
+            .limit(1)
+        ).first()
+    return orjson.loads(row.doc) if row is not None else None
+
+
+def open_requests(db: Engine, replica: str) -> list[dict[str, Any]]:
+    """Request entries of this replica's last lifetime that have no completion (a crash)."""
+    e, c = audit_entries, audit_entries.alias("c")
+    with db.connect() as conn:
+        last_start = conn.execute(
+            select(func.max(e.c.seq)).where(e.c.replica == replica, e.c.kind == "start")
+        ).scalar()
+        q = select(e.c.doc).where(
+            e.c.replica == replica,
+            e.c.kind == "request",
+            e.c.seq > (last_start or 0),
+            ~exists().where(and_(c.c.request_id == e.c.request_id, c.c.kind == "completion")),
+        )
+        return [orjson.loads(doc) for (doc,) in conn.execute(q)]
+
+
+# -- team data keys -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataKey:
+    id: str
+    team: str
+    key: bytes
+
+
+def current_key(db: Engine, team: str, wrapper: KeyWrapper) -> DataKey:
+    """The team's live data key, created (and stored wrapped) if it has none."""
+    with db.begin() as conn:
+        row = conn.execute(
+            select(audit_keys.c.id, audit_keys.c.wrapped)
+            .where(audit_keys.c.team == team, audit_keys.c.destroyed_at.is_(None))
+            .order_by(audit_keys.c.created_at.desc())
+            .limit(1)
+        ).first()
+        if row is not None:
+            return DataKey(row.id, team, wrapper.unwrap(row.wrapped, team))
+        key = new_data_key()
+        key_id = "dk_" + secrets.token_hex(8)
+        conn.execute(
+            audit_keys.insert(),
+            {
+                "id": key_id,
+                "team": team,
+                "wrapped": wrapper.wrap(key, team),
+                "created_at": datetime.now(UTC),
+                "destroyed_at": None,
+            },
+        )
+        return DataKey(key_id, team, key)
+
+
+def live_key_ids(db: Engine) -> set[str]:
+    with db.connect() as conn:
+        q = select(audit_keys.c.id).where(audit_keys.c.destroyed_at.is_(None))
+        return {r for (r,) in conn.execute(q)}
+
+
+def data_keys(db: Engine, ids: Iterable[str], wrapper: KeyWrapper) -> dict[str, bytes | None]:
+    """Unwrapped data keys by id; None for destroyed (shredded) ones."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    with db.connect() as conn:
+        rows = conn.execute(select(audit_keys).where(audit_keys.c.id.in_(wanted))).all()
+    found: dict[str, bytes | None] = {i: None for i in wanted}
+    for r in rows:
+        if r.wrapped is not None:
+            found[r.id] = wrapper.unwrap(r.wrapped, r.team)
+    return found
+
+
+# -- legal holds, shredding, retention -----------------------------------------------------------
+def holds(db: Engine) -> list[dict[str, Any]]:
+    with db.connect() as conn:
+        rows = conn.execute(select(audit_holds).order_by(audit_holds.c.team)).all()
+    return [
+        {
+            "team": r.team,
+            "reason": r.reason,
+            "placed_by": r.placed_by,
+            "placed_at": _utc(r.placed_at).isoformat(),
+        }
+        for r in rows
+    ]
+
+
+def place_hold(db: Engine, team: str, reason: str, actor: str) -> bool:
+    """True if placed; False if the team was already on hold."""
+    row = {"team": team, "reason": reason, "placed_by": actor, "placed_at": datetime.now(UTC)}
+    with db.begin() as conn:
+        result = conn.execute(_insert(conn, audit_holds).on_conflict_do_nothing(), row)
+        return bool(result.rowcount)
+
+
+def release_hold(db: Engine, team: str) -> bool:
+    with db.begin() as conn:
+        return bool(conn.execute(delete(audit_holds).where(audit_holds.c.team == team)).rowcount)
+
+
+def _on_hold(conn: Connection, team: str) -> bool:
+    return (
+        conn.execute(select(audit_holds.c.team).where(audit_holds.c.team == team)).first()
+        is not None
+    )
+
+
+def shred(db: Engine, team: str) -> int:
+    """Destroys every data key of the team; returns how many. Refused under legal hold."""
+    with db.begin() as conn:
+        if _on_hold(conn, team):
+            raise AuditStoreError(f"team {team!r} is under legal hold: its audit trail is kept")
+        result = conn.execute(
+            update(audit_keys)
+            .where(audit_keys.c.team == team, audit_keys.c.destroyed_at.is_(None))
+            .values(wrapped=None, destroyed_at=datetime.now(UTC))
+        )
+        return int(result.rowcount)
+
+
+def purge(
+    db: Engine, retention: dict[str | None, int], now: datetime | None = None
+) -> dict[str, int]:
+    """Drops sealed contents older than each team's retention (None: the default); holds win."""
+    now = now or datetime.now(UTC)
+    out: dict[str, int] = {}
+    with db.begin() as conn:
+        held = {t for (t,) in conn.execute(select(audit_holds.c.team))}
+        teams = {t for (t,) in conn.execute(select(audit_entries.c.team).distinct()) if t}
+        for team in sorted(teams - held):
+            days = retention.get(team, retention.get(None))
+            if days is None:
+                continue
+            result = conn.execute(
+                update(audit_entries)
+                .where(
+                    audit_entries.c.team == team,
+                    audit_entries.c.ts < now - timedelta(days=days),
+                    audit_entries.c.content.is_not(None),
+                )
+                .values(content=None, purged_at=now)
+            )
+            if result.rowcount:
+                out[team] = int(result.rowcount)
+    return out

@@ -1,0 +1,277 @@
+"""The audit trail as the gateway sees it: one call before forwarding, one when the answer ends.
+
+`request` returns only once the request's entry is durable in the local log; if it cannot be
+written the request is refused (`audit.on_failure: closed`, the default) or, in development
+only, forwarded with an error log and a metric (`open`). Contents are redacted (if configured)
+and sealed with the team's data key before they reach the log; the metadata auditors search by
+stays in clear. Startup ships what an earlier run left in the log and marks the requests that
+run never finished as aborted, so every accepted request ends with a completion entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine
+
+from bastion import __version__
+from bastion.audit import store
+from bastion.audit.chain import content_digest, load_or_create_key, public_key_hex
+from bastion.audit.crypto import KeyWrapper, MasterKey, seal
+from bastion.audit.redact import Redactor
+from bastion.audit.shipper import Shipper
+from bastion.audit.wal import AuditLog, AuditLogError
+from bastion.config import AuditSettings, Settings
+from bastion.gateway.errors import AuditUnavailable
+from bastion.identity.principal import Principal
+from bastion.metering.usage import UsageRecord
+from bastion.observability.metrics import Metrics
+
+log = logging.getLogger("bastion.audit")
+MASTER_KEY_ENV = "BASTION_AUDIT_MASTER_KEY"
+
+
+def load_master_key(settings: AuditSettings, create: bool = True) -> MasterKey:
+    """From $BASTION_AUDIT_MASTER_KEY, else the key file (created on first start)."""
+    if text := os.environ.get(MASTER_KEY_ENV):
+        return MasterKey.from_base64(text)
+    path = Path(settings.master_key_file)
+    if not path.exists() and create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        log.warning(
+            "created the audit master key %s: back it up now (without it no recorded content "
+            "can ever be read), or supply it from your secret store via %s",
+            path,
+            MASTER_KEY_ENV,
+        )
+    return MasterKey.from_base64(path.read_text())
+
+
+def seal_context(entry: dict[str, Any]) -> bytes:
+    """What a sealed content is bound to: moving it to another entry makes it unreadable."""
+    return f"{entry.get('request_id')}:{entry.get('kind')}".encode()
+
+
+class TeamKeys:
+    """Each team's data key, unwrapped once and cached; destroyed keys leave the cache."""
+
+    def __init__(self, db: Engine, wrapper: KeyWrapper):
+        self.db, self.wrapper = db, wrapper
+        self.cache: dict[str, store.DataKey] = {}
+
+    async def get(self, team: str) -> store.DataKey:
+        key = self.cache.get(team)
+        if key is None:
+            key = await asyncio.to_thread(store.current_key, self.db, team, self.wrapper)
+            self.cache[team] = key
+        return key
+
+    def refresh(self) -> None:
+        live = store.live_key_ids(self.db)
+        self.cache = {t: k for t, k in self.cache.items() if k.id in live}
+
+
+class AuditTrail:
+    def __init__(self, settings: Settings, db: Engine, metrics: Metrics, port: int):
+        self.settings = a = settings.audit
+        self.db, self.metrics = db, metrics
+        self.replica = a.replica or f"{socket.gethostname()}-{port}"
+        self.signing_key, created = load_or_create_key(Path(a.signing_key))
+        self.public_key = public_key_hex(self.signing_key)
+        if created:
+            log.warning(
+                "created the audit signing key %s; its public key, which `bastion audit "
+                "verify` trusts, is %s: record it somewhere safe",
+                a.signing_key,
+                self.public_key,
+            )
+        self.keys = TeamKeys(db, load_master_key(a))
+        self.redactor = Redactor(a.redact)
+        self.refresh_seconds = settings.identity.key_refresh_seconds
+        self.wal: AuditLog | None = None
+        self.shipper: Shipper | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        a = self.settings
+        head = await asyncio.to_thread(store.last_entry, self.db, self.replica)
+        self.wal = AuditLog(
+            Path(a.wal_dir),
+            self.replica,
+            signing_key=self.signing_key,
+            checkpoint_entries=a.checkpoint_entries,
+            checkpoint_seconds=a.checkpoint_seconds,
+            stored_head=head,
+        )
+        self.shipper = Shipper(
+            self.db,
+            Path(a.wal_dir),
+            self.replica,
+            self.wal,
+            on_shipped=self.metrics.audit_shipped.inc,
+            on_error=self.metrics.audit_ship_errors.inc,
+        )
+        await asyncio.to_thread(self.shipper.ship_once)  # what an earlier run left behind
+        interrupted = await asyncio.to_thread(store.open_requests, self.db, self.replica)
+        await asyncio.gather(*(self._aborted(e) for e in interrupted))
+        if interrupted:
+            log.warning("marked %d interrupted request(s) as aborted", len(interrupted))
+        await self.wal.append(
+            {
+                "kind": "start",
+                "version": __version__,
+                "pid": os.getpid(),
+                "public_key": self.public_key,
+                "recovered": len(interrupted),
+            }
+        )
+        self.shipper.start()
+        self._refresher = asyncio.create_task(self._refresh_keys())
+
+    async def _aborted(self, request_entry: dict[str, Any]) -> None:
+        meta = {k: request_entry.get(k) for k in ("request_id", "team", "user", "key_id", "model")}
+        await self.wal.append(  # type: ignore[union-attr]
+            {
+                "kind": "completion",
+                **meta,
+                "outcome": "aborted",
+                "aborted": True,
+                "reason": "the gateway stopped before the response ended",
+            }
+        )
+
+    async def _refresh_keys(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            try:
+                await asyncio.to_thread(self.keys.refresh)
+            except Exception:
+                log.exception("refreshing audit data keys failed")
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.wal is not None:
+            try:
+                await self.wal.append({"kind": "stop", "pid": os.getpid()})
+            except AuditLogError:
+                log.exception("could not record the stop")
+            await asyncio.to_thread(self.wal.close)  # signs a final checkpoint
+        if self.shipper is not None:
+            await asyncio.to_thread(self.shipper.stop)
+
+    # -- the request path ------------------------------------------------------------------------
+    async def request(
+        self, rec: UsageRecord, principal: Principal, body: dict[str, Any], source: str | None
+    ) -> None:
+        """Records the request, durably, before it is forwarded (raises AuditUnavailable)."""
+        entry = {
+            "kind": "request",
+            **_who(rec),
+            "cost_center": principal.cost_center,
+            "client_user": rec.client_user,
+            "source": source,
+            "endpoint": rec.endpoint,
+            "model": rec.model,
+            "stream": rec.stream,
+        }
+        try:
+            await self._seal(entry, body)
+            await self.wal.append(entry)  # type: ignore[union-attr]
+        except Exception as exc:  # the log, the key store or the master key
+            if self.settings.on_failure == "open":
+                self.metrics.audit_failures.labels("forwarded").inc()
+                log.error("AUDIT NOT RECORDED (audit.on_failure=open) %s: %s", rec.request_id, exc)
+                return
+            self.metrics.audit_failures.labels("refused").inc()
+            log.error("audit trail unavailable, refusing %s: %s", rec.request_id, exc)
+            raise AuditUnavailable(
+                "The audit trail cannot record this request, so it was not forwarded. "
+                "Try again shortly."
+            ) from exc
+
+    def redact_upstream(self, body: dict[str, Any]) -> dict[str, Any]:
+        if not self.settings.redact_upstream:
+            return body
+        redacted, _counts = self.redactor.json(body)
+        return redacted  # type: ignore[no-any-return]
+
+    async def completion(
+        self,
+        rec: UsageRecord,
+        *,
+        kind: str = "completion",
+        content: Any = None,
+        aborted: bool = False,
+        engine_model: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Records how the request ended; durable when this returns."""
+        entry = {
+            "kind": kind,
+            **_who(rec),
+            "endpoint": rec.endpoint,
+            "model": rec.model,
+            "deployment": rec.deployment,
+            "engine_model": engine_model,
+            "status": rec.status,
+            "outcome": rec.outcome,
+            "error_code": rec.error_code,
+            "prompt_tokens": rec.prompt_tokens,
+            "cached_tokens": rec.cached_tokens,
+            "completion_tokens": rec.completion_tokens,
+            "latency_ms": round(rec.latency_ms, 3),
+            "aborted": aborted,
+        }
+        if kind == "rejected":
+            entry["cost_center"] = rec.cost_center
+        if rec.team is not None and (content is not None or error is not None):
+            await self._seal(entry, {"response": content, "error": error})
+        await self.wal.append(entry)  # type: ignore[union-attr]
+
+    def completion_later(self, rec: UsageRecord, **kw: Any) -> None:
+        """`completion` without waiting (error paths, cancelled streams)."""
+        task = asyncio.get_running_loop().create_task(self._guarded(rec, kw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, rec: UsageRecord, kw: dict[str, Any]) -> None:
+        try:
+            await self.completion(rec, **kw)
+        except Exception as exc:
+            self.metrics.audit_failures.labels("completion_lost").inc()
+            log.error("audit completion entry for %s not recorded: %s", rec.request_id, exc)
+
+    async def event(self, kind: str, actor: str, action: str, **fields: Any) -> None:
+        """An admin change or a read of the trail, recorded durably (clear text: no prompts)."""
+        await self.wal.append({"kind": kind, "actor": actor, "action": action, **fields})  # type: ignore[union-attr]
+
+    async def _seal(self, entry: dict[str, Any], payload: Any) -> None:
+        counts: dict[str, int] = {}
+        if self.settings.redact:
+            payload, counts = self.redactor.json(payload)
+        key = await self.keys.get(str(entry["team"]))
+        sealed = seal(key.key, orjson.dumps(payload), seal_context(entry))
+        entry["content"] = base64.b64encode(sealed).decode()
+        entry["content_sha256"] = content_digest(sealed)
+        entry["content_key"] = key.id
+        if counts:
+            entry["redactions"] = counts
+
+
+def _who(rec: UsageRecord) -> dict[str, Any]:
+    return {"request_id": rec.request_id, "key_id": rec.key_id, "user": rec.user, "team": rec.team}
