@@ -72,12 +72,33 @@ limits:
 """
 
 
+#: `--audit off`: the gateway without its audit trail (on by default, as in the product).
+AUDIT_CONFIG = """\
+audit:
+  enabled: $enabled
+  wal_dir: "$wal_dir"
+  signing_key: "$work/audit-signing.pem"
+  master_key_file: "$work/audit-master.key"
+"""
+
+
 def write_gateway_config(
-    work: Path, stub: Stub, port: int, template: Path | None, limits: str = "none"
+    work: Path,
+    stub: Stub,
+    port: int,
+    template: Path | None,
+    limits: str = "none",
+    audit: str = "on",
+    audit_dir: Path | None = None,
 ) -> Path:
     text = template.read_text() if template else GATEWAY_CONFIG
     if limits != "none":
         text += string.Template(LIMITS_CONFIG).substitute(backend=limits)
+    text += string.Template(AUDIT_CONFIG).substitute(
+        enabled="true" if audit == "on" else "false",
+        work=work,
+        wal_dir=audit_dir or work / "audit",
+    )
     cfg = work / "bastion.yaml"
     cfg.write_text(
         string.Template(text).substitute(
@@ -128,7 +149,9 @@ def create_key(bastion: str, cfg: Path, env: dict[str, str]) -> str:
 
 def start_gateway(procs: Processes, work: Path, stub: Stub, args: argparse.Namespace) -> Gateway:
     port = free_port()
-    cfg = write_gateway_config(work, stub, port, args.config_template, args.limits)
+    cfg = write_gateway_config(
+        work, stub, port, args.config_template, args.limits, args.audit, args.audit_dir
+    )
     env = dict(os.environ, BASTION_CONFIG=str(cfg))
     bastion = str(args.bastion)
     key = args.api_key or create_key(bastion, cfg, env)

@@ -89,6 +89,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="turn on limits at the key, team and cost-center levels (never refusing), with "
         "in-memory counters or the machine's Redis (127.0.0.1:6379)",
     )
+    p.add_argument(
+        "--audit",
+        choices=["on", "off"],
+        default="on",
+        help="the audit trail (durable WAL before forwarding, sealed contents, hash chain)",
+    )
+    p.add_argument(
+        "--audit-dir",
+        type=Path,
+        help="put the audit log here (e.g. /dev/shm, to separate the disk's flush time from "
+        "the gateway's own work); default: the run's temp dir",
+    )
     p.add_argument("--direct-only", action="store_true", help="bench only the nginx stub")
     p.add_argument(
         "--proxy-baseline",

@@ -84,6 +84,24 @@ def entries(c: TestClient, timeout: float = 5.0, **where: Any) -> list[Any]:
         time.sleep(0.05)
 
 
+def _until(fn: Any, timeout: float = 5.0) -> Any:
+    """fn() once it is truthy (the store trails the log by the shipper's pace)."""
+    deadline = time.monotonic() + timeout
+    while not (value := fn()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
+
+
+def _show(c: TestClient, auditor: str, rid: str) -> list[dict[str, Any]]:
+    """The request's entries once both are in the store."""
+
+    def get() -> list[dict[str, Any]]:
+        r = c.get(f"/audit/requests/{rid}", headers=_auth(auditor))
+        return r.json()["entries"] if r.status_code == 200 and len(r.json()["entries"]) > 1 else []
+
+    return _until(get)  # type: ignore[no-any-return]
+
+
 def test_request_and_answer_are_recorded_sealed_and_readable_by_auditors(env, stub) -> None:  # type: ignore[no-untyped-def]
     c, keys, _ = env
     r = c.post("/v1/chat/completions", json=CHAT, headers=_auth(keys["member"]))
@@ -109,7 +127,7 @@ def test_request_and_answer_are_recorded_sealed_and_readable_by_auditors(env, st
         assert "4111" not in row.doc
     # The engine got the original; the stored copy is redacted.
     assert "4111 1111 1111 1111" in stub.requests[-1]["messages"][0]["content"]
-    shown = c.get(f"/audit/requests/{rid}", headers=_auth(keys["auditor"])).json()
+    shown = {"entries": _show(c, keys["auditor"], rid)}
     contents = [e["content"] for e in shown["entries"]]
     assert contents[0]["messages"][0]["content"] == "card [CARD]"
     assert shown["entries"][0]["redactions"] == {"card": 1}
@@ -143,10 +161,14 @@ def test_only_auditors_read_and_every_read_is_recorded(env) -> None:  # type: ig
         assert c.get("/audit/entries", headers=headers).status_code == status
     r = c.post("/v1/chat/completions", json=CHAT, headers=_auth(keys["auditor"]))
     assert r.status_code == 403 and r.json()["error"]["code"] == "role_not_allowed"
-    found = c.get("/audit/entries", params={"q": "[CARD]"}, headers=_auth(keys["auditor"])).json()
-    assert found["data"] and all(e["team"] == "t" for e in found["data"])
-    reads = [orjson.loads(r.doc) for r in entries(c, kind="read")]
-    assert reads[-1]["actor"] == "carol" and reads[-1]["query"]["text"] == "[CARD]"
+    found = _until(
+        lambda: c.get(
+            "/audit/entries", params={"q": "[CARD]"}, headers=_auth(keys["auditor"])
+        ).json()["data"]
+    )
+    assert found and all(e["team"] == "t" for e in found)
+    reads = _until(lambda: [orjson.loads(r.doc) for r in entries(c, kind="read")])
+    assert reads[0]["actor"] == "carol" and reads[0]["query"]["text"] == "[CARD]"
     bad = c.get("/audit/entries", params={"since": "yesterday"}, headers=_auth(keys["auditor"]))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
 
@@ -198,22 +220,20 @@ def test_hold_shred_and_purge(env) -> None:  # type: ignore[no-untyped-def]
         c.post("/admin/audit/shred", json={"team": "t"}, headers=admin).json()["destroyed_keys"]
         == 1
     )
-    show = c.get(f"/audit/requests/{rid}", headers=_auth(keys["auditor"])).json()["entries"]
+    show = _show(c, keys["auditor"], rid)
     assert all(e["content"] is None and "shredded" in e["content_unavailable"] for e in show)
-    show = c.get(f"/audit/requests/{other}", headers=_auth(keys["auditor"])).json()["entries"]
+    show = _show(c, keys["auditor"], other)
     assert show[0]["content"]["messages"]  # team u untouched
     # Team t goes on working under a fresh key, readable again.
     new = c.post("/v1/chat/completions", json=CHAT, headers=_auth(keys["member"])).headers[
         "x-request-id"
     ]
-    assert c.get(f"/audit/requests/{new}", headers=_auth(keys["auditor"])).json()["entries"][0][
-        "content"
-    ]
+    assert _show(c, keys["auditor"], new)[0]["content"]
     # Retention: contents past it are dropped; metadata stays.
     db = c.app.state.admin.db  # type: ignore[attr-defined]
     purged = store.purge(db, {None: 1}, now=datetime.now(UTC) + timedelta(days=2))
     assert purged.get("u", 0) >= 2
-    show = c.get(f"/audit/requests/{other}", headers=_auth(keys["auditor"])).json()["entries"]
+    show = _show(c, keys["auditor"], other)
     assert show[0]["content"] is None and "purged" in show[0]["content_unavailable"]
     admin_actions = [orjson.loads(r.doc)["action"] for r in entries(c, kind="admin")]
     assert {"audit.hold", "audit.release", "audit.shred"} <= set(admin_actions)

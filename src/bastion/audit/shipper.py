@@ -81,7 +81,7 @@ class Shipper:
         return shipped
 
     # -- in the background ----------------------------------------------------------------------
-    def start(self, interval: float = 0.2) -> None:
+    def start(self, interval: float = 0.5) -> None:
         self._thread = threading.Thread(
             target=self._run, args=(interval,), name="bastion-audit-ship", daemon=True
         )
@@ -90,11 +90,9 @@ class Shipper:
     def _run(self, interval: float) -> None:
         backoff = interval
         while not self._stop.is_set():
-            if self.wal is not None:
-                with self.wal.synced:
-                    self.wal.synced.wait(backoff)
-            else:
-                self._stop.wait(backoff)
+            # A fixed pace, not every sync: batches stay large and the store's own flushes
+            # do not compete with the log's for the disk.
+            self._stop.wait(backoff)
             try:
                 self.ship_once()
                 backoff = interval

@@ -241,7 +241,8 @@ class AuditTrail:
             entry["cost_center"] = rec.cost_center
         if rec.team is not None and (content is not None or error is not None):
             await self._seal(entry, {"response": content, "error": error})
-        await self.wal.append(entry)  # type: ignore[union-attr]
+        # Written before the answer completes, synced with the next flush (see wal.py).
+        await self.wal.append(entry, durable=False)  # type: ignore[union-attr]
 
     def completion_later(self, rec: UsageRecord, **kw: Any) -> None:
         """`completion` without waiting (error paths, cancelled streams)."""

@@ -5,6 +5,11 @@ One writer thread per replica takes whatever entries are queued, stamps and chai
 then wakes the requests waiting for them. Every `checkpoint_entries` entries or
 `checkpoint_seconds` it also writes a signed checkpoint line.
 
+`append(durable=False)` returns once the entry is written to the file (it survives the process
+being killed, not yet a power cut); it becomes durable with the next sync — the next durable
+entry, or at most `SYNC_DELAY` later. The gateway uses it for completion entries, so each
+request waits for one disk flush (its request entry, before forwarding), not two.
+
 Segments are files `<replica>-<first seq>.wal`; each process start begins a new one, so the
 shipper can delete a segment as soon as the store holds all of it. A torn last line (a crash
 mid-write) is cut off when the log is reopened, and the chain continues from the last complete
@@ -31,7 +36,9 @@ from bastion.audit.chain import Chain
 
 log = logging.getLogger("bastion.audit")
 SEGMENT_BYTES = 64 * 1024 * 1024
+SYNC_DELAY = 0.05
 Waiter = asyncio.Future[dict[str, Any]] | None
+Item = tuple[dict[str, Any], Waiter, bool]
 
 
 class AuditLogError(RuntimeError):
@@ -119,11 +126,11 @@ class AuditLog:
         self.cp_entries, self.cp_seconds = checkpoint_entries, checkpoint_seconds
         self._unsigned, self._signed_at = 0, time.monotonic()
         self.broken: AuditLogError | None = None
+        self._dirty = False  # written but not yet synced
         self._open_segment(self.chain.seq + 1)
         #: (segment, bytes) known to be on disk; the shipper reads no further.
         self.durable: tuple[Path, int] = (self.segment, self._size)
-        self.synced = threading.Condition()
-        self._q: queue.SimpleQueue[tuple[dict[str, Any], Waiter] | None] = queue.SimpleQueue()
+        self._q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="bastion-audit-wal", daemon=True)
         self._thread.start()
 
@@ -131,19 +138,22 @@ class AuditLog:
     def head(self) -> tuple[int, str]:
         return self.chain.seq, self.chain.head
 
-    async def append(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Returns the chained entry once it is on disk; raises AuditLogError if it is not."""
+    async def append(self, record: dict[str, Any], durable: bool = True) -> dict[str, Any]:
+        """Returns the chained entry once it is on disk (durable) or in the file (not);
+        raises AuditLogError if it is not."""
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._q.put((record, fut))
+        self._q.put((record, fut, durable))
         return await fut
 
     def submit(self, record: dict[str, Any]) -> None:
         """Appends without waiting (a failure is logged by the writer)."""
-        self._q.put((record, None))
+        self._q.put((record, None, False))
 
     def close(self) -> None:
         self._q.put(None)
         self._thread.join(30)
+        if self._dirty:
+            self._sync()
         os.close(self._fd)
         os.close(self._lock)
 
@@ -153,10 +163,15 @@ class AuditLog:
             timeout = None
             if self._unsigned and self.signing_key is not None:
                 timeout = max(0.0, self._signed_at + self.cp_seconds - time.monotonic())
+            if self._dirty:
+                timeout = min(timeout if timeout is not None else SYNC_DELAY, SYNC_DELAY)
             try:
                 item = self._q.get(timeout=timeout)
             except queue.Empty:
-                self._commit([])  # only the checkpoint that is due
+                if self._dirty:
+                    self._sync()
+                if self._checkpoint_due(self._unsigned, False):
+                    self._commit([])  # only the checkpoint that is due
                 continue
             batch = [item]
             while not self._q.empty() and len(batch) < 1024:
@@ -174,12 +189,23 @@ class AuditLog:
         elapsed = time.monotonic() - self._signed_at
         return final or unsigned >= self.cp_entries or elapsed >= self.cp_seconds
 
-    def _commit(self, work: list[tuple[dict[str, Any], Waiter]], final: bool = False) -> None:
+    def _sync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            # After a failed flush the page cache cannot be trusted (fsyncgate): stop for good.
+            self.broken = AuditLogError(f"audit log sync failed: {exc}")
+            log.error("%s", self.broken)
+            return
+        self._dirty = False
+        self.durable = (self.segment, self._size)  # one tuple: the shipper reads it whole
+
+    def _commit(self, work: list[Item], final: bool = False) -> None:
         if self.broken is not None:
             return self._reject(work, self.broken)
         saved = (self.chain.seq, self.chain.head, self._size)
         entries = []
-        for record, _fut in work:
+        for record, _fut, _durable in work:
             record["ts"] = self.clock.now()
             entries.append(self.chain.append(record))
         lines = [orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in entries]
@@ -194,11 +220,11 @@ class AuditLog:
         data = b"\n".join(lines) + b"\n"
         try:
             if self._size + len(data) > SEGMENT_BYTES and self._size and entries:
+                os.fdatasync(self._fd)
                 os.close(self._fd)
                 self._open_segment(entries[0]["seq"])
                 saved = (*saved[:2], 0)
             os.write(self._fd, data)
-            os.fdatasync(self._fd)
         except OSError as exc:
             self.chain.seq, self.chain.head = saved[0], saved[1]  # nothing acknowledged
             error = AuditLogError(f"audit log write failed: {exc}")
@@ -212,15 +238,17 @@ class AuditLog:
         self._unsigned = 0 if signed else unsigned
         if signed:
             self._signed_at = time.monotonic()
-        with self.synced:
-            self.durable = (self.segment, self._size)
-            self.synced.notify_all()
-        for (_record, fut), entry in zip(work, entries, strict=True):
+        self._dirty = True
+        if signed or final or any(durable for _r, _f, durable in work):
+            self._sync()
+            if self.broken is not None:
+                return self._reject(work, self.broken)
+        for (_record, fut, _durable), entry in zip(work, entries, strict=True):
             if fut is not None:
                 fut.get_loop().call_soon_threadsafe(_done, fut, entry)
 
-    def _reject(self, work: list[tuple[dict[str, Any], Waiter]], error: Exception) -> None:
-        for _record, fut in work:
+    def _reject(self, work: list[Item], error: Exception) -> None:
+        for _record, fut, _durable in work:
             if fut is not None:
                 fut.get_loop().call_soon_threadsafe(_fail, fut, error)
 

@@ -1,0 +1,204 @@
+"""The audit trail against the real gateway and the real vLLM engine: streamed answers put
+back together, cancelled streams marked aborted, and kill -9 under load losing nothing."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from bastion.engines.launcher import VllmProcess
+from bastion.store.schema import audit_entries
+from tests.conftest import Gateway, base_config, engine_models
+
+pytestmark = pytest.mark.engine
+
+
+def _entries(db_url: str, **where: Any) -> list[dict[str, Any]]:
+    engine = sa.create_engine(db_url)
+    try:
+        q = sa.select(audit_entries.c.doc).order_by(audit_entries.c.replica, audit_entries.c.seq)
+        for k, v in where.items():
+            q = q.where(audit_entries.c[k] == v)
+        with engine.connect() as conn:
+            return [orjson.loads(doc) for (doc,) in conn.execute(q)]
+    finally:
+        engine.dispose()
+
+
+def _show(gw: Gateway, auditor: str, rid: str, want: int = 2) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while True:
+        r = httpx.get(
+            f"{gw.url}/audit/requests/{rid}", headers={"Authorization": f"Bearer {auditor}"}
+        )
+        entries = r.json().get("entries", []) if r.status_code == 200 else []
+        if len(entries) >= want or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.1)
+
+
+def test_streams_are_recorded_as_assembled_answers(gateway: Gateway, api_key: str) -> None:
+    import openai
+
+    auditor = gateway.create_key("alpha", "--role", "auditor", "--user", "carol")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Tell me about audit trails."}],
+            max_tokens=40,
+            stream=True,
+        )
+        rid = raw.headers["x-request-id"]
+        chunks = list(raw.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = next(
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    )
+    req, done = _show(gateway, auditor, rid)
+    assert req["kind"] == "request" and req["content"]["stream"] is True
+    assert req["content"]["messages"][0]["content"] == "Tell me about audit trails."
+    (choice,) = done["content"]["response"]
+    assert choice["text"] == text and text and choice["finish_reason"] == finish
+    assert done["outcome"] == "ok" and done["aborted"] is False
+    assert 0 < done["completion_tokens"] <= 40
+    assert finish != "length" or done["completion_tokens"] == 40
+    assert done["engine_model"] == "tiny-chat" and done["deployment"]
+
+
+def test_a_cancelled_stream_is_marked_aborted_with_what_was_sent(
+    gateway: Gateway, api_key: str
+) -> None:
+    auditor = gateway.create_key("alpha", "--role", "auditor")
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Write a long story."}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
+    received = ""
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=60,
+    ) as r:
+        rid = r.headers["x-request-id"]
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                received += orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                if len(received) > 20:
+                    break
+    _req, done = _show(gateway, auditor, rid)
+    assert done["aborted"] is True and done["outcome"] == "cancelled"
+    (choice,) = done["content"]["response"]
+    assert choice["text"].startswith(received) and choice["finish_reason"] is None
+
+
+def _load(
+    url: str, key: str, stop: threading.Event, log: dict[str, str], lock: threading.Lock
+) -> None:
+    """One client: long streams and short calls in turn; notes each request's fate."""
+    headers = {"Authorization": f"Bearer {key}"}
+    n = 0
+    with httpx.Client(timeout=60, headers=headers) as client:
+        while not stop.is_set():
+            n += 1
+            stream = n % 2 == 0
+            body = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": f"request {n}"}],
+                "max_tokens": 400 if stream else 8,
+                "stream": stream,
+            }
+            try:
+                with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        continue
+                    rid = r.headers["x-request-id"]
+                    with lock:
+                        log[rid] = "accepted"
+                    data = b"".join(r.iter_bytes())
+                    if stream:
+                        whole = data.rstrip().endswith(b"data: [DONE]")
+                    else:
+                        whole = bool(orjson.loads(data).get("choices"))
+                    if whole:
+                        with lock:
+                            log[rid] = "finished"
+            except (httpx.HTTPError, orjson.JSONDecodeError):
+                time.sleep(0.05)
+
+
+@pytest.mark.postgres
+def test_kill_9_under_load_loses_no_accepted_request(
+    make_gateway: Callable[..., Gateway],
+    chat_engine: VllmProcess,
+    embed_engine: VllmProcess,
+    pg_url: str,
+) -> None:
+    cfg = base_config(
+        pg_url,
+        engine_models(chat_engine, embed_engine),
+        audit={"replica": "gw-crash", "checkpoint_entries": 50},
+    )
+    gw = make_gateway(cfg)
+    gw.wait_ready()
+    key = gw.create_key("alpha")
+    stop, lock = threading.Event(), threading.Lock()
+    log: dict[str, str] = {}
+    clients = [
+        threading.Thread(target=_load, args=(gw.url, key, stop, log, lock)) for _ in range(6)
+    ]
+    for t in clients:
+        t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until work is both done and in flight
+        with lock:
+            states = list(log.values())
+        if states.count("finished") >= 10 and states.count("accepted") >= 2:
+            break
+        time.sleep(0.05)
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.proc.wait()
+    stop.set()
+    for t in clients:
+        t.join(60)
+    with lock:
+        fates = dict(log)
+    assert list(fates.values()).count("accepted") >= 1, "nothing was in flight at the kill"
+
+    gw.start()  # same replica: recovers, ships, marks the interrupted requests aborted
+    gw.wait_ready()
+    deadline = time.monotonic() + 10
+    while True:  # until the restart's own entries are shipped
+        entries = _entries(pg_url, replica="gw-crash")
+        if sum(e["kind"] == "start" for e in entries) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))  # no gaps
+    requests = {e["request_id"] for e in entries if e["kind"] == "request"}
+    completions: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e["kind"] == "completion":
+            assert e["request_id"] not in completions, "two completions for one request"
+            completions[e["request_id"]] = e
+    for rid, fate in fates.items():
+        assert rid in requests, f"accepted {rid} has no request entry"
+        assert rid in completions, f"{rid} has no completion entry"
+        if fate == "finished":
+            assert completions[rid]["outcome"] == "ok", completions[rid]
+    interrupted = [rid for rid, fate in fates.items() if fate == "accepted"]
+    assert any(completions[rid].get("aborted") for rid in interrupted)
+    assert [e for e in entries if e["kind"] == "start"][-1]["recovered"] >= 1
+    verdict = gw.cli("audit", "verify", check=False)
+    assert verdict.returncode == 0 and verdict.stdout.startswith("OK"), verdict.stdout
