@@ -222,7 +222,8 @@ def cmd_ship(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{replica}: in use by a running process, skipped\n")
             continue
         try:
-            total += Shipper(db, directory, replica, wal).ship_once()
+            position = wal.durable  # idle: nothing is written while we hold its lock
+            total += Shipper(db, directory, replica, lambda p=position: p).ship_once()
         finally:
             wal.close()
     sys.stdout.write(f"shipped {total} entries from {len(replicas)} replica(s)\n")

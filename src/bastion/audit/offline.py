@@ -52,6 +52,8 @@ def record_event(settings: Settings, db: Engine, kind: str, action: str, **field
             time.sleep(0.1)
     try:
         asyncio.run(wal.append({"kind": kind, "actor": cli_actor(), "action": action, **fields}))
-        Shipper(db, directory, replica, wal).ship_once()  # under the lock: never a live segment
+        Shipper(
+            db, directory, replica, lambda: wal.durable
+        ).ship_once()  # under the lock: never a live segment
     finally:
         wal.close()

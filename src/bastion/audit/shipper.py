@@ -9,15 +9,15 @@ to a newer one. If the store is down it retries; the log keeps growing on local 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 from sqlalchemy import Engine
 
 from bastion.audit.store import insert_lines
-from bastion.audit.wal import AuditLog, segments
+from bastion.audit.wal import segments
 
 log = logging.getLogger("bastion.audit")
 BATCH_LINES = 2000
@@ -29,30 +29,33 @@ class Shipper:
         db: Engine,
         directory: Path,
         replica: str | None = None,
-        wal: AuditLog | None = None,
+        durable: Callable[[], tuple[Path, int]] | None = None,
         on_shipped: Callable[[int], None] | None = None,
         on_error: Callable[[], None] | None = None,
     ):
         self.db = db
         self.directory = directory
         self.replica = replica
-        self.wal = wal
+        #: The live log's synced position (segment, bytes); None ships whole files (the
+        #: writer is gone, or holds off while we ship under its lock).
+        self.durable = durable
         self.on_shipped = on_shipped
         self.on_error = on_error
         self.offsets: dict[Path, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- one pass -------------------------------------------------------------------------------
     def ship_once(self) -> int:
         """Ships everything durable now; returns the number of entries stored."""
         total = 0
-        active, limit = self.wal.durable if self.wal is not None else (None, 0)
+        active, limit = self.durable() if self.durable is not None else (None, 0)
         for seg in segments(self.directory, self.replica):
             end = limit if seg == active else None
-            total += self._ship_segment(seg, end)
-            if seg != active and self.offsets.get(seg) == seg.stat().st_size:
-                seg.unlink()  # the store has every line of it
+            try:
+                total += self._ship_segment(seg, end)
+                if seg != active and self.offsets.get(seg, 0) == seg.stat().st_size:
+                    seg.unlink()  # the store has every line of it
+                    self.offsets.pop(seg, None)
+            except FileNotFoundError:  # another shipper (a dying one) finished it first
                 self.offsets.pop(seg, None)
         return total
 
@@ -81,18 +84,13 @@ class Shipper:
         return shipped
 
     # -- in the background ----------------------------------------------------------------------
-    def start(self, interval: float = 0.5) -> None:
-        self._thread = threading.Thread(
-            target=self._run, args=(interval,), name="bastion-audit-ship", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, interval: float) -> None:
+    def run(self, interval: float, stop: Any) -> None:
+        """Ships at a fixed pace until `stop` is set, then once more (the final shipment)."""
         backoff = interval
-        while not self._stop.is_set():
+        while not stop.is_set():
             # A fixed pace, not every sync: batches stay large and the store's own flushes
             # do not compete with the log's for the disk.
-            self._stop.wait(backoff)
+            stop.wait(backoff)
             try:
                 self.ship_once()
                 backoff = interval
@@ -101,12 +99,6 @@ class Shipper:
                     self.on_error()
                 log.exception("shipping audit entries to the store failed; retrying")
                 backoff = min(backoff * 2, 10.0)
-
-    def stop(self) -> None:
-        """Stops the thread and ships what is left (the log must be closed first)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
         try:
             self.ship_once()
         except Exception:

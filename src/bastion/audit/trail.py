@@ -26,6 +26,7 @@ from bastion.audit import store
 from bastion.audit.chain import content_digest, load_or_create_key, public_key_hex
 from bastion.audit.crypto import KeyWrapper, MasterKey, seal
 from bastion.audit.redact import Redactor
+from bastion.audit.ship_process import ShipperProcess
 from bastion.audit.shipper import Shipper
 from bastion.audit.wal import AuditLog, AuditLogError
 from bastion.config import AuditSettings, Settings
@@ -99,7 +100,7 @@ class AuditTrail:
         self.redactor = Redactor(a.redact)
         self.refresh_seconds = settings.identity.key_refresh_seconds
         self.wal: AuditLog | None = None
-        self.shipper: Shipper | None = None
+        self.shipper: ShipperProcess | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
 
@@ -115,15 +116,9 @@ class AuditTrail:
             checkpoint_seconds=a.checkpoint_seconds,
             stored_head=head,
         )
-        self.shipper = Shipper(
-            self.db,
-            Path(a.wal_dir),
-            self.replica,
-            self.wal,
-            on_shipped=self.metrics.audit_shipped.inc,
-            on_error=self.metrics.audit_ship_errors.inc,
-        )
-        await asyncio.to_thread(self.shipper.ship_once)  # what an earlier run left behind
+        wal = self.wal
+        leftovers = Shipper(self.db, Path(a.wal_dir), self.replica, lambda: wal.durable)
+        await asyncio.to_thread(leftovers.ship_once)  # what an earlier run left behind
         interrupted = await asyncio.to_thread(store.open_requests, self.db, self.replica)
         await asyncio.gather(*(self._aborted(e) for e in interrupted))
         if interrupted:
@@ -137,7 +132,15 @@ class AuditTrail:
                 "recovered": len(interrupted),
             }
         )
-        self.shipper.start()
+        self.shipper = ShipperProcess(
+            self.db.url.render_as_string(hide_password=False), Path(a.wal_dir), self.replica
+        )
+        self.shipper.position.set(*self.wal.durable)
+        self.wal.on_durable = self.shipper.position.set
+        shipped, errors = self.shipper.shipped, self.shipper.errors
+        self.metrics.audit_shipped.set_function(lambda: shipped.value)
+        self.metrics.audit_ship_errors.set_function(lambda: errors.value)
+        await asyncio.to_thread(self.shipper.start)
         self._refresher = asyncio.create_task(self._refresh_keys())
 
     async def _aborted(self, request_entry: dict[str, Any]) -> None:
@@ -159,6 +162,8 @@ class AuditTrail:
                 await asyncio.to_thread(self.keys.refresh)
             except Exception:
                 log.exception("refreshing audit data keys failed")
+            if self.shipper is not None:
+                self.shipper.ensure_running()
 
     async def close(self) -> None:
         if self._refresher is not None:

@@ -1,14 +1,15 @@
 """The audit write-ahead log: entries are durable (fdatasync) before `append` returns.
 
-One writer thread per replica takes whatever entries are queued, stamps and chains them
-(chain.py), writes them as JSON lines, syncs once for the whole group (group commit) and only
-then wakes the requests waiting for them. Every `checkpoint_entries` entries or
-`checkpoint_seconds` it also writes a signed checkpoint line.
+`append` stamps and chains the entry (chain.py) and writes it as a JSON line into the page
+cache at once, in the caller's thread (microseconds, and no thread hop). A durable append then
+waits for the sync thread, which flushes everything written so far with one fdatasync (group
+commit) and wakes every request it covered. Every `checkpoint_entries` entries, or after
+`checkpoint_seconds`, a signed checkpoint line follows.
 
-`append(durable=False)` returns once the entry is written to the file (it survives the process
-being killed, not yet a power cut); it becomes durable with the next sync — the next durable
-entry, or at most `SYNC_DELAY` later. The gateway uses it for completion entries, so each
-request waits for one disk flush (its request entry, before forwarding), not two.
+`append(durable=False)` returns once the entry is in the file: it survives the process being
+killed, not yet a power cut, and becomes durable with the next flush, at most `SYNC_DELAY`
+later. The gateway uses it for completion entries, so each request waits for one disk flush
+(its request entry, before forwarding), not two.
 
 Segments are files `<replica>-<first seq>.wal`; each process start begins a new one, so the
 shipper can delete a segment as soon as the store holds all of it. A torn last line (a crash
@@ -19,12 +20,13 @@ entry. A lock file keeps two processes from ever writing the same replica's chai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
-import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,7 @@ from bastion.audit.chain import Chain
 log = logging.getLogger("bastion.audit")
 SEGMENT_BYTES = 64 * 1024 * 1024
 SYNC_DELAY = 0.05
-Waiter = asyncio.Future[dict[str, Any]] | None
-Item = tuple[dict[str, Any], Waiter, bool]
+Waiter = tuple[int, asyncio.Future[None]]
 
 
 class AuditLogError(RuntimeError):
@@ -108,11 +109,11 @@ class AuditLog:
         self.directory = directory
         self.replica = replica
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = os.open(directory / f"{replica}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lockfile = os.open(directory / f"{replica}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock)
+            os.close(self._lockfile)
             raise AuditLogError(
                 f"audit replica {replica!r} is in use by another process "
                 f"(set audit.replica to a unique id per gateway process)"
@@ -126,12 +127,18 @@ class AuditLog:
         self.cp_entries, self.cp_seconds = checkpoint_entries, checkpoint_seconds
         self._unsigned, self._signed_at = 0, time.monotonic()
         self.broken: AuditLogError | None = None
-        self._dirty = False  # written but not yet synced
         self._open_segment(self.chain.seq + 1)
         #: (segment, bytes) known to be on disk; the shipper reads no further.
         self.durable: tuple[Path, int] = (self.segment, self._size)
-        self._q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="bastion-audit-wal", daemon=True)
+        #: Told the synced position after every flush (the shipper process listens).
+        self.on_durable: Callable[[Path, int], None] | None = None
+        self._lock = threading.Lock()  # the chain and the file: held for microseconds
+        self._written = 0  # bytes written since open, across segments
+        self._synced = 0
+        self._waiters: list[Waiter] = []
+        self._kick = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="bastion-audit-sync", daemon=True)
         self._thread.start()
 
     @property
@@ -139,118 +146,135 @@ class AuditLog:
         return self.chain.seq, self.chain.head
 
     async def append(self, record: dict[str, Any], durable: bool = True) -> dict[str, Any]:
-        """Returns the chained entry once it is on disk (durable) or in the file (not);
-        raises AuditLogError if it is not."""
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._q.put((record, fut, durable))
-        return await fut
-
-    def submit(self, record: dict[str, Any]) -> None:
-        """Appends without waiting (a failure is logged by the writer)."""
-        self._q.put((record, None, False))
+        """The chained entry, once on disk (durable) or in the file (not); raises
+        AuditLogError if it cannot be written."""
+        with self._lock:
+            entry, end = self._write(record)
+            if not durable:
+                return entry
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((end, fut))
+        self._kick.set()
+        await fut
+        return entry
 
     def close(self) -> None:
-        self._q.put(None)
+        self._closing = True
+        self._kick.set()
         self._thread.join(30)
-        if self._dirty:
-            self._sync()
+        with self._lock:
+            if self.broken is None:
+                try:
+                    if self._unsigned and self.signing_key is not None:
+                        self._write_lines([self._checkpoint_line()])
+                    self._flush()
+                except AuditLogError:
+                    pass  # already logged; the unsigned tail is reported by `verify`
         os.close(self._fd)
-        os.close(self._lock)
+        os.close(self._lockfile)
 
-    # -- the writer thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            timeout = None
-            if self._unsigned and self.signing_key is not None:
-                timeout = max(0.0, self._signed_at + self.cp_seconds - time.monotonic())
-            if self._dirty:
-                timeout = min(timeout if timeout is not None else SYNC_DELAY, SYNC_DELAY)
-            try:
-                item = self._q.get(timeout=timeout)
-            except queue.Empty:
-                if self._dirty:
-                    self._sync()
-                if self._checkpoint_due(self._unsigned, False):
-                    self._commit([])  # only the checkpoint that is due
-                continue
-            batch = [item]
-            while not self._q.empty() and len(batch) < 1024:
-                batch.append(self._q.get())
-            stop = None in batch
-            work = [b for b in batch if b is not None]
-            if work or (stop and self._unsigned):
-                self._commit(work, final=stop)
-            if stop:
-                return
-
-    def _checkpoint_due(self, unsigned: int, final: bool) -> bool:
-        if self.signing_key is None or not unsigned:
-            return False
-        elapsed = time.monotonic() - self._signed_at
-        return final or unsigned >= self.cp_entries or elapsed >= self.cp_seconds
-
-    def _sync(self) -> None:
-        try:
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            # After a failed flush the page cache cannot be trusted (fsyncgate): stop for good.
-            self.broken = AuditLogError(f"audit log sync failed: {exc}")
-            log.error("%s", self.broken)
-            return
-        self._dirty = False
-        self.durable = (self.segment, self._size)  # one tuple: the shipper reads it whole
-
-    def _commit(self, work: list[Item], final: bool = False) -> None:
+    # -- writing (callers hold the lock) --------------------------------------------------------
+    def _write(self, record: dict[str, Any]) -> tuple[dict[str, Any], int]:
         if self.broken is not None:
-            return self._reject(work, self.broken)
-        saved = (self.chain.seq, self.chain.head, self._size)
-        entries = []
-        for record, _fut, _durable in work:
-            record["ts"] = self.clock.now()
-            entries.append(self.chain.append(record))
-        lines = [orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in entries]
-        unsigned = self._unsigned + len(entries)
-        signed = self._checkpoint_due(unsigned, final)
-        if signed:
-            assert self.signing_key is not None
-            cp = self.chain.checkpoint(self.signing_key, self.clock.now())
-            lines.append(orjson.dumps({"checkpoint": cp}, option=orjson.OPT_SORT_KEYS))
-        if not lines:
-            return
-        data = b"\n".join(lines) + b"\n"
+            raise self.broken
+        saved = (self.chain.seq, self.chain.head)
+        record["ts"] = self.clock.now()
+        entry = self.chain.append(record)
+        lines = [orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)]
+        self._unsigned += 1
+        if self.signing_key is not None and self._unsigned >= self.cp_entries:
+            lines.append(self._checkpoint_line())
         try:
-            if self._size + len(data) > SEGMENT_BYTES and self._size and entries:
-                os.fdatasync(self._fd)
+            self._write_lines(lines, first_seq=entry["seq"])
+        except AuditLogError:
+            self.chain.seq, self.chain.head = saved  # nothing acknowledged: the chain rewinds
+            self._unsigned = max(0, self._unsigned - 1)
+            raise
+        return entry, self._written
+
+    def _checkpoint_line(self) -> bytes:
+        assert self.signing_key is not None
+        cp = self.chain.checkpoint(self.signing_key, self.clock.now())
+        self._unsigned, self._signed_at = 0, time.monotonic()
+        return orjson.dumps({"checkpoint": cp}, option=orjson.OPT_SORT_KEYS)
+
+    def _write_lines(self, lines: list[bytes], first_seq: int | None = None) -> None:
+        data = b"\n".join(lines) + b"\n"
+        size = self._size
+        try:
+            if first_seq is not None and self._size and self._size + len(data) > SEGMENT_BYTES:
+                self._flush()
                 os.close(self._fd)
-                self._open_segment(entries[0]["seq"])
-                saved = (*saved[:2], 0)
+                self._open_segment(first_seq)
+                size = 0
             os.write(self._fd, data)
         except OSError as exc:
-            self.chain.seq, self.chain.head = saved[0], saved[1]  # nothing acknowledged
             error = AuditLogError(f"audit log write failed: {exc}")
             try:  # take back whatever reached the file, or the next entries reuse its seqs
-                os.ftruncate(self._fd, saved[2])
+                os.ftruncate(self._fd, size)
             except OSError:
                 self.broken = error  # fail closed until restarted
             log.error("%s", error)
-            return self._reject(work, error)
+            raise error from exc
         self._size += len(data)
-        self._unsigned = 0 if signed else unsigned
-        if signed:
-            self._signed_at = time.monotonic()
-        self._dirty = True
-        if signed or final or any(durable for _r, _f, durable in work):
-            self._sync()
-            if self.broken is not None:
-                return self._reject(work, self.broken)
-        for (_record, fut, _durable), entry in zip(work, entries, strict=True):
-            if fut is not None:
-                fut.get_loop().call_soon_threadsafe(_done, fut, entry)
+        self._written += len(data)
 
-    def _reject(self, work: list[Item], error: Exception) -> None:
-        for _record, fut, _durable in work:
-            if fut is not None:
-                fut.get_loop().call_soon_threadsafe(_fail, fut, error)
+    def _flush(self) -> None:
+        """fdatasync under the lock (closing, rotating); the sync thread does it without."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self.broken = AuditLogError(f"audit log sync failed: {exc}")
+            raise self.broken from exc
+        self._synced = self._written
+        self._published(self.segment, self._size)
+
+    def _published(self, segment: Path, size: int) -> None:
+        self.durable = (segment, size)  # one tuple: readers see it whole
+        if self.on_durable is not None:
+            self.on_durable(segment, size)
+
+    # -- the sync thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closing:
+            self._kick.wait(SYNC_DELAY)
+            self._kick.clear()
+            with self._lock:
+                if (
+                    self.signing_key is not None
+                    and self._unsigned
+                    and time.monotonic() - self._signed_at >= self.cp_seconds
+                    and self.broken is None
+                ):
+                    with contextlib.suppress(AuditLogError):
+                        self._write_lines([self._checkpoint_line()])
+                if self._written == self._synced and not self._waiters:
+                    continue
+                target, segment, size = self._written, self.segment, self._size
+                fd = os.dup(self._fd)  # a rotation may close the original meanwhile
+            error: AuditLogError | None = None
+            try:
+                os.fdatasync(fd)  # the group commit: everything written so far
+            except OSError as exc:
+                # After a failed flush the page cache cannot be trusted (fsyncgate): stop.
+                error = AuditLogError(f"audit log sync failed: {exc}")
+                log.error("%s", error)
+            finally:
+                os.close(fd)
+            with self._lock:
+                if error is not None:
+                    self.broken = error
+                    done, self._waiters = self._waiters, []
+                else:
+                    self._synced = max(self._synced, target)
+                    done = [w for w in self._waiters if w[0] <= target]
+                    self._waiters = [w for w in self._waiters if w[0] > target]
+                    if segment == self.segment:
+                        self._published(segment, size)
+            _wake(done, error)
+        with self._lock:
+            done, self._waiters = self._waiters, []
+        _wake(done, None if self.broken is None else self.broken)
 
     def _open_segment(self, first_seq: int) -> None:
         self.segment = self.directory / f"{self.replica}-{first_seq:012d}.wal"
@@ -263,11 +287,20 @@ class AuditLog:
             os.close(dir_fd)
 
 
-def _done(fut: asyncio.Future[dict[str, Any]], entry: dict[str, Any]) -> None:
-    if not fut.done():
-        fut.set_result(entry)
+def _wake(waiters: list[Waiter], error: Exception | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for _end, fut in waiters:
+        by_loop.setdefault(fut.get_loop(), []).append(fut)
+    for loop, futs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(_settle, futs, error)
 
 
-def _fail(fut: asyncio.Future[dict[str, Any]], error: Exception) -> None:
-    if not fut.done():
-        fut.set_exception(error)
+def _settle(futs: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for fut in futs:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)

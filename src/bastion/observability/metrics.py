@@ -77,13 +77,13 @@ class Metrics:
             ["action"],
             registry=r,
         )
-        self.audit_shipped = Counter(
+        self.audit_shipped = Gauge(
             "bastion_audit_shipped_entries",
-            "Audit entries moved from the local log into the store.",
+            "Audit entries moved from the local log into the store since the gateway started.",
             registry=r,
         )
-        self.audit_ship_errors = Counter(
+        self.audit_ship_errors = Gauge(
             "bastion_audit_ship_errors",
-            "Failed attempts to move audit entries into the store (retried).",
+            "Failed attempts to move audit entries into the store since start (retried).",
             registry=r,
         )
