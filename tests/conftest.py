@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import secrets
 import signal
@@ -35,6 +37,8 @@ from bastion.engines.launcher import (
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-" + secrets.token_hex(16)
+#: One audit master key for every gateway of the session, as replicas share it in production.
+AUDIT_MASTER_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 PG_ADMIN_URL = os.environ.get(
     "BASTION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -92,8 +96,8 @@ def embed_engine(engines: dict[str, VllmProcess]) -> VllmProcess:
 
 
 # -- databases ------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database on the machine's server, dropped afterwards."""
     name = "bastion_test_" + secrets.token_hex(4)
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -105,6 +109,12 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
 
 
 # -- the gateway ----------------------------------------------------------------------------------
@@ -149,7 +159,12 @@ class Gateway:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "BASTION_ADMIN_KEY": ADMIN_KEY, "BASTION_LOG_LEVEL": "WARNING"}
+        return {
+            **os.environ,
+            "BASTION_ADMIN_KEY": ADMIN_KEY,
+            "BASTION_AUDIT_MASTER_KEY": AUDIT_MASTER_KEY,
+            "BASTION_LOG_LEVEL": "WARNING",
+        }
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -73,7 +73,10 @@ def quickstart_key(settings: Settings) -> str | None:
         if any(k.key_hash == hash_key(token) and k.status(now) == "active" for k in list_keys(db)):
             return token
     team = next(iter(settings.teams))
-    _rec, token = create_key(db, team=team, name="quickstart", known_models=set(settings.models))
+    rec, token = create_key(db, team=team, name="quickstart", known_models=set(settings.models))
+    from bastion.audit.offline import record_event
+
+    record_event(settings, db, "admin", "key.create", team=team, after=rec.public())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from bastion.engines.launcher import VllmProcess
 from bastion.store.schema import audit_entries
-from tests.conftest import Gateway, base_config, engine_models
+from tests.conftest import Gateway, base_config, engine_models, pg_database
 
 pytestmark = pytest.mark.engine
 
@@ -138,13 +138,21 @@ def _load(
                 time.sleep(0.05)
 
 
+@pytest.fixture
+def own_pg() -> Iterator[str]:
+    """A database of its own: `verify` then sees only this test's chain and signing key."""
+    with pg_database() as url:
+        yield url
+
+
 @pytest.mark.postgres
 def test_kill_9_under_load_loses_no_accepted_request(
     make_gateway: Callable[..., Gateway],
     chat_engine: VllmProcess,
     embed_engine: VllmProcess,
-    pg_url: str,
+    own_pg: str,
 ) -> None:
+    pg_url = own_pg
     cfg = base_config(
         pg_url,
         engine_models(chat_engine, embed_engine),
@@ -201,4 +209,66 @@ def test_kill_9_under_load_loses_no_accepted_request(
     assert any(completions[rid].get("aborted") for rid in interrupted)
     assert [e for e in entries if e["kind"] == "start"][-1]["recovered"] >= 1
     verdict = gw.cli("audit", "verify", check=False)
+    gw.stop()  # before its database goes
     assert verdict.returncode == 0 and verdict.stdout.startswith("OK"), verdict.stdout
+
+
+def test_cli_reads_export_and_offline_verification(
+    gateway: Gateway, api_key: str, tmp_path: Any
+) -> None:
+    import openai
+
+    auditor = gateway.create_key("alpha", "--role", "auditor", "--user", "dora")
+    with openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Where is my IBAN DE89 3704 0044 0532 0130 00?"}],
+            max_tokens=5,
+        )
+    rid = raw.headers["x-request-id"]
+    _show(gateway, auditor, rid)  # in the store
+    read = ("--url", gateway.url, "--key", auditor)
+    found = gateway.cli("audit", "search", *read, "--text", "DE89 3704", "--format", "json")
+    assert rid in {e["request_id"] for e in orjson.loads(found.stdout)["data"]}
+    shown = orjson.loads(gateway.cli("audit", "show", rid, *read).stdout)
+    assert [e["kind"] for e in shown["entries"]] == ["request", "completion"]
+    denied = gateway.cli("audit", "search", "--url", gateway.url, "--key", api_key, check=False)
+    assert denied.returncode == 2 and "403" in denied.stderr
+
+    export = tmp_path / "trail.jsonl"
+    gateway.cli("audit", "export", *read, "--since", "1h", "-o", str(export))
+    lines = [orjson.loads(line) for line in export.read_bytes().splitlines()]
+    assert "export" in lines[0] and any("checkpoint" in line for line in lines)
+    mine = next(line for line in lines if line.get("entry", {}).get("request_id") == rid)
+    assert "DE89 3704" in mine["plaintext"]["messages"][0]["content"]
+    ok = gateway.cli("audit", "verify", "--file", str(export))
+    assert ok.stdout.startswith("OK"), ok.stdout
+    mine["entry"]["user"] = "mallory"  # an export doctored after the fact
+    export.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
+    bad = gateway.cli("audit", "verify", "--file", str(export), check=False)
+    assert bad.returncode == 1 and "(edited)" in bad.stdout
+    # The reads above are in the trail, attributed to the auditor.
+    reads = [e for e in _entries(_db_url(gateway), kind="read") if e.get("actor") == "dora"]
+    assert {"search", "show", "export"} <= {e["action"] for e in reads}
+
+
+def test_cli_hold_blocks_shredding(gateway: Gateway) -> None:
+    held = gateway.cli("audit", "hold", "--team", "beta", "--reason", "matter 7")
+    assert orjson.loads(held.stdout)["placed"] is True
+    refused = gateway.cli("audit", "shred", "--team", "beta", check=False)
+    assert refused.returncode == 2 and "legal hold" in refused.stderr
+    assert "matter 7" in gateway.cli("audit", "holds").stdout
+    gateway.cli("audit", "release", "--team", "beta")
+    shredded = orjson.loads(gateway.cli("audit", "shred", "--team", "beta").stdout)
+    assert shredded["team"] == "beta"
+    actions = [e["action"] for e in _entries(_db_url(gateway), kind="admin")]
+    assert [a for a in actions if a.startswith("audit.")][-4:] == [
+        "audit.hold",
+        "audit.shred",
+        "audit.release",
+        "audit.shred",
+    ]
+
+
+def _db_url(gw: Gateway) -> str:
+    return str(gw.config["database"]["url"])

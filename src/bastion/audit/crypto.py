@@ -54,7 +54,10 @@ class MasterKey:
                 wrapped[:NONCE], wrapped[NONCE:], b"bastion-team-key:" + team.encode()
             )
         except InvalidTag:
-            raise ContentUnavailable(f"the data key of team {team!r} does not unwrap") from None
+            raise ContentUnavailable(
+                f"the data key of team {team!r} does not unwrap with this master key "
+                "(every replica needs the same audit master key)"
+            ) from None
 
 
 def new_data_key() -> bytes:
