@@ -14,7 +14,20 @@ fi
 [ -n "$PY" ] || { echo "Python >= 3.11 is required" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+if [ "${1:-}" = "--dev" ]; then
+  extra="[dev]"
+  # python-ldap builds against libldap; the LDAP tests run a real OpenLDAP slapd; the OIDC
+  # tests run a real oidc-provider under Node (installed from npm into ~/.cache on first use).
+  need=()
+  for pkg in libldap2-dev libsasl2-dev slapd; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
+  if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import bastion" 
 bash scripts/install-engine.sh 2>&1 | grep -v "^WARNING: Location"

@@ -365,3 +365,38 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+# -- identity providers ---------------------------------------------------------------------------
+#: The OIDC provider's users: one client each (client credentials), with the claims it carries.
+OIDC_USERS: dict[str, dict[str, Any]] = {
+    "alice-cli": {
+        "preferred_username": "alice",
+        "email": "alice@bank.test",
+        "groups": ["risk-analysts", "gpu-users"],
+    },
+    "bob-cli": {"preferred_username": "bob", "groups": ["trading"]},
+    "carol-cli": {"preferred_username": "carol", "groups": ["bastion-auditors"]},
+}
+
+
+@pytest.fixture(scope="session")
+def oidc_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real OIDC provider (oidc-provider under Node) on loopback, for the whole session."""
+    from tests.identity.oidc_provider import OidcProvider
+
+    with OidcProvider(OIDC_USERS, tmp_path_factory.mktemp("oidc") / "provider.log") as op:
+        yield op
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real OpenLDAP slapd (TLS, users, nested groups) on loopback, for the whole session."""
+    from tests.identity.slapd import Slapd
+
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -66,3 +66,24 @@ def test_example_config_is_valid() -> None:
 def test_config_reference_is_current() -> None:
     """docs/config.md is generated from the settings; regenerate with `bastion config docs`."""
     assert (ROOT / "docs/config.md").read_text() == render_config_reference()
+
+
+def test_identity_providers_are_checked_at_start() -> None:
+    idp = {"issuer": "https://idp.bank.test", "audience": "bastion"}
+    assert "algorithm 'none' is never allowed" in _err(
+        {"identity": {"oidc": [{**idp, "algorithms": ["none"]}]}}
+    )
+    assert "do not mix HS* with asymmetric" in _err(
+        {"identity": {"oidc": [{**idp, "algorithms": ["HS256", "RS256"], "jwks_file": "k"}]}}
+    )
+    assert "identity.group_mappings[0].team: unknown team 'ghost'" in _err(
+        {"identity": {"group_mappings": [{"group": "g", "team": "ghost"}]}}
+    )
+    ok = parse_settings(
+        {
+            "identity": {"oidc": [idp], "group_mappings": [{"group": "g", "team": "t"}]},
+            "cost_centers": {"cc": {}},
+            "teams": {"t": {"cost_center": "cc"}},
+        }
+    )
+    assert ok.identity.oidc[0].algorithms == ["RS256"]

@@ -33,6 +33,7 @@ from bastion.gateway.errors import AuthenticationFailed, BastionError, InvalidRe
 from bastion.gateway.pipeline import Gateway, error_response
 from bastion.identity.directory import open_database
 from bastion.identity.keys import KeyStore
+from bastion.identity.sso import SsoAuthenticator
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.policy.admission import Admission
@@ -58,7 +59,8 @@ def build_app(
     routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}
     deployments = [d for r in routes.values() for d in r.deployments]
     client = EngineClient()
-    keys = KeyStore(db, settings.identity.key_refresh_seconds)
+    sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
+    keys = KeyStore(db, settings.identity.key_refresh_seconds, sso)
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, _counters(settings), db, metrics)
     gateway = Gateway(settings, keys, usage, client, metrics, routes, admission, audit)

@@ -70,6 +70,34 @@ class AdminSettings(_Strict):
     )
 
 
+class OidcIssuer(_Strict):
+    issuer: str = Field(description="The IdP's issuer URL, exactly as in its tokens' `iss`.")
+    audience: str = Field(description="The `aud` Bastion's tokens carry (exact match).")
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256"],
+        description="Signature algorithms accepted from this issuer (pinned: the token header "
+        "never chooses; `none` is refused).",
+    )
+    jwks_url: str | None = Field(
+        None, description="Signing keys URL (default: from the issuer's OIDC discovery)."
+    )
+    jwks_file: str | None = Field(
+        None, description="A local JWKS file instead of any network fetch (air-gapped)."
+    )
+    user_claim: str = Field("sub", description="Claim naming the user (e.g. preferred_username).")
+    email_claim: str = Field("email", description="Claim with the e-mail address.")
+    groups_claim: str = Field("groups", description="Claim listing the user's groups.")
+    leeway_seconds: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+
+
+class GroupMapping(_Strict):
+    group: str = Field(description="A group name as the IdP or directory reports it.")
+    team: str = Field(description="The team its members act for (charged, limited, audited).")
+    role: Literal["member", "auditor"] = Field(
+        "member", description="member: calls models; auditor: reads the audit trail only."
+    )
+
+
 class IdentitySettings(_Strict):
     key_refresh_seconds: float = Field(
         2.0,
@@ -78,6 +106,27 @@ class IdentitySettings(_Strict):
         description="How often each replica re-reads keys changed elsewhere (revocations made "
         "by another replica or the CLI take effect within this time).",
     )
+    oidc: list[OidcIssuer] = Field(
+        default_factory=list,
+        description="Identity providers whose JWTs are accepted as `Authorization: Bearer` "
+        "next to API keys (validated per RFC 8725).",
+    )
+    group_mappings: list[GroupMapping] = Field(
+        default_factory=list,
+        description="Group → team and role, first match wins; a user in no mapped group is "
+        "refused (403).",
+    )
+
+    @model_validator(mode="after")
+    def _issuers(self) -> IdentitySettings:
+        from bastion.identity.oidc import IssuerSettings
+
+        for i, issuer in enumerate(self.oidc):
+            try:
+                IssuerSettings(**issuer.model_dump())
+            except ValueError as exc:
+                raise ValueError(f"oidc[{i}]: {exc}") from None
+        return self
 
 
 class AuditSettings(_Strict):
@@ -341,6 +390,9 @@ class Settings(_Strict):
         for m in self.prices:
             if m not in self.models:
                 errors.append(f"prices.{m}: unknown model {m!r}")
+        for i, gm in enumerate(self.identity.group_mappings):
+            if gm.team not in self.teams:
+                errors.append(f"identity.group_mappings[{i}].team: unknown team {gm.team!r}")
         if errors:
             raise ValueError("; ".join(errors))
         return self

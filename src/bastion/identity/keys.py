@@ -25,7 +25,9 @@ from sqlalchemy import Engine, select
 from bastion.config import LimitSettings
 from bastion.gateway.errors import AuthenticationFailed
 from bastion.identity.directory import DirectoryError, Team, load_teams
+from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.principal import Principal
+from bastion.identity.sso import SsoAuthenticator
 from bastion.store.schema import api_keys
 
 log = logging.getLogger("bastion.identity")
@@ -205,8 +207,9 @@ class KeyStore:
     NEGATIVE_TTL = 1.0
     NEGATIVE_MAX = 10_000
 
-    def __init__(self, engine: Engine, refresh_seconds: float):
+    def __init__(self, engine: Engine, refresh_seconds: float, sso: SsoAuthenticator | None = None):
         self._engine = engine
+        self._sso = sso
         self._refresh = refresh_seconds
         self._by_hash: dict[str, KeyRecord] = {}
         self._teams: dict[str, Team] = {}
@@ -276,6 +279,8 @@ class KeyStore:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
+        if self._sso is not None and not token.startswith(KEY_PREFIX) and looks_like_jwt(token):
+            return await self._sso.authenticate(token, self._teams)
         if not token.startswith(KEY_PREFIX) or len(token) > 256:
             raise AuthenticationFailed("Incorrect API key provided.")
         key_hash = hash_key(token)

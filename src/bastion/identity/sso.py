@@ -1,0 +1,48 @@
+"""Single sign-on callers: an IdP's JWT in place of an API key, mapped to a team and a role.
+
+The token is validated by `oidc.py` (RFC 8725: pinned algorithms, issuer, audience, expiry);
+its groups are mapped through `identity.group_mappings`, first match wins. The caller is the
+token's user, acting for the mapped team: charged, limited and audited as that team, with a
+stable synthetic key id per (issuer, subject), so per-key limits and usage reports work too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from bastion.config import IdentitySettings
+from bastion.gateway.errors import AuthenticationFailed, PermissionDenied
+from bastion.identity.directory import Team
+from bastion.identity.oidc import InvalidToken, IssuerSettings, OidcValidator
+from bastion.identity.principal import Principal
+
+
+class SsoAuthenticator:
+    def __init__(self, settings: IdentitySettings):
+        self.validator = OidcValidator([IssuerSettings(**i.model_dump()) for i in settings.oidc])
+        self.mappings = settings.group_mappings
+
+    async def authenticate(self, token: str, teams: dict[str, Team]) -> Principal:
+        try:
+            who = await self.validator.validate(token)
+        except InvalidToken as exc:  # logged by the validator, without the token
+            raise AuthenticationFailed(
+                f"The bearer token was rejected: {exc.reason}.", code="invalid_token"
+            ) from None
+        mapping = next((m for m in self.mappings if m.group in who.groups), None)
+        if mapping is None:
+            raise PermissionDenied(
+                f"Signed in as {who.user}, but none of your groups is mapped to a Bastion "
+                "team: ask your administrator for access.",
+                code="no_mapped_group",
+            )
+        team = teams.get(mapping.team)
+        if team is None:
+            raise PermissionDenied(
+                f"Your group maps to team '{mapping.team}', which does not exist.",
+                code="no_mapped_group",
+            )
+        key_id = "sso_" + hashlib.sha256(f"{who.issuer}\0{who.subject}".encode()).hexdigest()[:16]
+        return Principal(
+            key_id, team.name, team.cost_center, who.user, team.models, None, mapping.role
+        )
