@@ -31,6 +31,7 @@ from bastion.config import Settings
 from bastion.engines.client import EngineClient
 from bastion.gateway.errors import AuthenticationFailed, BastionError, InvalidRequest, NotFound
 from bastion.gateway.pipeline import Gateway, error_response
+from bastion.identity import api as identity_api
 from bastion.identity.directory import open_database
 from bastion.identity.keys import KeyStore
 from bastion.identity.sso import SsoAuthenticator
@@ -61,6 +62,12 @@ def build_app(
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
     keys = KeyStore(db, settings.identity.key_refresh_seconds, sso)
+    if settings.identity.ldap is not None:
+        from bastion.identity.ldap_login import DirectoryLogin
+
+        keys.login = DirectoryLogin(
+            settings.identity, db, audit.event if audit is not None else None
+        )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, _counters(settings), db, metrics)
     gateway = Gateway(settings, keys, usage, client, metrics, routes, admission, audit)
@@ -72,6 +79,8 @@ def build_app(
         await keys.start()
         if audit is not None:
             await audit.start()  # before any request: recovers what a crash left behind
+        if keys.login is not None:
+            keys.login.start()
         usage.start()
         health.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic GC's
@@ -84,6 +93,8 @@ def build_app(
         finally:
             await health.stop()
             await keys.stop()
+            if keys.login is not None:
+                await keys.login.stop()
             await admission.close()
             await client.close()
             usage.close()  # drains every queued usage record before the process exits
@@ -174,6 +185,7 @@ def build_app(
     admin_app.include_router(admin_router)
     admin_app.include_router(audit_api.router)
     admin_app.include_router(audit_api.admin_router)
+    admin_app.include_router(identity_api.router)
     _install_error_handlers(admin_app)
     app = Starlette(
         lifespan=lifespan,

@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_db_upgrade)
 
     from bastion.audit.cli import add_parser as add_audit_parser
+    from bastion.identity.cli import add_parsers as add_identity_parsers
+
+    add_identity_parsers(sub, keys, common)
 
     add_audit_parser(sub, common)
 

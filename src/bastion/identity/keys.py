@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
@@ -27,7 +28,11 @@ from bastion.gateway.errors import AuthenticationFailed
 from bastion.identity.directory import DirectoryError, Team, load_teams
 from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.principal import Principal
+from bastion.identity.sessions import SESSION_PREFIX
 from bastion.identity.sso import SsoAuthenticator
+
+if TYPE_CHECKING:
+    from bastion.identity.ldap_login import DirectoryLogin
 from bastion.store.schema import api_keys
 
 log = logging.getLogger("bastion.identity")
@@ -61,6 +66,7 @@ class KeyRecord:
     revoked_at: datetime | None
     limits: LimitSettings | None = None
     role: str = "member"
+    source: str = "admin"
 
     @classmethod
     def from_row(cls, r) -> KeyRecord:  # type: ignore[no-untyped-def]
@@ -77,6 +83,7 @@ class KeyRecord:
             _utc(r.revoked_at),
             LimitSettings.model_validate(r.limits) if r.limits else None,
             r.role or "member",
+            r.source or "admin",
         )  # type: ignore[arg-type]
 
     def status(self, now: datetime) -> str:
@@ -102,6 +109,7 @@ class KeyRecord:
             "status": self.status(now),
             "limits": self.limits.model_dump(exclude_none=True) if self.limits else None,
             "role": self.role,
+            "source": self.source,
         }
 
 
@@ -116,6 +124,7 @@ def create_key(
     name: str = "",
     limits: LimitSettings | None = None,
     role: str = "member",
+    source: str = "admin",
 ) -> tuple[KeyRecord, str]:
     """Creates a key and returns it with its plaintext, which is never stored or shown again."""
     if role not in ROLES:
@@ -144,6 +153,7 @@ def create_key(
         "updated_at": now,
         "limits": _limits_json(limits),
         "role": role,
+        "source": source,
     }
     with engine.begin() as conn:
         conn.execute(api_keys.insert(), row)
@@ -200,6 +210,36 @@ def revoke_key(engine: Engine, key_id: str) -> KeyRecord:
     return rec
 
 
+def self_service_owners(engine: Engine) -> dict[str, set[str]]:
+    """Users holding live self-service keys, with the teams of those keys."""
+    q = select(api_keys.c.user, api_keys.c.team).where(
+        api_keys.c.source == "self-service", api_keys.c.revoked_at.is_(None)
+    )
+    out: dict[str, set[str]] = {}
+    with engine.connect() as conn:
+        for user, team in conn.execute(q):
+            out.setdefault(user, set()).add(team)
+    return out
+
+
+def revoke_self_service(engine: Engine, user: str, keep_team: str | None) -> list[KeyRecord]:
+    """Revokes the user's self-service keys, except those of `keep_team`; returns them."""
+    now = datetime.now(UTC)
+    q = api_keys.c.user == user
+    q &= (api_keys.c.source == "self-service") & api_keys.c.revoked_at.is_(None)
+    if keep_team is not None:
+        q &= api_keys.c.team != keep_team
+    with engine.begin() as conn:
+        rows = conn.execute(select(api_keys).where(q)).all()
+        if rows:
+            ids = [r.id for r in rows]
+            conn.execute(
+                api_keys.update().where(api_keys.c.id.in_(ids)),
+                {"revoked_at": now, "updated_at": now},
+            )
+    return [get_key(engine, r.id) for r in rows]  # type: ignore[misc]
+
+
 class KeyStore:
     """Authenticates bearer tokens against the cached key table; never blocks the event loop."""
 
@@ -210,6 +250,8 @@ class KeyStore:
     def __init__(self, engine: Engine, refresh_seconds: float, sso: SsoAuthenticator | None = None):
         self._engine = engine
         self._sso = sso
+        #: Directory logins (`bastion login` session tokens), when LDAP is configured.
+        self.login: DirectoryLogin | None = None
         self._refresh = refresh_seconds
         self._by_hash: dict[str, KeyRecord] = {}
         self._teams: dict[str, Team] = {}
@@ -279,6 +321,8 @@ class KeyStore:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
+        if self.login is not None and token.startswith(SESSION_PREFIX):
+            return await self.login.principal(token, self._teams)
         if self._sso is not None and not token.startswith(KEY_PREFIX) and looks_like_jwt(token):
             return await self._sso.authenticate(token, self._teams)
         if not token.startswith(KEY_PREFIX) or len(token) > 256:

@@ -61,6 +61,9 @@ api_keys = Table(
     Column("limits", JSON, nullable=True),
     # member: calls /v1; auditor: reads the audit trail and usage only (no /v1).
     Column("role", String(16), nullable=False, server_default="member"),
+    # admin: made by an administrator; self-service: minted by the user after `bastion login`
+    # (revoked when the directory no longer maps the user to the key's team).
+    Column("source", String(16), nullable=False, server_default="admin"),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),

@@ -1,0 +1,131 @@
+"""`/auth/…`: directory sign-in and self-service keys.
+
+`POST /auth/login` turns directory credentials into a session token (`bastion login` calls it).
+A signed-in user (session token or SSO JWT) may mint API keys for their own team and see and
+revoke their own keys — never anyone else's (404, as if it did not exist). Logins, failed ones
+included, and key changes are written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from pydantic import BaseModel, Field
+
+from bastion.gateway.errors import BastionError, InvalidRequest, NotFound, PermissionDenied
+from bastion.identity.directory import DirectoryError
+from bastion.identity.keys import create_key, get_key, list_keys, revoke_key
+from bastion.identity.principal import Principal
+from bastion.timeutil import parse_duration
+
+if TYPE_CHECKING:  # python-ldap is an optional extra
+    from bastion.identity.ldap_login import DirectoryLogin
+
+router = APIRouter(prefix="/auth", tags=["sign-in and self-service keys"])
+
+
+class LoginIn(BaseModel):
+    username: str = Field(min_length=1, max_length=256)
+    password: str = Field(min_length=1, max_length=1024, repr=False)
+
+
+class SelfKeyIn(BaseModel):
+    name: str = Field("", max_length=256, description="A label, e.g. the application.")
+    expires_in: str | None = Field("90d", description="Lifetime, e.g. 30d; null: never.")
+
+
+async def _record(request: Request, kind: str, **fields: Any) -> None:
+    trail = request.app.state.audit
+    if trail is not None:
+        await trail.event(kind, **fields)
+
+
+def _login(request: Request) -> DirectoryLogin:
+    login = request.app.state.admin.keys.login
+    if login is None:
+        raise NotFound("Directory sign-in is not configured (identity.ldap).", code="not_found")
+    return login  # type: ignore[no-any-return]
+
+
+@router.post("/login")
+async def login(body: LoginIn, request: Request) -> dict[str, Any]:
+    directory = _login(request)
+    source = request.client.host if request.client else None
+    try:
+        result = await directory.login(body.username, body.password)
+    except BastionError as exc:
+        await _record(
+            request, "auth", actor=body.username, action="login.failed", source=source,
+            reason=exc.code,
+        )  # fmt: skip
+        raise
+    await _record(
+        request, "auth", actor=result["user"], action="login", team=result["team"],
+        source=source, after={"role": result["role"]},
+    )  # fmt: skip
+    return result
+
+
+async def signed_in(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    who: Principal = await request.app.state.admin.keys.authenticate(authorization)
+    if not who.key_id.startswith(("ses_", "sso_")) or who.user is None:
+        raise PermissionDenied(
+            "Self-service keys need a signed-in user (bastion login, or your SSO token).",
+            code="sign_in_required",
+        )
+    return who
+
+
+User = Annotated[Principal, Depends(signed_in)]
+
+
+def _mine(request: Request, who: Principal, key_id: str) -> Any:
+    rec = get_key(request.app.state.admin.db, key_id)
+    if rec is None or rec.user != who.user or rec.team != who.team:
+        raise NotFound(f"No key with id '{key_id}'.", code="key_not_found")
+    return rec
+
+
+@router.get("/keys")
+async def my_keys(request: Request, who: User) -> list[dict[str, Any]]:
+    keys = await asyncio.to_thread(list_keys, request.app.state.admin.db, who.team)
+    now = datetime.now(UTC)
+    return [k.public(now) for k in keys if k.user == who.user]
+
+
+@router.post("/keys", status_code=201)
+async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, Any]:
+    if who.role != "member":
+        raise PermissionDenied(
+            "Only members may create keys to call models.", code="role_not_allowed"
+        )
+    ctx = request.app.state.admin
+    try:
+        expires = parse_duration(body.expires_in) if body.expires_in else None
+        rec, token = await asyncio.to_thread(
+            lambda: create_key(
+                ctx.db, team=who.team, user=who.user, name=body.name, expires_in=expires,
+                known_models=set(ctx.settings.models), source="self-service",
+            )
+        )  # fmt: skip
+    except (DirectoryError, ValueError) as exc:
+        raise InvalidRequest(str(exc), code="invalid_value") from None
+    await _record(request, "admin", actor=who.user, action="key.create", team=who.team,
+                  after=rec.public())  # fmt: skip
+    return {**rec.public(), "key": token}
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_my_key(key_id: str, request: Request, who: User) -> dict[str, Any]:
+    ctx = request.app.state.admin
+    await asyncio.to_thread(_mine, request, who, key_id)
+    rec = await asyncio.to_thread(revoke_key, ctx.db, key_id)
+    ctx.keys.update(rec)
+    await _record(request, "admin", actor=who.user, action="key.revoke", team=who.team,
+                  after=rec.public())  # fmt: skip
+    return rec.public()

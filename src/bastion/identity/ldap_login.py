@@ -1,0 +1,156 @@
+"""Directory logins: LDAP / Active Directory credentials → a session token, and keeping it honest.
+
+`login` checks the password against the directory (search-then-bind, ldap.py), maps the user's
+groups to a team and role (`identity.group_mappings`, first match wins) and issues a session
+token (sessions.py). Every use of a session re-reads the user's groups once they are older than
+`identity.group_cache_seconds`; a user no longer mapped to the same team and role loses the
+session at once. A sweep on the same period revokes self-service keys whose owner the directory
+no longer maps to the key's team, so leaving a group ends every access within that period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import Engine
+
+from bastion.config import GroupMapping, IdentitySettings
+from bastion.gateway.errors import AuthenticationFailed, BastionError, PermissionDenied
+from bastion.identity.directory import Team
+from bastion.identity.keys import revoke_self_service, self_service_owners
+from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
+from bastion.identity.principal import Principal
+from bastion.identity.sessions import Sessions
+
+log = logging.getLogger("bastion.identity")
+Recorder = Callable[..., Awaitable[None]]
+
+
+class DirectoryDown(BastionError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "directory_unavailable"
+    outcome = "directory_unavailable"
+
+
+class DirectoryLogin:
+    def __init__(self, identity: IdentitySettings, db: Engine, record: Recorder | None = None):
+        assert identity.ldap is not None
+        self.directory = LdapDirectory(LdapConfig(**identity.ldap.model_dump()))
+        self.sessions = Sessions(identity)
+        self.mappings = identity.group_mappings
+        self.period = identity.group_cache_seconds
+        self.db = db
+        self.record = record
+        #: username → (when the directory was last asked, the mapping it gave then)
+        self.checked: dict[str, tuple[float, GroupMapping | None]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def map(self, groups: tuple[str, ...]) -> GroupMapping | None:
+        return next((m for m in self.mappings if m.group in groups), None)
+
+    async def login(self, username: str, password: str) -> dict[str, Any]:
+        try:
+            user = await self.directory.authenticate(username, password)
+        except LoginFailed:
+            raise AuthenticationFailed(
+                "Invalid username or password.", code="invalid_credentials"
+            ) from None
+        except DirectoryUnavailable as exc:
+            log.error("directory unavailable for a login: %s", exc.reason)
+            raise DirectoryDown("The directory cannot be reached; try again shortly.") from None
+        mapping = self.map(user.groups)
+        if mapping is None:
+            raise PermissionDenied(
+                f"Signed in as {user.username}, but none of your groups is mapped to a Bastion "
+                "team: ask your administrator for access.",
+                code="no_mapped_group",
+            )
+        self.checked[user.username] = (time.monotonic(), mapping)
+        token, expires = self.sessions.issue(user.username, mapping.team, mapping.role)
+        return {
+            "token": token,
+            "expires_at": expires,
+            "user": user.username,
+            "team": mapping.team,
+            "role": mapping.role,
+        }
+
+    async def principal(self, token: str, teams: dict[str, Team]) -> Principal:
+        claims = self.sessions.verify(token)
+        user = str(claims["sub"])
+        mapping = await self._current(user)
+        if mapping is None or (mapping.team, mapping.role) != (claims["team"], claims["role"]):
+            raise AuthenticationFailed(
+                "Your directory groups changed since you signed in: sign in again.",
+                code="session_revoked",
+            )
+        team = teams.get(mapping.team)
+        if team is None:
+            raise PermissionDenied(
+                f"Your group maps to team '{mapping.team}', which does not exist.",
+                code="no_mapped_group",
+            )
+        key_id = "ses_" + hashlib.sha256(user.encode()).hexdigest()[:16]
+        return Principal(key_id, team.name, team.cost_center, user, team.models, None, mapping.role)
+
+    async def _current(self, user: str) -> GroupMapping | None:
+        seen = self.checked.get(user)
+        if seen is not None and time.monotonic() - seen[0] < self.period:
+            return seen[1]
+        try:
+            entry = await self.directory.groups_of(user)
+        except DirectoryUnavailable as exc:
+            log.error("directory unavailable re-checking %s: %s", user, exc.reason)
+            raise DirectoryDown("The directory cannot be reached; try again shortly.") from None
+        mapping = self.map(entry.groups) if entry is not None else None
+        self.checked[user] = (time.monotonic(), mapping)
+        return mapping
+
+    # -- keeping self-service keys in step with the directory --------------------------------------
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="bastion-key-sweep")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("self-service key sweep failed; retrying next period")
+
+    async def sweep(self) -> int:
+        """Revokes self-service keys of users the directory no longer maps to their team."""
+        revoked = 0
+        owners = await asyncio.to_thread(self_service_owners, self.db)
+        for user, key_teams in owners.items():
+            entry = await self.directory.groups_of(user)
+            mapping = self.map(entry.groups) if entry is not None else None
+            self.checked[user] = (time.monotonic(), mapping)
+            keep = mapping.team if mapping is not None and mapping.role == "member" else None
+            if keep is not None and key_teams == {keep}:
+                continue
+            for rec in await asyncio.to_thread(revoke_self_service, self.db, user, keep):
+                revoked += 1
+                log.warning(
+                    "revoked self-service key %s of %s: group membership ended", rec.id, user
+                )
+                if self.record is not None:
+                    await self.record(
+                        "admin",
+                        actor="directory-sweep",
+                        action="key.revoke",
+                        team=rec.team,
+                        after=rec.public(),
+                        reason=f"{user} is no longer mapped to team {rec.team}",
+                    )
+        return revoked
