@@ -310,9 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="a label, e.g. the application using it")
     s.add_argument(
         "--role",
-        choices=["member", "auditor"],
+        choices=["member", "team-admin", "admin", "auditor"],
         default="member",
-        help="member: calls models (default); auditor: reads the audit trail only",
+        help="member: calls models (default); team-admin: also manages its team's keys; "
+        "admin: the admin API; auditor: reads the audit trail and usage only",
     )
     _add_limit_flags(s)
     s.set_defaults(func=cmd_keys_create)

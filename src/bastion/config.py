@@ -119,8 +119,11 @@ class LdapSettings(_Strict):
 class GroupMapping(_Strict):
     group: str = Field(description="A group name as the IdP or directory reports it.")
     team: str = Field(description="The team its members act for (charged, limited, audited).")
-    role: Literal["member", "auditor"] = Field(
-        "member", description="member: calls models; auditor: reads the audit trail only."
+    role: Literal["member", "team-admin", "admin", "auditor"] = Field(
+        "member",
+        description="member: calls models, mints own keys; team-admin: also manages the "
+        "team's keys and sees its usage; admin: everything but audit contents; auditor: reads "
+        "the audit trail and usage only.",
     )
 
 

@@ -25,9 +25,11 @@ from bastion.gateway.errors import (
     InvalidRequest,
     LimitsUnavailable,
     NotFound,
+    PermissionDenied,
 )
 from bastion.identity import directory
 from bastion.identity.keys import (
+    KeyRecord,
     KeyStore,
     create_key,
     get_key,
@@ -35,6 +37,8 @@ from bastion.identity.keys import (
     revoke_key,
     set_key_limits,
 )
+from bastion.identity.oidc import looks_like_jwt
+from bastion.identity.roles import Actor
 from bastion.metering.reports import summarize
 from bastion.policy.admission import BACKEND_ERRORS, Admission
 from bastion.policy.status import limit_status
@@ -53,24 +57,67 @@ def _ctx(request: Request) -> AdminContext:
     return request.app.state.admin  # type: ignore[no-any-return]
 
 
-def require_admin(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> AdminContext:
+@dataclass
+class AdminAccess:
+    """The admin context, and who is acting (and so what they may see)."""
+
+    ctx: AdminContext
+    actor: Actor
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    @property
+    def db(self) -> Engine:
+        return self.ctx.db
+
+    @property
+    def keys(self) -> KeyStore:
+        return self.ctx.keys
+
+    @property
+    def admission(self) -> Admission:
+        return self.ctx.admission
+
+
+async def _actor(request: Request, authorization: str | None) -> Actor:
     ctx = _ctx(request)
     expected = ctx.settings.admin.key
     scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
     if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(token.strip().encode(), expected.encode())
+        expected is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(token.encode(), expected.encode())
     ):
+        return Actor("admin", None, "admin-key")
+    if not token.startswith(("bst-", "bss-")) and not looks_like_jwt(token):
         raise AuthenticationFailed(
-            "A valid admin key is required for /admin.", code="invalid_admin_key"
+            "A valid admin key or a signed-in administrator is required for /admin.",
+            code="invalid_admin_key",
         )
-    return ctx
+    who = await ctx.keys.authenticate(authorization)
+    return Actor(who.role, who.team, who.user or who.key_id)
 
 
-Admin = Annotated[AdminContext, Depends(require_admin)]
+def _needs(*roles: str) -> Any:
+    async def dependency(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> AdminAccess:
+        actor = await _actor(request, authorization)
+        if actor.role not in roles:
+            raise PermissionDenied(
+                f"This needs the {' or '.join(roles)} role.", code="role_not_allowed"
+            )
+        return AdminAccess(_ctx(request), actor)
+
+    return dependency
+
+
+Admin = Annotated[AdminAccess, Depends(_needs("admin"))]
+Manager = Annotated[AdminAccess, Depends(_needs("admin", "team-admin"))]
+Reader = Annotated[AdminAccess, Depends(_needs("admin", "team-admin", "auditor"))]
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
@@ -94,8 +141,10 @@ class KeyIn(BaseModel):
     limits: LimitSettings | None = Field(
         None, description="This key's own limits (none: `limits.defaults.key`)."
     )
-    role: Literal["member", "auditor"] = Field(
-        "member", description="member: calls models; auditor: reads the audit trail only."
+    role: Literal["member", "team-admin", "admin", "auditor"] = Field(
+        "member",
+        description="member: calls models; team-admin: also manages its team's keys; admin: "
+        "everything but audit contents; auditor: reads the audit trail and usage only.",
     )
 
 
@@ -118,12 +167,12 @@ class NewKeyOut(KeyOut):
     key: str = Field(description="The secret key. Shown only in this response.")
 
 
-def _record(request: Request, action: str, **fields: Any) -> None:
+def _record(request: Request, ctx: AdminAccess, action: str, **fields: Any) -> None:
     """Writes the change to the audit trail (from the worker thread sync handlers run in)."""
     trail = request.app.state.audit
     if trail is not None:
         anyio.from_thread.run(
-            functools.partial(trail.event, "admin", actor="admin-key", action=action, **fields)
+            functools.partial(trail.event, "admin", actor=ctx.actor.name, action=action, **fields)
         )
 
 
@@ -142,12 +191,12 @@ def post_cost_center(body: CostCenterIn, ctx: Admin, request: Request) -> dict[s
         directory.create_cost_center(ctx.db, body.name, body.display_name)
     except directory.DirectoryError as exc:
         raise _bad(exc) from None
-    _record(request, "cost_center.create", after=body.model_dump())
+    _record(request, ctx, "cost_center.create", after=body.model_dump())
     return {"name": body.name, "display_name": body.display_name, "source": "api"}
 
 
 @router.get("/teams")
-def get_teams(ctx: Admin) -> list[dict[str, Any]]:
+def get_teams(ctx: Manager) -> list[dict[str, Any]]:
     return [
         {
             "name": t.name,
@@ -156,6 +205,7 @@ def get_teams(ctx: Admin) -> list[dict[str, Any]]:
             "models": sorted(t.models) if t.models is not None else None,
         }
         for t in sorted(directory.load_teams(ctx.db).values(), key=lambda t: t.name)
+        if ctx.actor.may_manage(t.name)
     ]
 
 
@@ -165,7 +215,7 @@ def post_team(body: TeamIn, ctx: Admin, request: Request) -> dict[str, Any]:
         directory.create_team(ctx.db, ctx.settings, body.name, body.cost_center, body.models)
     except directory.DirectoryError as exc:
         raise _bad(exc) from None
-    _record(request, "team.create", team=body.name, after=body.model_dump())
+    _record(request, ctx, "team.create", team=body.name, after=body.model_dump())
     return {
         "name": body.name,
         "cost_center": body.cost_center,
@@ -175,13 +225,16 @@ def post_team(body: TeamIn, ctx: Admin, request: Request) -> dict[str, Any]:
 
 
 @router.get("/keys")
-def get_keys(ctx: Admin, team: str | None = None) -> list[KeyOut]:
+def get_keys(ctx: Manager, team: str | None = None) -> list[KeyOut]:
     now = datetime.now(UTC)
-    return [KeyOut(**k.public(now)) for k in list_keys(ctx.db, team)]  # type: ignore[arg-type]
+    return [KeyOut(**k.public(now)) for k in list_keys(ctx.db, ctx.actor.team_scope(team))]  # type: ignore[arg-type]
 
 
 @router.post("/keys", status_code=201)
-def post_key(body: KeyIn, ctx: Admin, request: Request) -> NewKeyOut:
+def post_key(body: KeyIn, ctx: Manager, request: Request) -> NewKeyOut:
+    ctx.actor.team_scope(body.team)
+    if ctx.actor.role != "admin" and body.role != "member":
+        raise PermissionDenied("Only an admin creates keys with roles.", code="role_not_allowed")
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
         rec, token = create_key(
@@ -198,7 +251,7 @@ def post_key(body: KeyIn, ctx: Admin, request: Request) -> NewKeyOut:
     except (directory.DirectoryError, ValueError) as exc:
         raise _bad(exc) from None
     try:
-        _record(request, "key.create", team=rec.team, after=rec.public())
+        _record(request, ctx, "key.create", team=rec.team, after=rec.public())
     except Exception:
         revoke_key(ctx.db, rec.id)  # nothing unrecorded stays usable
         raise
@@ -206,28 +259,34 @@ def post_key(body: KeyIn, ctx: Admin, request: Request) -> NewKeyOut:
 
 
 @router.get("/keys/{key_id}")
-def get_one_key(key_id: str, ctx: Admin) -> KeyOut:
+def get_one_key(key_id: str, ctx: Manager) -> KeyOut:
+    return KeyOut(**_managed_key(ctx, key_id).public())  # type: ignore[arg-type]
+
+
+def _managed_key(ctx: AdminAccess, key_id: str) -> KeyRecord:
+    """The key, if the actor may manage it; otherwise 404, as if it did not exist."""
     rec = get_key(ctx.db, key_id)
-    if rec is None:
+    if rec is None or not ctx.actor.may_manage(rec.team):
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found")
-    return KeyOut(**rec.public())  # type: ignore[arg-type]
+    return rec
 
 
 @router.post("/keys/{key_id}/revoke")
-def post_revoke(key_id: str, ctx: Admin, request: Request) -> KeyOut:
+def post_revoke(key_id: str, ctx: Manager, request: Request) -> KeyOut:
+    _managed_key(ctx, key_id)
     try:
         rec = revoke_key(ctx.db, key_id)
     except directory.DirectoryError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)  # immediate on this replica; others pick it up on their next poll
-    _record(request, "key.revoke", team=rec.team, after=rec.public())
+    _record(request, ctx, "key.revoke", team=rec.team, after=rec.public())
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 
 @router.put("/keys/{key_id}/limits")
-def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin, request: Request) -> KeyOut:
+def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager, request: Request) -> KeyOut:
     """Replaces the key's own limits; an empty object returns it to `limits.defaults.key`."""
-    before = get_key(ctx.db, key_id)
+    before = _managed_key(ctx, key_id)
     try:
         rec = set_key_limits(ctx.db, key_id, body)
     except directory.DirectoryError:
@@ -235,6 +294,7 @@ def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin, request: Reques
     ctx.keys.update(rec)
     _record(
         request,
+        ctx,
         "key.limits",
         team=rec.team,
         before=before.public() if before else None,
@@ -244,8 +304,9 @@ def put_key_limits(key_id: str, body: LimitSettings, ctx: Admin, request: Reques
 
 
 @router.get("/limits")
-async def get_limits(ctx: Admin, team: str | None = None) -> list[dict[str, Any]]:
+async def get_limits(ctx: Manager, team: str | None = None) -> list[dict[str, Any]]:
     """Usage against every configured limit (of one team, its cost center and its keys)."""
+    team = ctx.actor.team_scope(team)
     keys = await asyncio.to_thread(list_keys, ctx.db, team)
     try:
         return await limit_status(ctx.admission, ctx.settings, keys, team)
@@ -255,7 +316,7 @@ async def get_limits(ctx: Admin, team: str | None = None) -> list[dict[str, Any]
 
 @router.get("/usage")
 def get_usage(
-    ctx: Admin,
+    ctx: Reader,
     by: Literal["team", "cost-center", "model", "day", "key", "user"] = "team",
     since: Annotated[str | None, Query(description="e.g. 7d or 2026-11-01")] = None,
     until: str | None = None,
@@ -266,4 +327,4 @@ def get_usage(
         end = parse_time(until) if until else None
     except ValueError as exc:
         raise _bad(exc) from None
-    return summarize(ctx.db, by, start, end, team)
+    return summarize(ctx.db, by, start, end, ctx.actor.team_scope(team))

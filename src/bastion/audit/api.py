@@ -152,9 +152,9 @@ class TeamIn(BaseModel):
     team: str
 
 
-async def _admin_event(request: Request, action: str, **fields: Any) -> AuditTrail:
+async def _admin_event(request: Request, ctx: Any, action: str, **fields: Any) -> AuditTrail:
     trail = _trail(request)
-    await trail.event("admin", actor="admin-key", action=action, **fields)
+    await trail.event("admin", actor=ctx.actor.name, action=action, **fields)
     return trail
 
 
@@ -165,14 +165,14 @@ async def get_holds(request: Request, ctx: Admin) -> list[dict[str, Any]]:
 
 @admin_router.post("/holds", status_code=201)
 async def post_hold(body: HoldIn, request: Request, ctx: Admin) -> dict[str, Any]:
-    await _admin_event(request, "audit.hold", team=body.team, after={"reason": body.reason})
+    await _admin_event(request, ctx, "audit.hold", team=body.team, after={"reason": body.reason})
     placed = await asyncio.to_thread(store.place_hold, ctx.db, body.team, body.reason, "admin-key")
     return {"team": body.team, "placed": placed}
 
 
 @admin_router.delete("/holds/{team}")
 async def delete_hold(team: str, request: Request, ctx: Admin) -> dict[str, Any]:
-    await _admin_event(request, "audit.release", team=team)
+    await _admin_event(request, ctx, "audit.release", team=team)
     if not await asyncio.to_thread(store.release_hold, ctx.db, team):
         raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
     return {"team": team, "released": True}
@@ -181,7 +181,7 @@ async def delete_hold(team: str, request: Request, ctx: Admin) -> dict[str, Any]
 @admin_router.post("/shred")
 async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, Any]:
     """Destroys the team's data keys: its recorded contents become unreadable for good."""
-    await _admin_event(request, "audit.shred", team=body.team)
+    await _admin_event(request, ctx, "audit.shred", team=body.team)
     try:
         destroyed = await asyncio.to_thread(store.shred, ctx.db, body.team)
     except store.AuditStoreError as exc:
@@ -193,7 +193,7 @@ async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, An
 @admin_router.post("/purge")
 async def post_purge(request: Request, ctx: Admin) -> dict[str, Any]:
     """Drops contents past each team's retention (metadata and hashes stay)."""
-    await _admin_event(request, "audit.purge")
+    await _admin_event(request, ctx, "audit.purge")
     purged = await asyncio.to_thread(store.purge, ctx.db, retention_map(ctx.settings))
     return {"purged": purged}
 

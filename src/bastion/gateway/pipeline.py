@@ -39,6 +39,7 @@ from bastion.gateway.protocol import PATHS, Endpoint, ParsedRequest, parse_reque
 from bastion.gateway.relay import Answer, SSERelay, StreamState
 from bastion.identity.keys import KeyStore
 from bastion.identity.principal import Principal
+from bastion.identity.roles import CALLERS
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.policy.admission import Admission, Ticket
@@ -176,7 +177,7 @@ class Gateway:
         return b"".join(chunks)
 
     def _authorize(self, principal: Principal, req: ParsedRequest) -> ModelRoute:
-        if principal.role != "member":
+        if principal.role not in CALLERS:
             raise PermissionDenied(
                 f"An {principal.role} key cannot call models.", code="role_not_allowed"
             )

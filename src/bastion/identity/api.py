@@ -19,6 +19,7 @@ from bastion.gateway.errors import BastionError, InvalidRequest, NotFound, Permi
 from bastion.identity.directory import DirectoryError
 from bastion.identity.keys import create_key, get_key, list_keys, revoke_key
 from bastion.identity.principal import Principal
+from bastion.identity.roles import CALLERS
 from bastion.timeutil import parse_duration
 
 if TYPE_CHECKING:  # python-ldap is an optional extra
@@ -100,10 +101,8 @@ async def my_keys(request: Request, who: User) -> list[dict[str, Any]]:
 
 @router.post("/keys", status_code=201)
 async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, Any]:
-    if who.role != "member":
-        raise PermissionDenied(
-            "Only members may create keys to call models.", code="role_not_allowed"
-        )
+    if who.role not in CALLERS:
+        raise PermissionDenied("Auditors create no keys to call models.", code="role_not_allowed")
     ctx = request.app.state.admin
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None

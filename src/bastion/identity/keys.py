@@ -28,6 +28,7 @@ from bastion.gateway.errors import AuthenticationFailed
 from bastion.identity.directory import DirectoryError, Team, load_teams
 from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.principal import Principal
+from bastion.identity.roles import ROLES
 from bastion.identity.sessions import SESSION_PREFIX
 from bastion.identity.sso import SsoAuthenticator
 
@@ -37,8 +38,6 @@ from bastion.store.schema import api_keys
 
 log = logging.getLogger("bastion.identity")
 KEY_PREFIX = "bst-"
-#: member: calls the models; auditor: reads the audit trail and usage, calls no model.
-ROLES = ("member", "auditor")
 
 
 def hash_key(token: str) -> str:

@@ -25,6 +25,7 @@ from bastion.identity.directory import Team
 from bastion.identity.keys import revoke_self_service, self_service_owners
 from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
 from bastion.identity.principal import Principal
+from bastion.identity.roles import CALLERS
 from bastion.identity.sessions import Sessions
 
 log = logging.getLogger("bastion.identity")
@@ -136,7 +137,7 @@ class DirectoryLogin:
             entry = await self.directory.groups_of(user)
             mapping = self.map(entry.groups) if entry is not None else None
             self.checked[user] = (time.monotonic(), mapping)
-            keep = mapping.team if mapping is not None and mapping.role == "member" else None
+            keep = mapping.team if mapping is not None and mapping.role in CALLERS else None
             if keep is not None and key_teams == {keep}:
                 continue
             for rec in await asyncio.to_thread(revoke_self_service, self.db, user, keep):

@@ -1,0 +1,38 @@
+"""Roles, and what each may see: enforced on every admin, usage and audit endpoint.
+
+- `admin`: everything but reading audit contents.
+- `auditor`: reads the audit trail and usage, changes nothing, calls no model.
+- `team-admin`: manages the keys and sees the usage and limits of their own team.
+- `member`: calls models, and creates and sees their own keys (`/auth/keys`).
+
+Object-level checks answer 404 for another team's objects, exactly as for ones that do not
+exist, so a team-admin learns nothing about other teams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bastion.gateway.errors import NotFound
+
+ROLES = ("member", "team-admin", "admin", "auditor")
+#: Roles whose holders may call models.
+CALLERS = frozenset({"member", "team-admin", "admin"})
+
+
+@dataclass(frozen=True)
+class Actor:
+    role: str
+    team: str | None
+    name: str
+
+    def team_scope(self, team: str | None) -> str | None:
+        """The team a query may cover: as asked for admins and auditors; a team-admin's own."""
+        if self.role in ("admin", "auditor"):
+            return team
+        if team is not None and team != self.team:
+            raise NotFound(f"No team '{team}'.", code="team_not_found")
+        return self.team
+
+    def may_manage(self, team: str) -> bool:
+        return self.role == "admin" or (self.role == "team-admin" and team == self.team)
