@@ -115,3 +115,13 @@ def test_an_auditor_group_reads_the_trail_and_calls_no_model(
     assert (request_entry["user"], request_entry["team"]) == ("alice", "alpha")
     with pytest.raises(openai.PermissionDeniedError):
         _chat(sso_gateway, oidc_provider.token("carol-cli"))
+
+
+def test_sso_roles_apply_on_the_admin_api(sso_gateway: Gateway, oidc_provider: Any) -> None:
+    carol = {"Authorization": f"Bearer {oidc_provider.token('carol-cli')}"}  # auditor
+    alice = {"Authorization": f"Bearer {oidc_provider.token('alice-cli')}"}  # member
+    assert httpx.get(f"{sso_gateway.url}/admin/usage", headers=carol).status_code == 200
+    assert httpx.get(f"{sso_gateway.url}/admin/keys", headers=carol).status_code == 403
+    assert httpx.get(f"{sso_gateway.url}/admin/usage", headers=alice).status_code == 403
+    minted = httpx.post(f"{sso_gateway.url}/auth/keys", json={"name": "sso"}, headers=alice)
+    assert minted.status_code == 201 and minted.json()["user"] == "alice"

@@ -85,6 +85,15 @@ class TeamKeys:
 class AuditTrail:
     def __init__(self, settings: Settings, db: Engine, metrics: Metrics, port: int):
         self.settings = a = settings.audit
+        # Recorded at every start: who may do what is part of the evidence.
+        self.policy = {
+            "group_mappings": [m.model_dump() for m in settings.identity.group_mappings],
+            "oidc_issuers": [(i.issuer, i.audience) for i in settings.identity.oidc],
+            "teams": {
+                name: {"cost_center": t.cost_center, "models": t.models}
+                for name, t in settings.teams.items()
+            },
+        }
         self.db, self.metrics = db, metrics
         self.replica = a.replica or f"{socket.gethostname()}-{port}"
         self.signing_key, created = load_or_create_key(Path(a.signing_key))
@@ -130,6 +139,7 @@ class AuditTrail:
                 "pid": os.getpid(),
                 "public_key": self.public_key,
                 "recovered": len(interrupted),
+                **self.policy,
             }
         )
         self.shipper = ShipperProcess(
