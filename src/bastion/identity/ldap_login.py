@@ -11,7 +11,6 @@ no longer maps to the key's team, so leaving a group ends every access within th
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,13 +19,14 @@ from typing import Any
 from sqlalchemy import Engine
 
 from bastion.config import GroupMapping, IdentitySettings
-from bastion.gateway.errors import AuthenticationFailed, BastionError, PermissionDenied
+from bastion.gateway.errors import AuthenticationFailed, BastionError
 from bastion.identity.directory import Team
 from bastion.identity.keys import revoke_self_service, self_service_owners
 from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
 from bastion.identity.sessions import Sessions
+from bastion.identity.sso import first_mapping, mapped_principal, not_mapped
 
 log = logging.getLogger("bastion.identity")
 Recorder = Callable[..., Awaitable[None]]
@@ -53,7 +53,7 @@ class DirectoryLogin:
         self._sweeper: asyncio.Task[None] | None = None
 
     def map(self, groups: tuple[str, ...]) -> GroupMapping | None:
-        return next((m for m in self.mappings if m.group in groups), None)
+        return first_mapping(self.mappings, groups)
 
     async def login(self, username: str, password: str) -> dict[str, Any]:
         try:
@@ -67,11 +67,7 @@ class DirectoryLogin:
             raise DirectoryDown("The directory cannot be reached; try again shortly.") from None
         mapping = self.map(user.groups)
         if mapping is None:
-            raise PermissionDenied(
-                f"Signed in as {user.username}, but none of your groups is mapped to a Bastion "
-                "team: ask your administrator for access.",
-                code="no_mapped_group",
-            )
+            raise not_mapped(user.username)
         self.checked[user.username] = (time.monotonic(), mapping)
         token, expires = self.sessions.issue(user.username, mapping.team, mapping.role)
         return {
@@ -91,14 +87,7 @@ class DirectoryLogin:
                 "Your directory groups changed since you signed in: sign in again.",
                 code="session_revoked",
             )
-        team = teams.get(mapping.team)
-        if team is None:
-            raise PermissionDenied(
-                f"Your group maps to team '{mapping.team}', which does not exist.",
-                code="no_mapped_group",
-            )
-        key_id = "ses_" + hashlib.sha256(user.encode()).hexdigest()[:16]
-        return Principal(key_id, team.name, team.cost_center, user, team.models, None, mapping.role)
+        return mapped_principal(mapping, teams, user, "ses", user)
 
     async def _current(self, user: str) -> GroupMapping | None:
         seen = self.checked.get(user)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from bastion.config import IdentitySettings
+from bastion.config import GroupMapping, IdentitySettings
 from bastion.gateway.errors import AuthenticationFailed, PermissionDenied
 from bastion.identity.directory import Team
 from bastion.identity.oidc import InvalidToken, IssuerSettings, OidcValidator
@@ -29,20 +29,33 @@ class SsoAuthenticator:
             raise AuthenticationFailed(
                 f"The bearer token was rejected: {exc.reason}.", code="invalid_token"
             ) from None
-        mapping = next((m for m in self.mappings if m.group in who.groups), None)
+        mapping = first_mapping(self.mappings, who.groups)
         if mapping is None:
-            raise PermissionDenied(
-                f"Signed in as {who.user}, but none of your groups is mapped to a Bastion "
-                "team: ask your administrator for access.",
-                code="no_mapped_group",
-            )
-        team = teams.get(mapping.team)
-        if team is None:
-            raise PermissionDenied(
-                f"Your group maps to team '{mapping.team}', which does not exist.",
-                code="no_mapped_group",
-            )
-        key_id = "sso_" + hashlib.sha256(f"{who.issuer}\0{who.subject}".encode()).hexdigest()[:16]
-        return Principal(
-            key_id, team.name, team.cost_center, who.user, team.models, None, mapping.role
+            raise not_mapped(who.user)
+        return mapped_principal(mapping, teams, who.user, "sso", f"{who.issuer}\0{who.subject}")
+
+
+def first_mapping(mappings: list[GroupMapping], groups: tuple[str, ...]) -> GroupMapping | None:
+    return next((m for m in mappings if m.group in groups), None)
+
+
+def not_mapped(user: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"Signed in as {user}, but none of your groups is mapped to a Bastion team: ask your "
+        "administrator for access.",
+        code="no_mapped_group",
+    )
+
+
+def mapped_principal(
+    mapping: GroupMapping, teams: dict[str, Team], user: str, kind: str, identity: str
+) -> Principal:
+    """The caller a group mapping makes of a signed-in user, with a stable synthetic key id."""
+    team = teams.get(mapping.team)
+    if team is None:
+        raise PermissionDenied(
+            f"Your group maps to team '{mapping.team}', which does not exist.",
+            code="no_mapped_group",
         )
+    key_id = f"{kind}_" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return Principal(key_id, team.name, team.cost_center, user, team.models, None, mapping.role)
