@@ -179,7 +179,7 @@ class Gateway:
     def _authorize(self, principal: Principal, req: ParsedRequest) -> ModelRoute:
         if principal.role not in CALLERS:
             raise PermissionDenied(
-                f"An {principal.role} key cannot call models.", code="role_not_allowed"
+                f"The {principal.role} role cannot call models.", code="role_not_allowed"
             )
         route = self.routes.get(req.model)
         if route is None or not principal.may_use(req.model):

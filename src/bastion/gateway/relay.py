@@ -91,7 +91,7 @@ class StreamState:
     def assembled(self) -> list[dict[str, Any]]:
         """The streamed answer put back together: text, tool calls, finish reason per choice."""
         result = []
-        for index, acc in sorted((self.output or {}).items()):
+        for index, acc in sorted((self.output or {}).items(), key=_by_index):
             choice: dict[str, Any] = {
                 "index": index,
                 "text": "".join(acc["parts"]),
@@ -100,12 +100,18 @@ class StreamState:
             if acc["tools"]:
                 choice["tool_calls"] = [
                     {**tc, "function": {**tc["function"], "arguments": "".join(tc["args"])}}
-                    for _i, tc in sorted(acc["tools"].items())
+                    for _i, tc in sorted(acc["tools"].items(), key=_by_index)
                 ]
                 for tc in choice["tool_calls"]:
                     del tc["args"]
             result.append(choice)
         return result
+
+
+def _by_index(item: tuple[Any, Any]) -> tuple[int, Any]:
+    """Engines send integer indexes; anything else sorts after them instead of failing."""
+    index = item[0]
+    return (0, index) if isinstance(index, int) else (1, str(index))
 
 
 def _merge_tool_call(tools: dict[int, dict[str, Any]], tc: Any) -> None:

@@ -1,0 +1,66 @@
+"""Streams put back together for the audit trail: text, several choices, tool calls whose
+arguments arrive in pieces, and malformed chunks that must not break the relay."""
+
+from __future__ import annotations
+
+from bastion.gateway.relay import StreamState
+
+
+def test_chat_stream_is_assembled_per_choice() -> None:
+    state = StreamState(collect=True)
+    chunks = [
+        [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+        [{"index": 0, "delta": {"content": "Hel"}}, {"index": 1, "delta": {"content": "Bon"}}],
+        [{"index": 0, "delta": {"content": "lo"}}, {"index": 1, "delta": {"content": "jour"}}],
+        [
+            {"index": 0, "delta": {}, "finish_reason": "stop"},
+            {"index": 1, "delta": {}, "finish_reason": "length"},
+        ],
+    ]
+    for choices in chunks:
+        state.collect(choices)
+    assert state.assembled() == [
+        {"index": 0, "text": "Hello", "finish_reason": "stop"},
+        {"index": 1, "text": "Bonjour", "finish_reason": "length"},
+    ]
+
+
+def test_tool_call_arguments_are_joined() -> None:
+    state = StreamState(collect=True)
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup"}}
+    state.collect(
+        [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [{**call, "function": {**call["function"], "arguments": '{"ib'}}]
+                },
+            }
+        ]
+    )
+    state.collect(
+        [
+            {
+                "index": 0,
+                "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 'an": "DE89"}'}}]},
+            }
+        ]
+    )
+    state.collect([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])
+    (choice,) = state.assembled()
+    assert choice["finish_reason"] == "tool_calls" and choice["text"] == ""
+    assert choice["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "lookup", "arguments": '{"iban": "DE89"}'},
+        }
+    ]
+
+
+def test_completions_text_and_odd_chunks() -> None:
+    state = StreamState(collect=True)
+    state.collect([{"index": 0, "text": "one "}, "not a dict", {"index": "x", "text": "?"}])
+    state.collect([{"index": 0, "text": "two", "finish_reason": "stop"}])
+    assert [c["text"] for c in state.assembled()] == ["one two", "?"]
+    assert StreamState().output is None  # nothing is collected unless the trail needs it
