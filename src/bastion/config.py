@@ -152,6 +152,15 @@ class IdentitySettings(_Strict):
         description="Directory groups are re-read this often: a user removed from a mapped "
         "group loses access, and their self-service keys are revoked, within this time.",
     )
+    login_max_failures: int = Field(
+        5,
+        ge=1,
+        description="Failed sign-ins allowed per user name within `login_lockout_seconds` "
+        "(four times as many per source address); then sign-in answers 429 until they age out.",
+    )
+    login_lockout_seconds: float = Field(
+        900, gt=0, description="The window failed sign-ins are counted in."
+    )
     session_key_file: str = Field(
         "var/session.key",
         description="Secret that signs session tokens (created on first start; env "

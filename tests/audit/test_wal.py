@@ -89,3 +89,37 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert set(acked) <= on_disk  # every acknowledged entry is there
     assert sorted(on_disk) == list(range(1, len(on_disk) + 1))  # and no gaps
     assert verify(entries, [], PUB).ok
+
+
+def test_the_shipper_refuses_to_ship_over_foreign_entries(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from bastion.audit.shipper import Shipper
+    from bastion.audit.store import AuditStoreError, entry_row
+    from bastion.store.db import make_engine, upgrade
+    from bastion.store.schema import audit_entries
+
+    db = make_engine(f"sqlite:///{tmp_path}/s.db")
+    upgrade(db)
+    log = AuditLog(tmp_path / "wal", "gw-a")
+
+    async def write(n: int) -> None:
+        for i in range(n):
+            await log.append({"request_id": f"r{i}"})
+
+    asyncio.run(write(3))
+    Shipper(db, tmp_path / "wal", "gw-a", lambda: log.durable).ship_once()
+    # A repeat of the same shipment (a crash before it was noted) is harmless.
+    assert Shipper(db, tmp_path / "wal", "gw-a", lambda: log.durable).ship_once() == 3
+    # An insider plants entry 4 before the gateway writes it.
+    forged = {"replica": "gw-a", "seq": 4, "ts": "2026-01-01T00:00:00+00:00", "hash": "f" * 64}
+    with db.begin() as conn:
+        conn.execute(audit_entries.insert(), entry_row(forged))
+    asyncio.run(write(2))
+    shipper = Shipper(db, tmp_path / "wal", "gw-a", lambda: log.durable)
+    with pytest.raises(AuditStoreError, match="gw-a#4"):
+        shipper.ship_once()
+    log.close()
+    with db.connect() as conn:
+        seqs = [s for (s,) in conn.execute(sa.select(audit_entries.c.seq))]
+    assert sorted(seqs) == [1, 2, 3, 4] and read_entries(tmp_path / "wal")  # evidence kept

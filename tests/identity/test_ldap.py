@@ -311,3 +311,23 @@ def test_in_chain_sends_one_matching_rule_filter(
         "(sAMAccountName=jdoe)",
         "(member:1.2.840.113556.1.4.1941:=CN=J\\5c, Doe \\28ops\\29,OU=Users,DC=ad)",
     ]
+
+
+def test_login_throttle_window() -> None:
+    from bastion.gateway.errors import RateLimited
+    from bastion.identity.ldap_login import LoginThrottle
+
+    throttle = LoginThrottle(max_failures=2, window=0.3)
+    who = ("user:eve", "source:10.0.0.9")
+    throttle.check(who)
+    throttle.failed(who)
+    throttle.failed(who)
+    with pytest.raises(RateLimited):
+        throttle.check(who)
+    throttle.check(("user:ann", "source:10.0.0.9"))  # the address has room for more names
+    time.sleep(0.35)
+    throttle.check(who)  # the failures aged out
+    throttle.failed(who)
+    throttle.succeeded("user:eve")
+    throttle.failed(who)
+    throttle.check(who)  # a success starts the user's count afresh

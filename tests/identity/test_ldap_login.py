@@ -144,3 +144,15 @@ def test_login_mint_and_leaving_the_group(
         slapd.add_member("payments-devs", user_dn("alice"))
     audit_log = (gw.workdir / "var/audit").exists()
     assert audit_log and os.listdir(gw.workdir / "var/audit")
+
+
+def test_repeated_failures_throttle_sign_in(ldap_gateway: Gateway) -> None:
+    def attempt(password: str) -> httpx.Response:
+        body = {"username": "carol", "password": password}
+        return httpx.post(f"{ldap_gateway.url}/auth/login", json=body)
+
+    for _ in range(5):  # identity.login_max_failures
+        assert attempt("guess").status_code == 401
+    throttled = attempt(PASSWORDS["carol"])  # even the right password waits now
+    assert throttled.status_code == 429 and throttled.json()["error"]["code"] == "login_throttled"
+    assert int(throttled.headers["retry-after"]) > 0

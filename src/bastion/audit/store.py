@@ -65,11 +65,34 @@ def insert_lines(conn: Connection, lines: Iterable[dict[str, Any]]) -> int:
             entries.append(entry_row(obj))
     if entries:
         stmt = _insert(conn, audit_entries).on_conflict_do_nothing()
-        conn.execute(stmt, entries)
+        inserted = conn.execute(stmt, entries).rowcount
+        if inserted != len(entries):  # a re-shipment, or something else already sits there
+            _check_same(conn, entries)
     if cps:
         rows = [{c.name: cp[c.name] for c in audit_checkpoints.columns} for cp in cps]
         conn.execute(_insert(conn, audit_checkpoints).on_conflict_do_nothing(), rows)
     return len(entries)
+
+
+def _check_same(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Entries already stored must be the very ones being shipped: anything else means the
+    store was written by someone else, and the shipment stops (the log keeps the evidence)."""
+    by_replica: dict[str, dict[int, str]] = {}
+    for r in rows:
+        by_replica.setdefault(r["replica"], {})[r["seq"]] = orjson.loads(r["doc"])["hash"]
+    for replica, hashes in by_replica.items():
+        stored = conn.execute(
+            select(audit_entries.c.seq, audit_entries.c.doc).where(
+                audit_entries.c.replica == replica,
+                audit_entries.c.seq.between(min(hashes), max(hashes)),
+            )
+        )
+        for seq, doc in stored:
+            if seq in hashes and orjson.loads(doc).get("hash") != hashes[seq]:
+                raise AuditStoreError(
+                    f"the store holds a different entry at {replica}#{seq} than the log: "
+                    "the audit store was written outside Bastion; shipping stops here"
+                )
 
 
 def row_entry(row: Any, with_content: bool = True) -> dict[str, Any]:

@@ -56,7 +56,7 @@ async def login(body: LoginIn, request: Request) -> dict[str, Any]:
     directory = _login(request)
     source = request.client.host if request.client else None
     try:
-        result = await directory.login(body.username, body.password)
+        result = await directory.login(body.username, body.password, source)
     except BastionError as exc:
         await _record(
             request, "auth", actor=body.username, action="login.failed", source=source,

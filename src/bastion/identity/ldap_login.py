@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
 from bastion.config import GroupMapping, IdentitySettings
-from bastion.gateway.errors import AuthenticationFailed, BastionError
+from bastion.gateway.errors import AuthenticationFailed, BastionError, RateLimited
 from bastion.identity.directory import Team
 from bastion.identity.keys import revoke_self_service, self_service_owners
 from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
@@ -39,6 +40,47 @@ class DirectoryDown(BastionError):
     outcome = "directory_unavailable"
 
 
+class LoginThrottle:
+    """Failed sign-ins per user name and per source address, in a sliding window (per replica:
+    the directory's own lockout policy stays the authority across replicas)."""
+
+    def __init__(self, max_failures: int, window: float):
+        self.limits = {"user": max_failures, "source": 4 * max_failures}
+        self.window = window
+        self.failures: dict[str, deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        seen = self.failures.get(key, deque())
+        while seen and now - seen[0] > self.window:
+            seen.popleft()
+        return seen
+
+    def check(self, keys: tuple[str, ...]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            seen = self._recent(key, now)
+            if len(seen) >= self.limits[key.split(":", 1)[0]]:
+                wait = max(1, int(self.window - (now - seen[0])) + 1)
+                raise RateLimited(
+                    f"Too many failed sign-ins; try again in {wait} s.",
+                    code="login_throttled",
+                    headers={"retry-after": str(wait)},
+                )
+
+    def failed(self, keys: tuple[str, ...]) -> None:
+        now = time.monotonic()
+        for key in keys:
+            seen = self._recent(key, now)
+            seen.append(now)
+            self.failures[key] = seen
+        if len(self.failures) > 100_000:  # a spray of names: forget the oldest
+            for key in list(self.failures)[:50_000]:
+                del self.failures[key]
+
+    def succeeded(self, key: str) -> None:
+        self.failures.pop(key, None)
+
+
 class DirectoryLogin:
     def __init__(self, identity: IdentitySettings, db: Engine, record: Recorder | None = None):
         assert identity.ldap is not None
@@ -50,21 +92,26 @@ class DirectoryLogin:
         self.record = record
         #: username → (when the directory was last asked, the mapping it gave then)
         self.checked: dict[str, tuple[float, GroupMapping | None]] = {}
+        self.throttle = LoginThrottle(identity.login_max_failures, identity.login_lockout_seconds)
         self._sweeper: asyncio.Task[None] | None = None
 
     def map(self, groups: tuple[str, ...]) -> GroupMapping | None:
         return first_mapping(self.mappings, groups)
 
-    async def login(self, username: str, password: str) -> dict[str, Any]:
+    async def login(self, username: str, password: str, source: str | None) -> dict[str, Any]:
+        who = (f"user:{username.casefold()}", f"source:{source}")
+        self.throttle.check(who)
         try:
             user = await self.directory.authenticate(username, password)
         except LoginFailed:
+            self.throttle.failed(who)
             raise AuthenticationFailed(
                 "Invalid username or password.", code="invalid_credentials"
             ) from None
         except DirectoryUnavailable as exc:
             log.error("directory unavailable for a login: %s", exc.reason)
             raise DirectoryDown("The directory cannot be reached; try again shortly.") from None
+        self.throttle.succeeded(who[0])
         mapping = self.map(user.groups)
         if mapping is None:
             raise not_mapped(user.username)
