@@ -17,22 +17,39 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from bastion.audit.settings import AuditSettings
+from bastion.identity.settings import (
+    GroupMapping,
+    IdentitySettings,
+    LdapSettings,
+    OidcIssuer,
+)
+from bastion.settings_base import NAME, Strict
+
+__all__ = [
+    "NAME",
+    "AuditSettings",
+    "ConfigError",
+    "GroupMapping",
+    "IdentitySettings",
+    "LdapSettings",
+    "OidcIssuer",
+    "Settings",
+    "load_settings",
+    "parse_settings",
+]
 
 DEFAULT_CONFIG_PATHS = ("bastion.yaml", "/etc/bastion/bastion.yaml")
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names every offending path."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerSettings(_Strict):
+class ServerSettings(Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, ge=1, le=65535, description="TCP port the gateway listens on.")
     max_body_bytes: int = Field(
@@ -43,7 +60,7 @@ class ServerSettings(_Strict):
     )
 
 
-class DatabaseSettings(_Strict):
+class DatabaseSettings(Strict):
     url: str = Field(
         "sqlite:///var/bastion.db",
         description="SQLAlchemy URL: `sqlite:///relative.db`, `sqlite:////abs.db` or "
@@ -61,7 +78,7 @@ class DatabaseSettings(_Strict):
         return v
 
 
-class AdminSettings(_Strict):
+class AdminSettings(Strict):
     key: str | None = Field(
         None,
         min_length=16,
@@ -70,190 +87,7 @@ class AdminSettings(_Strict):
     )
 
 
-class OidcIssuer(_Strict):
-    issuer: str = Field(description="The IdP's issuer URL, exactly as in its tokens' `iss`.")
-    audience: str = Field(description="The `aud` Bastion's tokens carry (exact match).")
-    algorithms: list[str] = Field(
-        default_factory=lambda: ["RS256"],
-        description="Signature algorithms accepted from this issuer (pinned: the token header "
-        "never chooses; `none` is refused).",
-    )
-    jwks_url: str | None = Field(
-        None, description="Signing keys URL (default: from the issuer's OIDC discovery)."
-    )
-    jwks_file: str | None = Field(
-        None, description="A local JWKS file instead of any network fetch (air-gapped)."
-    )
-    user_claim: str = Field("sub", description="Claim naming the user (e.g. preferred_username).")
-    email_claim: str = Field("email", description="Claim with the e-mail address.")
-    groups_claim: str = Field("groups", description="Claim listing the user's groups.")
-    leeway_seconds: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
-
-
-class LdapSettings(_Strict):
-    url: str = Field(description="ldaps://host[:port] (or ldap:// with `start_tls: true`).")
-    bind_dn: str = Field(description="Service account that searches the directory.")
-    bind_password: str = Field(description="Its password (use `${ENV_VAR}`).")
-    user_base: str = Field(description="Where users are searched.")
-    group_base: str = Field(description="Where groups are searched.")
-    start_tls: bool = Field(False, description="Upgrade ldap:// with StartTLS.")
-    ca_file: str | None = Field(None, description="CA bundle to verify the server (PEM).")
-    verify_tls: bool = Field(True, description="Verify the server certificate and host name.")
-    allow_insecure: bool = Field(
-        False, description="Allow plain ldap:// without TLS (passwords in clear: tests only)."
-    )
-    user_filter: str = Field(
-        "(uid={username})", description="AD: `(sAMAccountName={username})`; input is escaped."
-    )
-    username_attribute: str = Field("uid", description="AD: `sAMAccountName`.")
-    group_filter: str = Field("(member={user_dn})", description="Groups a user is a member of.")
-    group_name_attribute: str = Field("cn", description="The group name mappings refer to.")
-    nested_groups: Literal["none", "recursive", "in_chain"] = Field(
-        "recursive",
-        description="Nested groups: `in_chain` (AD's LDAP_MATCHING_RULE_IN_CHAIN) or "
-        "`recursive` (any LDAP server).",
-    )
-    timeout_seconds: float = Field(5.0, gt=0, description="Per network step.")
-
-
-class GroupMapping(_Strict):
-    group: str = Field(description="A group name as the IdP or directory reports it.")
-    team: str = Field(description="The team its members act for (charged, limited, audited).")
-    role: Literal["member", "team-admin", "admin", "auditor"] = Field(
-        "member",
-        description="member: calls models, mints own keys; team-admin: also manages the "
-        "team's keys and sees its usage; admin: everything but audit contents; auditor: reads "
-        "the audit trail and usage only.",
-    )
-
-
-class IdentitySettings(_Strict):
-    key_refresh_seconds: float = Field(
-        2.0,
-        gt=0,
-        le=300,
-        description="How often each replica re-reads keys changed elsewhere (revocations made "
-        "by another replica or the CLI take effect within this time).",
-    )
-    oidc: list[OidcIssuer] = Field(
-        default_factory=list,
-        description="Identity providers whose JWTs are accepted as `Authorization: Bearer` "
-        "next to API keys (validated per RFC 8725).",
-    )
-    ldap: LdapSettings | None = Field(
-        None, description="LDAP / Active Directory for `bastion login` (search-then-bind)."
-    )
-    session_ttl_seconds: int = Field(
-        28800, ge=60, description="Lifetime of a session token from `bastion login`."
-    )
-    group_cache_seconds: float = Field(
-        300,
-        gt=0,
-        description="Directory groups are re-read this often: a user removed from a mapped "
-        "group loses access, and their self-service keys are revoked, within this time.",
-    )
-    login_max_failures: int = Field(
-        5,
-        ge=1,
-        description="Failed sign-ins allowed per user name within `login_lockout_seconds` "
-        "(four times as many per source address); then sign-in answers 429 until they age out.",
-    )
-    login_lockout_seconds: float = Field(
-        900, gt=0, description="The window failed sign-ins are counted in."
-    )
-    session_key_file: str = Field(
-        "var/session.key",
-        description="Secret that signs session tokens (created on first start; env "
-        "BASTION_SESSION_KEY takes precedence). The same on every replica.",
-    )
-    group_mappings: list[GroupMapping] = Field(
-        default_factory=list,
-        description="Group → team and role, first match wins; a user in no mapped group is "
-        "refused (403).",
-    )
-
-    @model_validator(mode="after")
-    def _issuers(self) -> IdentitySettings:
-        from bastion.identity.oidc import IssuerSettings
-
-        for i, issuer in enumerate(self.oidc):
-            try:
-                IssuerSettings(**issuer.model_dump())
-            except ValueError as exc:
-                raise ValueError(f"oidc[{i}]: {exc}") from None
-        if self.ldap is not None:
-            try:
-                from bastion.identity.ldap import LdapConfig
-            except ImportError:
-                raise ValueError(
-                    "ldap: needs the `ldap` extra (pip install 'bastion[ldap]')"
-                ) from None
-            try:
-                LdapConfig(**self.ldap.model_dump())
-            except ValueError as exc:
-                raise ValueError(f"ldap: {exc}") from None
-        return self
-
-
-class AuditSettings(_Strict):
-    enabled: bool = Field(
-        True,
-        description="Record every request and response in the tamper-evident audit trail.",
-    )
-    on_failure: Literal["closed", "open"] = Field(
-        "closed",
-        description="The trail cannot be written: `closed` answers 503 and forwards nothing; "
-        "`open` (development only) forwards anyway, logged and counted every time.",
-    )
-    wal_dir: str = Field(
-        "var/audit", description="Local write-ahead log; entries are fsynced here first."
-    )
-    replica: str | None = Field(
-        None,
-        pattern=NAME,
-        description="This gateway's chain id (default: `<hostname>-<port>`). Keep it stable "
-        "across restarts; two running processes must never share one.",
-    )
-    signing_key: str = Field(
-        "var/audit-signing.pem",
-        description="Ed25519 key that signs checkpoints; created on first start (mode 0600) "
-        "and its public key logged: keep that public key somewhere safe.",
-    )
-    trusted_public_keys: list[str] = Field(
-        default_factory=list,
-        description="More checkpoint-signing public keys (hex) `audit verify` accepts: other "
-        "replicas' keys, or retired ones.",
-    )
-    master_key_file: str = Field(
-        "var/audit-master.key",
-        description="Master key (base64 of 32 bytes) that wraps each team's data key. Created "
-        "on first start if absent; env BASTION_AUDIT_MASTER_KEY takes precedence. "
-        "Lose it and every recorded content is unreadable: back it up.",
-    )
-    checkpoint_entries: int = Field(
-        1000, ge=1, description="Sign a checkpoint at least every this many entries..."
-    )
-    checkpoint_seconds: float = Field(
-        10.0, gt=0, description="...and at least this often while entries are written."
-    )
-    retention_days: int | None = Field(
-        None,
-        ge=1,
-        description="Contents older than this are purged by `bastion audit purge` (metadata "
-        "and hashes stay, so the chain still verifies). None: kept forever. Per team: "
-        "`teams.<name>.audit_retention_days`.",
-    )
-    redact: list[Literal["card", "iban", "email", "phone", "secret"]] = Field(
-        default_factory=list,
-        description="Detectors whose matches are replaced by typed placeholders "
-        "(`[CARD]`, `[IBAN]`, …) in the stored copy.",
-    )
-    redact_upstream: bool = Field(
-        False, description="Also send the redacted prompt to the engine instead of the original."
-    )
-
-
-class DeploymentSettings(_Strict):
+class DeploymentSettings(Strict):
     kind: Literal["vllm", "sglang", "llamacpp", "openai"] = Field(
         "vllm", description="Engine type behind this deployment."
     )
@@ -286,7 +120,7 @@ class DeploymentSettings(_Strict):
         return v.rstrip("/")
 
 
-class LimitSettings(_Strict):
+class LimitSettings(Strict):
     """Limits at one level (key, user, team, cost center, model, team x model); unset = none."""
 
     rpm: int | None = Field(None, ge=0, description="Requests per minute.")
@@ -305,7 +139,7 @@ class LimitSettings(_Strict):
         return all(v is None for v in self.model_dump().values())
 
 
-class LimitDefaults(_Strict):
+class LimitDefaults(Strict):
     key: LimitSettings = Field(
         default_factory=LimitSettings, description="Each key, unless the key has its own."
     )
@@ -319,7 +153,7 @@ class LimitDefaults(_Strict):
     )
 
 
-class LimitsSettings(_Strict):
+class LimitsSettings(Strict):
     backend: Literal["memory", "redis"] = Field(
         "memory",
         description="Where counters live: `memory` (one gateway process) or `redis` "
@@ -348,7 +182,7 @@ class LimitsSettings(_Strict):
     )
 
 
-class ModelSettings(_Strict):
+class ModelSettings(Strict):
     deployments: list[DeploymentSettings] = Field(
         min_length=1, description="Engine replicas serving this alias."
     )
@@ -376,7 +210,7 @@ class ModelSettings(_Strict):
     )
 
 
-class PriceSettings(_Strict):
+class PriceSettings(Strict):
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")
     prompt: float = Field(0.0, ge=0, description="Price per 1M uncached prompt tokens.")
     cached_prompt: float | None = Field(
@@ -385,14 +219,14 @@ class PriceSettings(_Strict):
     completion: float = Field(0.0, ge=0, description="Price per 1M completion tokens.")
 
 
-class CostCenterSettings(_Strict):
+class CostCenterSettings(Strict):
     name: str = Field("", description="Human-readable name (e.g. 'Retail Banking IT').")
     limits: LimitSettings | None = Field(
         None, description="This cost center's limits (else `limits.defaults.cost_center`)."
     )
 
 
-class TeamSettings(_Strict):
+class TeamSettings(Strict):
     cost_center: str = Field(description="The cost center this team is charged to.")
     models: list[str] | None = Field(
         None, description="Model aliases this team may use (none: all)."
@@ -411,7 +245,7 @@ class TeamSettings(_Strict):
     )
 
 
-class Settings(_Strict):
+class Settings(Strict):
     server: ServerSettings = Field(
         default_factory=ServerSettings, description="Where and how the gateway listens."
     )

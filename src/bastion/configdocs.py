@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 
 from pydantic import BaseModel
@@ -11,18 +12,19 @@ from bastion.config import Settings
 
 HEADER = """# Configuration reference
 
-Generated from `src/bastion/config.py` by `bastion config docs > docs/config.md`; a test fails
-when the two disagree. Any string value may be written `${ENV_VAR}` to read it from the
-environment; `BASTION_ADMIN_KEY` and `BASTION_DATABASE_URL` override the file outright.
+Generated from the settings models (`src/bastion/config.py` and each capability's
+`settings.py`) by `bastion config docs > docs/config.md`; a test fails when the two disagree.
+Any string value may be written `${ENV_VAR}` to read it from the environment;
+`BASTION_ADMIN_KEY` and `BASTION_DATABASE_URL` override the file outright.
 A worked example is `examples/bastion.yaml`.
 """
 
 
 def _type_name(tp: object) -> str:
     text = repr(tp) if not isinstance(tp, type) else tp.__name__
+    text = re.sub(r"\bbastion(\.\w+)*\.(?=[A-Z])", "", text)  # settings models: bare names
     return (
         text.replace("typing.", "")
-        .replace("bastion.config.", "")
         .replace(
             "Annotated[str, FieldInfo(annotation=NoneType, required=True, "
             "metadata=[_PydanticGeneralMetadata(pattern='^[A-Za-z0-9][A-Za-z0-9._:/-]"

@@ -1,0 +1,68 @@
+"""Settings of `audit:`: the write-ahead log, signing and master keys, checkpoints, retention,
+redaction. Part of the one settings tree (`bastion.config.Settings`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from bastion.settings_base import NAME, Strict
+
+
+class AuditSettings(Strict):
+    enabled: bool = Field(
+        True,
+        description="Record every request and response in the tamper-evident audit trail.",
+    )
+    on_failure: Literal["closed", "open"] = Field(
+        "closed",
+        description="The trail cannot be written: `closed` answers 503 and forwards nothing; "
+        "`open` (development only) forwards anyway, logged and counted every time.",
+    )
+    wal_dir: str = Field(
+        "var/audit", description="Local write-ahead log; entries are fsynced here first."
+    )
+    replica: str | None = Field(
+        None,
+        pattern=NAME,
+        description="This gateway's chain id (default: `<hostname>-<port>`). Keep it stable "
+        "across restarts; two running processes must never share one.",
+    )
+    signing_key: str = Field(
+        "var/audit-signing.pem",
+        description="Ed25519 key that signs checkpoints; created on first start (mode 0600) "
+        "and its public key logged: keep that public key somewhere safe.",
+    )
+    trusted_public_keys: list[str] = Field(
+        default_factory=list,
+        description="More checkpoint-signing public keys (hex) `audit verify` accepts: other "
+        "replicas' keys, or retired ones.",
+    )
+    master_key_file: str = Field(
+        "var/audit-master.key",
+        description="Master key (base64 of 32 bytes) that wraps each team's data key. Created "
+        "on first start if absent; env BASTION_AUDIT_MASTER_KEY takes precedence. "
+        "Lose it and every recorded content is unreadable: back it up.",
+    )
+    checkpoint_entries: int = Field(
+        1000, ge=1, description="Sign a checkpoint at least every this many entries..."
+    )
+    checkpoint_seconds: float = Field(
+        10.0, gt=0, description="...and at least this often while entries are written."
+    )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        description="Contents older than this are purged by `bastion audit purge` (metadata "
+        "and hashes stay, so the chain still verifies). None: kept forever. Per team: "
+        "`teams.<name>.audit_retention_days`.",
+    )
+    redact: list[Literal["card", "iban", "email", "phone", "secret"]] = Field(
+        default_factory=list,
+        description="Detectors whose matches are replaced by typed placeholders "
+        "(`[CARD]`, `[IBAN]`, …) in the stored copy.",
+    )
+    redact_upstream: bool = Field(
+        False, description="Also send the redacted prompt to the engine instead of the original."
+    )

@@ -1,0 +1,137 @@
+"""Settings of `identity:`: API key refresh, OIDC issuers, LDAP / AD, sessions, group mappings.
+
+Part of the one settings tree (`bastion.config.Settings`); kept here beside the code it drives.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from bastion.settings_base import Strict
+
+
+class OidcIssuer(Strict):
+    issuer: str = Field(description="The IdP's issuer URL, exactly as in its tokens' `iss`.")
+    audience: str = Field(description="The `aud` Bastion's tokens carry (exact match).")
+    algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256"],
+        description="Signature algorithms accepted from this issuer (pinned: the token header "
+        "never chooses; `none` is refused).",
+    )
+    jwks_url: str | None = Field(
+        None, description="Signing keys URL (default: from the issuer's OIDC discovery)."
+    )
+    jwks_file: str | None = Field(
+        None, description="A local JWKS file instead of any network fetch (air-gapped)."
+    )
+    user_claim: str = Field("sub", description="Claim naming the user (e.g. preferred_username).")
+    email_claim: str = Field("email", description="Claim with the e-mail address.")
+    groups_claim: str = Field("groups", description="Claim listing the user's groups.")
+    leeway_seconds: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+
+
+class LdapSettings(Strict):
+    url: str = Field(description="ldaps://host[:port] (or ldap:// with `start_tls: true`).")
+    bind_dn: str = Field(description="Service account that searches the directory.")
+    bind_password: str = Field(description="Its password (use `${ENV_VAR}`).")
+    user_base: str = Field(description="Where users are searched.")
+    group_base: str = Field(description="Where groups are searched.")
+    start_tls: bool = Field(False, description="Upgrade ldap:// with StartTLS.")
+    ca_file: str | None = Field(None, description="CA bundle to verify the server (PEM).")
+    verify_tls: bool = Field(True, description="Verify the server certificate and host name.")
+    allow_insecure: bool = Field(
+        False, description="Allow plain ldap:// without TLS (passwords in clear: tests only)."
+    )
+    user_filter: str = Field(
+        "(uid={username})", description="AD: `(sAMAccountName={username})`; input is escaped."
+    )
+    username_attribute: str = Field("uid", description="AD: `sAMAccountName`.")
+    group_filter: str = Field("(member={user_dn})", description="Groups a user is a member of.")
+    group_name_attribute: str = Field("cn", description="The group name mappings refer to.")
+    nested_groups: Literal["none", "recursive", "in_chain"] = Field(
+        "recursive",
+        description="Nested groups: `in_chain` (AD's LDAP_MATCHING_RULE_IN_CHAIN) or "
+        "`recursive` (any LDAP server).",
+    )
+    timeout_seconds: float = Field(5.0, gt=0, description="Per network step.")
+
+
+class GroupMapping(Strict):
+    group: str = Field(description="A group name as the IdP or directory reports it.")
+    team: str = Field(description="The team its members act for (charged, limited, audited).")
+    role: Literal["member", "team-admin", "admin", "auditor"] = Field(
+        "member",
+        description="member: calls models, mints own keys; team-admin: also manages the "
+        "team's keys and sees its usage; admin: everything but audit contents; auditor: reads "
+        "the audit trail and usage only.",
+    )
+
+
+class IdentitySettings(Strict):
+    key_refresh_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="How often each replica re-reads keys changed elsewhere (revocations made "
+        "by another replica or the CLI take effect within this time).",
+    )
+    oidc: list[OidcIssuer] = Field(
+        default_factory=list,
+        description="Identity providers whose JWTs are accepted as `Authorization: Bearer` "
+        "next to API keys (validated per RFC 8725).",
+    )
+    ldap: LdapSettings | None = Field(
+        None, description="LDAP / Active Directory for `bastion login` (search-then-bind)."
+    )
+    session_ttl_seconds: int = Field(
+        28800, ge=60, description="Lifetime of a session token from `bastion login`."
+    )
+    group_cache_seconds: float = Field(
+        300,
+        gt=0,
+        description="Directory groups are re-read this often: a user removed from a mapped "
+        "group loses access, and their self-service keys are revoked, within this time.",
+    )
+    login_max_failures: int = Field(
+        5,
+        ge=1,
+        description="Failed sign-ins allowed per user name within `login_lockout_seconds` "
+        "(four times as many per source address); then sign-in answers 429 until they age out.",
+    )
+    login_lockout_seconds: float = Field(
+        900, gt=0, description="The window failed sign-ins are counted in."
+    )
+    session_key_file: str = Field(
+        "var/session.key",
+        description="Secret that signs session tokens (created on first start; env "
+        "BASTION_SESSION_KEY takes precedence). The same on every replica.",
+    )
+    group_mappings: list[GroupMapping] = Field(
+        default_factory=list,
+        description="Group → team and role, first match wins; a user in no mapped group is "
+        "refused (403).",
+    )
+
+    @model_validator(mode="after")
+    def _issuers(self) -> IdentitySettings:
+        from bastion.identity.oidc import IssuerSettings
+
+        for i, issuer in enumerate(self.oidc):
+            try:
+                IssuerSettings(**issuer.model_dump())
+            except ValueError as exc:
+                raise ValueError(f"oidc[{i}]: {exc}") from None
+        if self.ldap is not None:
+            try:
+                from bastion.identity.ldap import LdapConfig
+            except ImportError:
+                raise ValueError(
+                    "ldap: needs the `ldap` extra (pip install 'bastion[ldap]')"
+                ) from None
+            try:
+                LdapConfig(**self.ldap.model_dump())
+            except ValueError as exc:
+                raise ValueError(f"ldap: {exc}") from None
+        return self
