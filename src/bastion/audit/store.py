@@ -95,14 +95,14 @@ def _check_same(conn: Connection, rows: list[dict[str, Any]]) -> None:
                 )
 
 
-def row_entry(row: Any, with_content: bool = True) -> dict[str, Any]:
+def row_entry(row: Any) -> dict[str, Any]:
     entry: dict[str, Any] = orjson.loads(row.doc)
-    if with_content and row.content is not None:
+    if row.content is not None:
         entry["content"] = base64.b64encode(row.content).decode()
     return entry
 
 
-def checkpoints(db: Engine, since: datetime | None = None) -> list[dict[str, Any]]:
+def checkpoints(db: Engine) -> list[dict[str, Any]]:
     with db.connect() as conn:
         rows = conn.execute(select(audit_checkpoints)).all()
     out = []

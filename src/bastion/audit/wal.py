@@ -141,10 +141,6 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="bastion-audit-sync", daemon=True)
         self._thread.start()
 
-    @property
-    def head(self) -> tuple[int, str]:
-        return self.chain.seq, self.chain.head
-
     async def append(self, record: dict[str, Any], durable: bool = True) -> dict[str, Any]:
         """The chained entry, once on disk (durable) or in the file (not); raises
         AuditLogError if it cannot be written."""
