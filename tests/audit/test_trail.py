@@ -336,3 +336,11 @@ def test_tampering_in_the_database_is_found(stub: StubEngine, tmp_path: Path, ho
         "signature": "signature is invalid",
     }[how]
     assert f"at seq {seq}:" in broken.stdout and expect in broken.stdout, broken.stdout
+
+
+def test_redact_upstream_sends_the_redacted_prompt(stub: StubEngine, tmp_path: Path) -> None:
+    c, _ = make(stub, tmp_path, redact=["card"], redact_upstream=True)
+    with c:
+        key = create_key(c.app.state.admin.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
+        assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
+        assert stub.requests[-1]["messages"][0]["content"] == "card [CARD]"

@@ -192,8 +192,9 @@ class AuditTrail:
     # -- the request path ------------------------------------------------------------------------
     async def request(
         self, rec: UsageRecord, principal: Principal, body: dict[str, Any], source: str | None
-    ) -> None:
-        """Records the request, durably, before it is forwarded (raises AuditUnavailable)."""
+    ) -> dict[str, Any]:
+        """Records the request, durably, before it is forwarded (raises AuditUnavailable).
+        Returns the body to forward: the redacted copy with `audit.redact_upstream`."""
         entry = {
             "kind": "request",
             **_who(rec),
@@ -205,25 +206,25 @@ class AuditTrail:
             "stream": rec.stream,
         }
         try:
-            await self._seal(entry, body)
+            stored = await self._seal(entry, body)
             await self.wal.append(entry)  # type: ignore[union-attr]
         except Exception as exc:  # the log, the key store or the master key
-            if self.settings.on_failure == "open":
-                self.metrics.audit_failures.labels("forwarded").inc()
-                log.error("AUDIT NOT RECORDED (audit.on_failure=open) %s: %s", rec.request_id, exc)
-                return
-            self.metrics.audit_failures.labels("refused").inc()
-            log.error("audit trail unavailable, refusing %s: %s", rec.request_id, exc)
-            raise AuditUnavailable(
-                "The audit trail cannot record this request, so it was not forwarded. "
-                "Try again shortly."
-            ) from exc
-
-    def redact_upstream(self, body: dict[str, Any]) -> dict[str, Any]:
-        if not self.settings.redact_upstream:
+            refusal = self.failed(rec, exc, "this request, so it was not forwarded")
+            if refusal is not None:
+                raise refusal from exc
             return body
-        redacted, _counts = self.redactor.json(body)
-        return redacted  # type: ignore[no-any-return]
+        return stored if self.settings.redact_upstream else body
+
+    def failed(self, rec: UsageRecord, exc: Exception, what: str) -> AuditUnavailable | None:
+        """An entry could not be written: the refusal to answer with (`on_failure: closed`), or
+        None where `open` lets the request through, loudly."""
+        if self.settings.on_failure == "open":
+            self.metrics.audit_failures.labels("forwarded").inc()
+            log.error("AUDIT NOT RECORDED (audit.on_failure=open) %s: %s", rec.request_id, exc)
+            return None
+        self.metrics.audit_failures.labels("refused").inc()
+        log.error("audit trail unavailable for %s: %s", rec.request_id, exc)
+        return AuditUnavailable(f"The audit trail cannot record {what}. Try again shortly.")
 
     async def completion(
         self,
@@ -276,7 +277,8 @@ class AuditTrail:
         """An admin change or a read of the trail, recorded durably (clear text: no prompts)."""
         await self.wal.append({"kind": kind, "actor": actor, "action": action, **fields})  # type: ignore[union-attr]
 
-    async def _seal(self, entry: dict[str, Any], payload: Any) -> None:
+    async def _seal(self, entry: dict[str, Any], payload: Any) -> Any:
+        """Seals the (redacted) payload into the entry; returns what was sealed."""
         counts: dict[str, int] = {}
         if self.settings.redact:
             payload, counts = self.redactor.json(payload)
@@ -287,6 +289,7 @@ class AuditTrail:
         entry["content_key"] = key.id
         if counts:
             entry["redactions"] = counts
+        return payload
 
 
 def _who(rec: UsageRecord) -> dict[str, Any]:

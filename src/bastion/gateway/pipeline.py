@@ -25,7 +25,6 @@ from bastion.audit.trail import AuditTrail
 from bastion.config import PriceSettings, Settings
 from bastion.engines.client import EngineClient, EngineConnectError, Usage, raise_for_engine_status
 from bastion.gateway.errors import (
-    AuditUnavailable,
     BastionError,
     BodyTooLarge,
     InternalError,
@@ -134,9 +133,8 @@ class Gateway:
                 await queue.acquire(principal.team, self._weight(principal.team))
                 call.queue = queue
             if self.audit is not None:
-                await self.audit.request(call.rec, principal, req.body, call.source)
+                req.body = await self.audit.request(call.rec, principal, req.body, call.source)
                 call.audited = True
-                req.body = self.audit.redact_upstream(req.body)
             return await self._relay(call, route, req)
         except BastionError as exc:
             self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
@@ -308,15 +306,7 @@ class Gateway:
         try:
             await self.audit.completion(rec, content=content, engine_model=engine_model)
         except Exception as exc:
-            if self.audit.settings.on_failure == "open":
-                self.metrics.audit_failures.labels("forwarded").inc()
-                log.error("AUDIT NOT RECORDED (audit.on_failure=open) %s: %s", rec.request_id, exc)
-                return None
-            self.metrics.audit_failures.labels("refused").inc()
-            log.error("audit completion of %s failed; answer withheld: %s", rec.request_id, exc)
-            return AuditUnavailable(
-                "The audit trail cannot record the answer, so it is withheld. Try again shortly."
-            )
+            return self.audit.failed(rec, exc, "the answer, so it is withheld")
         return None
 
     def _end_stream(self, call: Call, state: StreamState, cancelled: bool) -> None:
