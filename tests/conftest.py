@@ -26,7 +26,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from bastion.engines.launcher import (
+from bastion.local.launcher import (
     EngineSpec,
     VllmProcess,
     embedding_model_dir,

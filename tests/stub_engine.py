@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bastion.engines.launcher import free_port
+from bastion.local.launcher import free_port
 
 
 class StubEngine:

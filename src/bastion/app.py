@@ -28,18 +28,24 @@ from bastion.admin.api import router as admin_router
 from bastion.audit import api as audit_api
 from bastion.audit.trail import AuditTrail
 from bastion.config import Settings
+from bastion.core.errors import (
+    AuthenticationFailed,
+    BastionError,
+    InvalidRequest,
+    NotFound,
+    error_response,
+)
 from bastion.engines.client import EngineClient
-from bastion.gateway.errors import AuthenticationFailed, BastionError, InvalidRequest, NotFound
-from bastion.gateway.pipeline import Gateway, error_response
+from bastion.gateway.pipeline import Gateway
 from bastion.identity import api as identity_api
-from bastion.identity.directory import open_database
 from bastion.identity.keys import KeyStore
 from bastion.identity.sso import SsoAuthenticator
+from bastion.identity.teams import open_store
+from bastion.limits.admission import Admission
+from bastion.limits.counters import CounterBackend, MemoryCounters
+from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.policy.admission import Admission
-from bastion.policy.counters import CounterBackend, MemoryCounters
-from bastion.policy.redis_counters import RedisCounters
 from bastion.routing.balancer import LeastOutstanding, ModelRoute
 from bastion.routing.health import HealthChecker
 
@@ -49,7 +55,7 @@ log = logging.getLogger("bastion")
 def build_app(
     settings: Settings, *, health_interval: float = 5.0, port: int | None = None
 ) -> Starlette:
-    db = open_database(settings)
+    db = open_store(settings)
     metrics = Metrics()
     audit = (
         AuditTrail(settings, db, metrics, port or settings.server.port)

@@ -21,9 +21,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]
-    from bastion.identity.directory import open_database
+    from bastion.identity.teams import open_store
 
-    return open_database(settings)
+    return open_store(settings)
 
 
 def _print_json(obj: Any) -> None:
@@ -53,16 +53,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from bastion.quickstart import run_quickstart
+    from bastion.local.quickstart import run_quickstart
 
     return run_quickstart(_settings(args))
 
 
 # -- keys ---------------------------------------------------------------------------------------
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from bastion.identity.directory import DirectoryError
+    from bastion.core.timeutil import parse_duration
     from bastion.identity.keys import create_key
-    from bastion.timeutil import parse_duration
+    from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
     try:
@@ -79,7 +79,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             known_models=set(settings.models),
             role=args.role,
         )
-    except (DirectoryError, ValueError) as exc:
+    except (IdentityError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     pub = rec.public()
@@ -124,13 +124,13 @@ def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_keys_limits(args: argparse.Namespace) -> int:
-    from bastion.identity.directory import DirectoryError
     from bastion.identity.keys import set_key_limits
+    from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
     try:
         rec = set_key_limits(_db(settings), args.key_id, _limit_flags(args))
-    except (DirectoryError, ValueError) as exc:
+    except (IdentityError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     _recorded(settings, "key.limits", team=rec.team, after=rec.public())
@@ -192,13 +192,13 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from bastion.identity.directory import DirectoryError
     from bastion.identity.keys import revoke_key
+    from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
     try:
         rec = revoke_key(_db(settings), args.key_id)
-    except DirectoryError as exc:
+    except IdentityError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     # A revocation is never held back: if the trail cannot record it, say so and still revoke.
@@ -209,7 +209,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 # -- teams, usage, db, config ---------------------------------------------------------------------
 def cmd_teams_list(args: argparse.Namespace) -> int:
-    from bastion.identity.directory import load_teams
+    from bastion.identity.teams import load_teams
     from bastion.metering.reports import render
 
     rows: list[dict[str, Any]] = [
@@ -226,8 +226,8 @@ def cmd_teams_list(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    from bastion.core.timeutil import parse_time
     from bastion.metering.reports import render, summarize
-    from bastion.timeutil import parse_time
 
     try:
         since = parse_time(args.since) if args.since else None
@@ -273,6 +273,8 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bastion.identity.roles import ROLE_HELP, ROLES
+
     p = argparse.ArgumentParser(
         prog="bastion", description="Operate your own LLMs behind one OpenAI-compatible endpoint."
     )
@@ -310,10 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="a label, e.g. the application using it")
     s.add_argument(
         "--role",
-        choices=["member", "team-admin", "admin", "auditor"],
+        choices=ROLES,
         default="member",
-        help="member: calls models (default); team-admin: also manages its team's keys; "
-        "admin: the admin API; auditor: reads the audit trail and usage only",
+        help=ROLE_HELP + " (default: member)",
     )
     _add_limit_flags(s)
     s.set_defaults(func=cmd_keys_create)

@@ -20,13 +20,13 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bastion.audit.settings import AuditSettings
+from bastion.core.settings import NAME, Strict
 from bastion.identity.settings import (
     GroupMapping,
     IdentitySettings,
     LdapSettings,
     OidcIssuer,
 )
-from bastion.settings_base import NAME, Strict
 
 __all__ = [
     "NAME",

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from bastion.engines.launcher import VllmProcess
+from bastion.local.launcher import VllmProcess
 from bastion.store.schema import audit_entries
 from tests.conftest import Gateway, base_config, engine_models, pg_database
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from bastion.engines.launcher import free_port
+from bastion.local.launcher import free_port
 
 pytestmark = pytest.mark.engine
 

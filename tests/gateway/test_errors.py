@@ -19,8 +19,8 @@ from starlette.testclient import TestClient
 
 from bastion.app import build_app
 from bastion.config import parse_settings
-from bastion.engines.launcher import free_port
 from bastion.identity.keys import create_key, revoke_key
+from bastion.local.launcher import free_port
 from tests.conftest import audit_config
 from tests.stub_engine import StubEngine
 

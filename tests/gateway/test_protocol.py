@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bastion.gateway.errors import BastionError, InvalidRequest
+from bastion.core.errors import BastionError, InvalidRequest
 from bastion.gateway.protocol import parse_request
 
 json_values = st.recursive(

@@ -14,9 +14,9 @@ import sqlalchemy as sa
 import yaml
 
 from bastion.config import parse_settings
-from bastion.gateway.errors import AuthenticationFailed
-from bastion.identity.directory import DirectoryError, sync_config
+from bastion.core.errors import AuthenticationFailed
 from bastion.identity.keys import KeyStore, create_key, list_keys, revoke_key
+from bastion.identity.teams import IdentityError, sync_config
 from bastion.store.db import make_engine, upgrade
 from bastion.store.schema import api_keys
 
@@ -56,9 +56,9 @@ def test_key_is_stored_only_as_hash(db: sa.Engine) -> None:
 
 
 def test_validation(db: sa.Engine) -> None:
-    with pytest.raises(DirectoryError, match="unknown team"):
+    with pytest.raises(IdentityError, match="unknown team"):
         create_key(db, team="nope", known_models={"a"})
-    with pytest.raises(DirectoryError, match="unknown model"):
+    with pytest.raises(IdentityError, match="unknown model"):
         create_key(db, team="t", models=["zzz"], known_models={"a"})
 
 
@@ -132,7 +132,7 @@ def test_expired_key(db: sa.Engine) -> None:
     async def scenario() -> None:
         store = KeyStore(db, refresh_seconds=10)
         await store.start()
-        with pytest.raises(DirectoryError):
+        with pytest.raises(IdentityError):
             create_key(db, team="t", expires_in=timedelta(seconds=-1), known_models=set())
         _rec, token = create_key(
             db, team="t", expires_in=timedelta(milliseconds=300), known_models=set()

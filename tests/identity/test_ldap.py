@@ -314,7 +314,7 @@ def test_in_chain_sends_one_matching_rule_filter(
 
 
 def test_login_throttle_window() -> None:
-    from bastion.gateway.errors import RateLimited
+    from bastion.core.errors import RateLimited
     from bastion.identity.ldap_login import LoginThrottle
 
     throttle = LoginThrottle(max_failures=2, window=0.3)

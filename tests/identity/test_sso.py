@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from bastion.engines.launcher import VllmProcess
+from bastion.local.launcher import VllmProcess
 from tests.conftest import Gateway, base_config, engine_models, usage_rows
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
 

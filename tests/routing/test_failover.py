@@ -12,7 +12,7 @@ import openai
 import orjson
 import pytest
 
-from bastion.engines.launcher import EngineSpec, VllmProcess, free_port
+from bastion.local.launcher import EngineSpec, VllmProcess, free_port
 from tests.conftest import TINY, base_config, usage_rows
 
 pytestmark = pytest.mark.engine

@@ -20,14 +20,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
 from bastion.config import NAME, LimitSettings, Settings
-from bastion.gateway.errors import (
+from bastion.core.errors import (
     AuthenticationFailed,
     InvalidRequest,
     LimitsUnavailable,
     NotFound,
     PermissionDenied,
 )
-from bastion.identity import directory
+from bastion.core.timeutil import parse_duration, parse_time
+from bastion.identity import teams
 from bastion.identity.keys import (
     KeyRecord,
     KeyStore,
@@ -38,11 +39,10 @@ from bastion.identity.keys import (
     set_key_limits,
 )
 from bastion.identity.oidc import looks_like_jwt
-from bastion.identity.roles import Actor
+from bastion.identity.roles import ROLE_HELP, Actor, Role
+from bastion.limits.admission import BACKEND_ERRORS, Admission
+from bastion.limits.status import limit_status
 from bastion.metering.reports import summarize
-from bastion.policy.admission import BACKEND_ERRORS, Admission
-from bastion.policy.status import limit_status
-from bastion.timeutil import parse_duration, parse_time
 
 
 @dataclass
@@ -141,11 +141,7 @@ class KeyIn(BaseModel):
     limits: LimitSettings | None = Field(
         None, description="This key's own limits (none: `limits.defaults.key`)."
     )
-    role: Literal["member", "team-admin", "admin", "auditor"] = Field(
-        "member",
-        description="member: calls models; team-admin: also manages its team's keys; admin: "
-        "everything but audit contents; auditor: reads the audit trail and usage only.",
-    )
+    role: Role = Field("member", description=ROLE_HELP + ".")
 
 
 class KeyOut(BaseModel):
@@ -182,14 +178,14 @@ def _bad(exc: Exception) -> InvalidRequest:
 
 @router.get("/cost-centers")
 def get_cost_centers(ctx: Admin) -> list[dict[str, str]]:
-    return directory.list_cost_centers(ctx.db)
+    return teams.list_cost_centers(ctx.db)
 
 
 @router.post("/cost-centers", status_code=201)
 def post_cost_center(body: CostCenterIn, ctx: Admin, request: Request) -> dict[str, str]:
     try:
-        directory.create_cost_center(ctx.db, body.name, body.display_name)
-    except directory.DirectoryError as exc:
+        teams.create_cost_center(ctx.db, body.name, body.display_name)
+    except teams.IdentityError as exc:
         raise _bad(exc) from None
     _record(request, ctx, "cost_center.create", after=body.model_dump())
     return {"name": body.name, "display_name": body.display_name, "source": "api"}
@@ -204,7 +200,7 @@ def get_teams(ctx: Manager) -> list[dict[str, Any]]:
             "source": t.source,
             "models": sorted(t.models) if t.models is not None else None,
         }
-        for t in sorted(directory.load_teams(ctx.db).values(), key=lambda t: t.name)
+        for t in sorted(teams.load_teams(ctx.db).values(), key=lambda t: t.name)
         if ctx.actor.may_manage(t.name)
     ]
 
@@ -212,8 +208,8 @@ def get_teams(ctx: Manager) -> list[dict[str, Any]]:
 @router.post("/teams", status_code=201)
 def post_team(body: TeamIn, ctx: Admin, request: Request) -> dict[str, Any]:
     try:
-        directory.create_team(ctx.db, ctx.settings, body.name, body.cost_center, body.models)
-    except directory.DirectoryError as exc:
+        teams.create_team(ctx.db, ctx.settings, body.name, body.cost_center, body.models)
+    except teams.IdentityError as exc:
         raise _bad(exc) from None
     _record(request, ctx, "team.create", team=body.name, after=body.model_dump())
     return {
@@ -248,7 +244,7 @@ def post_key(body: KeyIn, ctx: Manager, request: Request) -> NewKeyOut:
             limits=body.limits,
             role=body.role,
         )
-    except (directory.DirectoryError, ValueError) as exc:
+    except (teams.IdentityError, ValueError) as exc:
         raise _bad(exc) from None
     try:
         _record(request, ctx, "key.create", team=rec.team, after=rec.public())
@@ -276,7 +272,7 @@ def post_revoke(key_id: str, ctx: Manager, request: Request) -> KeyOut:
     _managed_key(ctx, key_id)
     try:
         rec = revoke_key(ctx.db, key_id)
-    except directory.DirectoryError:
+    except teams.IdentityError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)  # immediate on this replica; others pick it up on their next poll
     _record(request, ctx, "key.revoke", team=rec.team, after=rec.public())
@@ -289,7 +285,7 @@ def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager, request: Requ
     before = _managed_key(ctx, key_id)
     try:
         rec = set_key_limits(ctx.db, key_id, body)
-    except directory.DirectoryError:
+    except teams.IdentityError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)
     _record(

@@ -22,9 +22,9 @@ from bastion.audit import reader, store
 from bastion.audit.chain import Verdict
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
-from bastion.gateway.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.core.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.core.timeutil import parse_time
 from bastion.identity.principal import Principal
-from bastion.timeutil import parse_time
 
 
 def _trail(request: Request) -> AuditTrail:

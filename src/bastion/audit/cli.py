@@ -28,9 +28,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _db(settings: Settings):  # type: ignore[no-untyped-def]
-    from bastion.identity.directory import open_database
+    from bastion.identity.teams import open_store
 
-    return open_database(settings)
+    return open_store(settings)
 
 
 def _fail(message: str) -> int:
@@ -41,7 +41,7 @@ def _fail(message: str) -> int:
 # -- verify ---------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
     from bastion.audit.verify import trusted_keys, verify_file, verify_store
-    from bastion.timeutil import parse_time
+    from bastion.core.timeutil import parse_time
 
     settings = _settings(args)
     trust = trusted_keys(settings.audit, *(args.public_key or []))

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from bastion.settings_base import NAME, Strict
+from bastion.core.settings import NAME, Strict
 
 
 class AuditSettings(Strict):

@@ -30,7 +30,7 @@ from bastion.audit.ship_process import ShipperProcess
 from bastion.audit.shipper import Shipper
 from bastion.audit.wal import AuditLog, AuditLogError
 from bastion.config import AuditSettings, Settings
-from bastion.gateway.errors import AuditUnavailable
+from bastion.core.errors import AuditUnavailable
 from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord
 from bastion.observability.metrics import Metrics

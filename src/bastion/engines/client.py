@@ -15,7 +15,8 @@ import aiohttp
 import orjson
 
 from bastion.config import DeploymentSettings
-from bastion.gateway.errors import (
+from bastion.core.errors import (
+    EngineConnectError,
     UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
@@ -28,10 +29,6 @@ HEALTH_PATHS = {
     "llamacpp": "/health",
     "openai": "/v1/models",
 }
-
-
-class EngineConnectError(UpstreamUnavailable):
-    """No connection could be made: the request never reached the engine."""
 
 
 @dataclass(slots=True)

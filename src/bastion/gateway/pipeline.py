@@ -23,27 +23,29 @@ from starlette.responses import Response
 
 from bastion.audit.trail import AuditTrail
 from bastion.config import PriceSettings, Settings
-from bastion.engines.client import EngineClient, EngineConnectError, Usage, raise_for_engine_status
-from bastion.gateway.errors import (
+from bastion.core.errors import (
     BastionError,
     BodyTooLarge,
+    EngineConnectError,
     InternalError,
     InvalidRequest,
     NotFound,
     PermissionDenied,
     UpstreamError,
     UpstreamUnavailable,
+    error_response,
 )
+from bastion.engines.client import EngineClient, Usage, raise_for_engine_status
 from bastion.gateway.protocol import PATHS, Endpoint, ParsedRequest, parse_request
 from bastion.gateway.relay import Answer, SSERelay, StreamState
 from bastion.identity.keys import KeyStore
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
+from bastion.limits.admission import Admission, Ticket
+from bastion.limits.caps import check_caps
+from bastion.limits.fairshare import FairQueue
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.policy.admission import Admission, Ticket
-from bastion.policy.caps import check_caps
-from bastion.policy.fairshare import FairQueue
 from bastion.routing.balancer import Deployment, ModelRoute
 
 log = logging.getLogger("bastion.gateway")
@@ -52,15 +54,6 @@ ENDPOINT_KINDS: dict[Endpoint, tuple[str, ...]] = {
     "completions": ("chat", "completion"),
     "embeddings": ("embedding",),
 }
-
-
-def error_response(exc: BastionError, request_id: str) -> Response:
-    return Response(
-        exc.json(),
-        status_code=exc.status,
-        media_type="application/json",
-        headers={**({"x-request-id": request_id} if request_id else {}), **exc.headers},
-    )
 
 
 @dataclass(slots=True)

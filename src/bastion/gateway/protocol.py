@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import orjson
 
-from bastion.gateway.errors import InvalidRequest
+from bastion.core.errors import InvalidRequest
 
 Endpoint = Literal["chat", "completions", "embeddings"]
 PATHS: dict[Endpoint, str] = {

@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bastion.core.errors import BastionError, UpstreamError, UpstreamTimeout
 from bastion.engines.client import Usage, read_usage
-from bastion.gateway.errors import BastionError, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("bastion.gateway")
 Send = Callable[[dict[str, Any]], Any]

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, Field
 
-from bastion.gateway.errors import BastionError, InvalidRequest, NotFound, PermissionDenied
-from bastion.identity.directory import DirectoryError
+from bastion.core.errors import BastionError, InvalidRequest, NotFound, PermissionDenied
+from bastion.core.timeutil import parse_duration
 from bastion.identity.keys import create_key, get_key, list_keys, revoke_key
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
-from bastion.timeutil import parse_duration
+from bastion.identity.teams import IdentityError
 
 if TYPE_CHECKING:  # python-ldap is an optional extra
     from bastion.identity.ldap_login import DirectoryLogin
@@ -112,7 +112,7 @@ async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, An
                 known_models=set(ctx.settings.models), source="self-service",
             )
         )  # fmt: skip
-    except (DirectoryError, ValueError) as exc:
+    except (IdentityError, ValueError) as exc:
         raise InvalidRequest(str(exc), code="invalid_value") from None
     await _record(request, "admin", actor=who.user, action="key.create", team=who.team,
                   after=rec.public())  # fmt: skip

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine, select
 
 from bastion.config import LimitSettings
-from bastion.gateway.errors import AuthenticationFailed
-from bastion.identity.directory import DirectoryError, Team, load_teams
+from bastion.core.errors import AuthenticationFailed
 from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.principal import Principal
 from bastion.identity.roles import ROLES
 from bastion.identity.sessions import SESSION_PREFIX
 from bastion.identity.sso import SsoAuthenticator
+from bastion.identity.teams import IdentityError, Team, load_teams
 
 if TYPE_CHECKING:
     from bastion.identity.ldap_login import DirectoryLogin
@@ -127,15 +127,15 @@ def create_key(
 ) -> tuple[KeyRecord, str]:
     """Creates a key and returns it with its plaintext, which is never stored or shown again."""
     if role not in ROLES:
-        raise DirectoryError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
+        raise IdentityError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
     teams = load_teams(engine)
     if team not in teams:
-        raise DirectoryError(f"unknown team {team!r}")
+        raise IdentityError(f"unknown team {team!r}")
     unknown = [m for m in models or [] if m not in known_models]
     if unknown:
-        raise DirectoryError(f"unknown model(s): {', '.join(unknown)}")
+        raise IdentityError(f"unknown model(s): {', '.join(unknown)}")
     if expires_in is not None and expires_in <= timedelta(0):
-        raise DirectoryError("expiry must be in the future")
+        raise IdentityError("expiry must be in the future")
     token = KEY_PREFIX + secrets.token_urlsafe(32)
     now = datetime.now(UTC)
     row = {
@@ -173,7 +173,7 @@ def set_key_limits(engine: Engine, key_id: str, limits: LimitSettings | None) ->
             {"limits": _limits_json(limits), "updated_at": datetime.now(UTC)},
         )
         if done.rowcount == 0:
-            raise DirectoryError(f"no key with id {key_id!r}")
+            raise IdentityError(f"no key with id {key_id!r}")
     rec = get_key(engine, key_id)
     assert rec is not None
     return rec
@@ -198,7 +198,7 @@ def revoke_key(engine: Engine, key_id: str) -> KeyRecord:
     with engine.begin() as conn:
         row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
         if row is None:
-            raise DirectoryError(f"no key with id {key_id!r}")
+            raise IdentityError(f"no key with id {key_id!r}")
         if row.revoked_at is None:
             conn.execute(
                 api_keys.update().where(api_keys.c.id == key_id),

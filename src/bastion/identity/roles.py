@@ -12,10 +12,18 @@ exist, so a team-admin learns nothing about other teams.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from bastion.gateway.errors import NotFound
+from bastion.core.errors import NotFound
 
-ROLES = ("member", "team-admin", "admin", "auditor")
+#: The one list of roles; settings, the admin API and the CLI all take theirs from here.
+Role = Literal["member", "team-admin", "admin", "auditor"]
+ROLES: tuple[str, ...] = get_args(Role)
+ROLE_HELP = (
+    "member: calls models, mints own keys; team-admin: also manages the team's keys and sees "
+    "its usage and limits; admin: everything but audit contents; auditor: reads the audit "
+    "trail and usage only"
+)
 #: Roles whose holders may call models.
 CALLERS = frozenset({"member", "team-admin", "admin"})
 

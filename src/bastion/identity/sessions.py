@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 
 from bastion.config import IdentitySettings
-from bastion.gateway.errors import AuthenticationFailed
+from bastion.core.errors import AuthenticationFailed
 
 log = logging.getLogger("bastion.identity")
 SESSION_PREFIX = "bss-"

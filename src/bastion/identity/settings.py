@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from bastion.settings_base import Strict
+from bastion.core.settings import Strict
+from bastion.identity.roles import ROLE_HELP, Role
 
 
 class OidcIssuer(Strict):
@@ -61,12 +62,7 @@ class LdapSettings(Strict):
 class GroupMapping(Strict):
     group: str = Field(description="A group name as the IdP or directory reports it.")
     team: str = Field(description="The team its members act for (charged, limited, audited).")
-    role: Literal["member", "team-admin", "admin", "auditor"] = Field(
-        "member",
-        description="member: calls models, mints own keys; team-admin: also manages the "
-        "team's keys and sees its usage; admin: everything but audit contents; auditor: reads "
-        "the audit trail and usage only.",
-    )
+    role: Role = Field("member", description=ROLE_HELP + ".")
 
 
 class IdentitySettings(Strict):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -38,9 +40,20 @@ def alembic_config(url: str) -> AlembicConfig:
     return cfg
 
 
-def upgrade(engine: Engine) -> None:
-    """Brings the schema to the newest revision (idempotent)."""
+def upgrade(engine: Engine) -> bool:
+    """Brings the schema to the newest revision; False (and not a word logged) if it was."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    heads = set(ScriptDirectory.from_config(cfg).get_heads())
     with engine.begin() as conn:
+        if set(MigrationContext.configure(conn).get_current_heads()) == heads:
+            return False
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    return True
+
+
+def open_database(url: str) -> Engine:
+    """The database at `url`, migrated to the newest schema."""
+    engine = make_engine(url)
+    upgrade(engine)
+    return engine

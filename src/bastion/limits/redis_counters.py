@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import Connection
 
-from bastion.policy.counters import Check, Verdict
+from bastion.limits.counters import Check, Verdict
 
 # KEYS: the counters. ARGV: now, request id, then per key: op (1 counter, 2 budget, 3 slots),
 # limit, amount, ttl. All checks first, then all increments: all-or-nothing.

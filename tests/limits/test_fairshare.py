@@ -12,7 +12,8 @@ import urllib.request
 import openai
 import pytest
 
-from bastion.policy.fairshare import FairQueue, QueueTimeout
+from bastion.core.errors import QueueTimeout
+from bastion.limits.fairshare import FairQueue
 from tests.conftest import TINY, base_config
 
 

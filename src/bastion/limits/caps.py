@@ -4,7 +4,7 @@ model's default completion cap for requests that set none."""
 from __future__ import annotations
 
 from bastion.config import Settings
-from bastion.gateway.errors import InvalidRequest
+from bastion.core.errors import InvalidRequest
 from bastion.gateway.protocol import ParsedRequest
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from bastion.config import Settings
 from bastion.identity.keys import KeyRecord
-from bastion.policy.admission import Admission
-from bastion.policy.levels import (
+from bastion.limits.admission import Admission
+from bastion.limits.levels import (
     Level,
     Plan,
     checks_for,

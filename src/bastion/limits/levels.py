@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 from bastion.config import LimitSettings, Settings
 from bastion.identity.principal import Principal
-from bastion.policy.counters import SLOT_LEASE_SECONDS, Check, Kind, Op
+from bastion.limits.counters import SLOT_LEASE_SECONDS, Check, Kind, Op
 
 WINDOW = 60  # seconds: rpm and tpm count per calendar minute
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bastion.config import DeploymentSettings, Settings
-from bastion.engines.launcher import (
+from bastion.local.launcher import (
     EngineSpec,
     VllmProcess,
     embedding_model_dir,
@@ -60,12 +60,12 @@ def engine_spec(dep: DeploymentSettings, embedding: bool) -> EngineSpec:
 
 def quickstart_key(settings: Settings) -> str | None:
     """A key for trying things out, kept in var/quickstart-key (mode 0600) between runs."""
-    from bastion.identity.directory import open_database
     from bastion.identity.keys import create_key, hash_key, list_keys
+    from bastion.identity.teams import open_store
 
     if not settings.teams:
         return None
-    db = open_database(settings)
+    db = open_store(settings)
     path = Path("var/quickstart-key")
     now = datetime.now(UTC)
     if path.is_file():

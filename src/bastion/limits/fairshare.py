@@ -16,11 +16,7 @@ import itertools
 import math
 from collections import deque
 
-from bastion.gateway.errors import UpstreamUnavailable
-
-
-class QueueTimeout(UpstreamUnavailable):
-    default_code = "queue_timeout"
+from bastion.core.errors import QueueTimeout
 
 
 class FairQueue:

@@ -12,12 +12,12 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, select
 
 from bastion.config import Settings
-from bastion.store.db import make_engine, upgrade
+from bastion.store.db import open_database
 from bastion.store.schema import cost_centers, teams
 
 
-class DirectoryError(ValueError):
-    """A team or cost center operation is not possible (unknown name, duplicate, …)."""
+class IdentityError(ValueError):
+    """A team, cost center or key operation is not possible (unknown name, duplicate, …)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +48,9 @@ def sync_config(engine: Engine, settings: Settings) -> None:
                 conn.execute(teams.insert(), {"name": name, "created_at": now, **values})
 
 
-def open_database(settings: Settings) -> Engine:
-    """The configured database, migrated to the newest schema, with the config's teams in it."""
-    engine = make_engine(settings.database.url)
-    upgrade(engine)
+def open_store(settings: Settings) -> Engine:
+    """The configured database, migrated, with the config's teams and cost centers written in."""
+    engine = open_database(settings.database.url)
     sync_config(engine, settings)
     return engine
 
@@ -76,7 +75,7 @@ def list_cost_centers(engine: Engine) -> list[dict[str, str]]:
 def create_cost_center(engine: Engine, name: str, display_name: str = "") -> None:
     with engine.begin() as conn:
         if conn.execute(select(cost_centers.c.name).where(cost_centers.c.name == name)).first():
-            raise DirectoryError(f"cost center {name!r} already exists")
+            raise IdentityError(f"cost center {name!r} already exists")
         conn.execute(
             cost_centers.insert(),
             {
@@ -93,14 +92,14 @@ def create_team(
 ) -> Team:
     unknown = [m for m in models or [] if m not in settings.models]
     if unknown:
-        raise DirectoryError(f"unknown model(s): {', '.join(unknown)}")
+        raise IdentityError(f"unknown model(s): {', '.join(unknown)}")
     with engine.begin() as conn:
         if not conn.execute(
             select(cost_centers.c.name).where(cost_centers.c.name == cost_center)
         ).first():
-            raise DirectoryError(f"unknown cost center {cost_center!r}")
+            raise IdentityError(f"unknown cost center {cost_center!r}")
         if conn.execute(select(teams.c.name).where(teams.c.name == name)).first():
-            raise DirectoryError(f"team {name!r} already exists")
+            raise IdentityError(f"team {name!r} already exists")
         conn.execute(
             teams.insert(),
             {

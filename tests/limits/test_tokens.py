@@ -11,7 +11,7 @@ import pytest
 
 from bastion.config import ConfigError, parse_settings
 from bastion.gateway.protocol import parse_request
-from bastion.policy.tokens import PromptCounter, prompt_upper_bound
+from bastion.limits.tokens import PromptCounter, prompt_upper_bound
 from tests.conftest import TINY, base_config
 
 CHAT = {

@@ -22,17 +22,17 @@ import redis.exceptions
 from sqlalchemy import Engine, func, select
 
 from bastion.config import PriceSettings, Settings
-from bastion.gateway.errors import BudgetExceeded, LimitsUnavailable, RateLimited
+from bastion.core.errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from bastion.gateway.protocol import ParsedRequest
 from bastion.identity.principal import Principal
+from bastion.limits.counters import Check, CounterBackend, MemoryCounters, Verdict
+from bastion.limits.levels import Level, Plan, applicable_levels, budget_period, checks_for
+from bastion.limits.tokens import PromptCounter
 from bastion.metering.usage import UsageRecord, cost_of
 from bastion.observability.metrics import Metrics
-from bastion.policy.counters import Check, CounterBackend, MemoryCounters, Verdict
-from bastion.policy.levels import Level, Plan, applicable_levels, budget_period, checks_for
-from bastion.policy.tokens import PromptCounter
 from bastion.store.schema import usage
 
-log = logging.getLogger("bastion.policy")
+log = logging.getLogger("bastion.limits")
 BACKEND_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 

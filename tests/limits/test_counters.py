@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from bastion.policy.counters import Check, CounterBackend, MemoryCounters
-from bastion.policy.redis_counters import RedisCounters
+from bastion.limits.counters import Check, CounterBackend, MemoryCounters
+from bastion.limits.redis_counters import RedisCounters
 from tests.conftest import REDIS_URL
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from bastion.engines.tiny_model import GENERATOR_VERSION, read_stamp
+from bastion.local.tiny_model import GENERATOR_VERSION, read_stamp
 
 __all__ = [
     "DEFAULT_EMBEDDING_GPU_MEMORY_UTILIZATION",
@@ -527,7 +527,7 @@ class VllmProcess:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m bastion.engines.launcher`` — start the tiny chat engine for a quick look."""
+    """``python -m bastion.local.launcher`` — start the tiny chat engine for a quick look."""
     model = ensure_tiny_model()
     spec = EngineSpec(model=model, served_name="tiny-chat", port=int(argv[0]) if argv else 8100)
     engine = VllmProcess(spec)
