@@ -23,7 +23,6 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from bastion import __version__
-from bastion.admin.api import AdminContext
 from bastion.admin.api import router as admin_router
 from bastion.audit import api as audit_api
 from bastion.audit.trail import AuditTrail
@@ -186,8 +185,6 @@ def build_app(
         redoc_url=None,
         openapi_url="/admin/openapi.json",
     )
-    admin_app.state.admin = AdminContext(settings=settings, db=db, keys=keys, admission=admission)
-    admin_app.state.audit = audit
     admin_app.include_router(admin_router)
     admin_app.include_router(audit_api.router)
     admin_app.include_router(audit_api.admin_router)
@@ -209,9 +206,10 @@ def build_app(
             Mount("", app=admin_app),
         ],
     )
-    app.state.admin = admin_app.state.admin
+    for state in (app.state, admin_app.state):
+        state.settings, state.db, state.keys = settings, db, keys
+        state.admission, state.audit = admission, audit
     app.state.gateway = gateway
-    app.state.audit = audit
     app.state.health = health
     return app
 

@@ -112,7 +112,7 @@ def _recorded(settings: Settings, action: str, **fields: Any) -> bool:
 
 
 def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from bastion.config import LimitSettings
+    from bastion.core.settings import LimitSettings
 
     return LimitSettings(
         rpm=args.rpm,

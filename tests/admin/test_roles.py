@@ -42,7 +42,7 @@ def env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         }
     )
     with TestClient(build_app(settings)) as c:
-        db = c.app.state.admin.db  # type: ignore[attr-defined]
+        db = c.app.state.db  # type: ignore[attr-defined]
         known = {"stub"}
         made = {
             "alpha": create_key(db, team="alpha", user="ann", known_models=known),

@@ -54,7 +54,7 @@ def make(stub: StubEngine, tmp: Path, **audit: Any) -> tuple[TestClient, Setting
 def env(stub: StubEngine, tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], Settings]]:
     c, settings = make(stub, tmp_path, redact=["card"])
     with c:
-        db = c.app.state.admin.db  # type: ignore[attr-defined]
+        db = c.app.state.db  # type: ignore[attr-defined]
         keys = {
             "member": create_key(db, team="t", user="alice", known_models={"stub"})[1],
             "other": create_key(db, team="u", user="bob", known_models={"stub"})[1],
@@ -71,7 +71,7 @@ def _auth(key: str) -> dict[str, str]:
 
 def entries(c: TestClient, timeout: float = 5.0, **where: Any) -> list[Any]:
     """Stored entries matching `where`, waiting for the shipper."""
-    db = c.app.state.admin.db  # type: ignore[attr-defined]
+    db = c.app.state.db  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout
     while True:
         q = sa.select(audit_entries).order_by(audit_entries.c.seq)
@@ -188,7 +188,7 @@ def test_fails_closed_when_the_log_cannot_be_written(env, stub) -> None:  # type
 def test_fail_open_forwards_and_reports_it(stub: StubEngine, tmp_path: Path) -> None:
     c, _ = make(stub, tmp_path, on_failure="open")
     with c:
-        key = create_key(c.app.state.admin.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
+        key = create_key(c.app.state.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
         from bastion.audit.wal import AuditLogError
 
         c.app.state.audit.wal.broken = AuditLogError("disk gone")  # type: ignore[attr-defined]
@@ -230,7 +230,7 @@ def test_hold_shred_and_purge(env) -> None:  # type: ignore[no-untyped-def]
     ]
     assert _show(c, keys["auditor"], new)[0]["content"]
     # Retention: contents past it are dropped; metadata stays.
-    db = c.app.state.admin.db  # type: ignore[attr-defined]
+    db = c.app.state.db  # type: ignore[attr-defined]
     purged = store.purge(db, {None: 1}, now=datetime.now(UTC) + timedelta(days=2))
     assert purged.get("u", 0) >= 2
     show = _show(c, keys["auditor"], other)
@@ -305,7 +305,7 @@ def test_tampering_in_the_database_is_found(stub: StubEngine, tmp_path: Path, ho
 
     c, settings = make(stub, tmp_path, replica="gw")
     with c:
-        key = create_key(c.app.state.admin.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
+        key = create_key(c.app.state.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
         for _ in range(8):
             assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
     # The app has stopped: final checkpoint signed, everything shipped.
@@ -341,6 +341,6 @@ def test_tampering_in_the_database_is_found(stub: StubEngine, tmp_path: Path, ho
 def test_redact_upstream_sends_the_redacted_prompt(stub: StubEngine, tmp_path: Path) -> None:
     c, _ = make(stub, tmp_path, redact=["card"], redact_upstream=True)
     with c:
-        key = create_key(c.app.state.admin.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
+        key = create_key(c.app.state.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
         assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
         assert stub.requests[-1]["messages"][0]["content"] == "card [CARD]"

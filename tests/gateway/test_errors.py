@@ -67,7 +67,7 @@ def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type
     )
     app = build_app(settings, health_interval=0.5)
     with TestClient(app) as c:
-        db_engine = app.state.admin.db
+        db_engine = app.state.db
         known = set(settings.models)
         keys = {
             "all": create_key(db_engine, team="t", known_models=known)[1],

@@ -11,7 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from bastion.app import build_app
-from bastion.config import LimitSettings, parse_settings
+from bastion.config import parse_settings
+from bastion.core.settings import LimitSettings
 from bastion.identity.keys import create_key
 from tests.conftest import RedisServer, audit_config
 from tests.stub_engine import StubEngine
@@ -58,7 +59,7 @@ def make_app(stub: StubEngine, tmp: Path, **limits: object) -> TestClient:
 
 
 def key(c: TestClient, team: str, limits: LimitSettings | None = None) -> dict[str, str]:
-    db = c.app.state.admin.db  # type: ignore[attr-defined]
+    db = c.app.state.db  # type: ignore[attr-defined]
     _rec, token = create_key(db, team=team, known_models={"stub"}, limits=limits)
     return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bastion.config import PriceSettings
 from bastion.metering.reports import render, summarize
+from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.store.db import make_engine, upgrade
 from bastion.store.schema import usage

@@ -1,7 +1,8 @@
 from collections import Counter
 
-from bastion.config import DeploymentSettings, ModelSettings
+from bastion.engines.settings import DeploymentSettings
 from bastion.routing.balancer import LeastOutstanding, ModelRoute
+from bastion.routing.settings import ModelSettings
 
 
 def _route(*weights: float) -> ModelRoute:

@@ -9,115 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import anyio.from_thread
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine
 
-from bastion.config import NAME, LimitSettings, Settings
 from bastion.core.errors import (
-    AuthenticationFailed,
     InvalidRequest,
     LimitsUnavailable,
     NotFound,
     PermissionDenied,
 )
+from bastion.core.settings import NAME, LimitSettings
 from bastion.core.timeutil import parse_duration, parse_time
 from bastion.identity import teams
+from bastion.identity.access import Access, Admin, Manager, Reader
 from bastion.identity.keys import (
     KeyRecord,
-    KeyStore,
     create_key,
     get_key,
     list_keys,
     revoke_key,
     set_key_limits,
 )
-from bastion.identity.oidc import looks_like_jwt
-from bastion.identity.roles import ROLE_HELP, Actor, Role
-from bastion.limits.admission import BACKEND_ERRORS, Admission
+from bastion.identity.roles import ROLE_HELP, Role
+from bastion.limits.admission import BACKEND_ERRORS
 from bastion.limits.status import limit_status
 from bastion.metering.reports import summarize
 
-
-@dataclass
-class AdminContext:
-    settings: Settings
-    db: Engine
-    keys: KeyStore
-    admission: Admission
-
-
-def _ctx(request: Request) -> AdminContext:
-    return request.app.state.admin  # type: ignore[no-any-return]
-
-
-@dataclass
-class AdminAccess:
-    """The admin context, and who is acting (and so what they may see)."""
-
-    ctx: AdminContext
-    actor: Actor
-
-    @property
-    def settings(self) -> Settings:
-        return self.ctx.settings
-
-    @property
-    def db(self) -> Engine:
-        return self.ctx.db
-
-    @property
-    def keys(self) -> KeyStore:
-        return self.ctx.keys
-
-    @property
-    def admission(self) -> Admission:
-        return self.ctx.admission
-
-
-async def _actor(request: Request, authorization: str | None) -> Actor:
-    ctx = _ctx(request)
-    expected = ctx.settings.admin.key
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if (
-        expected is not None
-        and scheme.lower() == "bearer"
-        and hmac.compare_digest(token.encode(), expected.encode())
-    ):
-        return Actor("admin", None, "admin-key")
-    if not token.startswith(("bst-", "bss-")) and not looks_like_jwt(token):
-        raise AuthenticationFailed(
-            "A valid admin key or a signed-in administrator is required for /admin.",
-            code="invalid_admin_key",
-        )
-    who = await ctx.keys.authenticate(authorization)
-    return Actor(who.role, who.team, who.user or who.key_id)
-
-
-def _needs(*roles: str) -> Any:
-    async def dependency(
-        request: Request, authorization: Annotated[str | None, Header()] = None
-    ) -> AdminAccess:
-        actor = await _actor(request, authorization)
-        if actor.role not in roles:
-            raise PermissionDenied(
-                f"This needs the {' or '.join(roles)} role.", code="role_not_allowed"
-            )
-        return AdminAccess(_ctx(request), actor)
-
-    return dependency
-
-
-Admin = Annotated[AdminAccess, Depends(_needs("admin"))]
-Manager = Annotated[AdminAccess, Depends(_needs("admin", "team-admin"))]
-Reader = Annotated[AdminAccess, Depends(_needs("admin", "team-admin", "auditor"))]
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
@@ -163,7 +84,7 @@ class NewKeyOut(KeyOut):
     key: str = Field(description="The secret key. Shown only in this response.")
 
 
-def _record(request: Request, ctx: AdminAccess, action: str, **fields: Any) -> None:
+def _record(request: Request, ctx: Access, action: str, **fields: Any) -> None:
     """Writes the change to the audit trail (from the worker thread sync handlers run in)."""
     trail = request.app.state.audit
     if trail is not None:
@@ -259,7 +180,7 @@ def get_one_key(key_id: str, ctx: Manager) -> KeyOut:
     return KeyOut(**_managed_key(ctx, key_id).public())  # type: ignore[arg-type]
 
 
-def _managed_key(ctx: AdminAccess, key_id: str) -> KeyRecord:
+def _managed_key(ctx: Access, key_id: str) -> KeyRecord:
     """The key, if the actor may manage it; otherwise 404, as if it did not exist."""
     rec = get_key(ctx.db, key_id)
     if rec is None or not ctx.actor.may_manage(rec.team):
@@ -305,7 +226,7 @@ async def get_limits(ctx: Manager, team: str | None = None) -> list[dict[str, An
     team = ctx.actor.team_scope(team)
     keys = await asyncio.to_thread(list_keys, ctx.db, team)
     try:
-        return await limit_status(ctx.admission, ctx.settings, keys, team)
+        return await limit_status(ctx.state.admission, ctx.settings, keys, team)
     except BACKEND_ERRORS as exc:
         raise LimitsUnavailable(f"The limits backend is unreachable: {exc}") from None
 

@@ -17,13 +17,13 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from bastion.admin.api import Admin
 from bastion.audit import reader, store
 from bastion.audit.chain import Verdict
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
 from bastion.core.errors import InvalidRequest, NotFound, PermissionDenied
 from bastion.core.timeutil import parse_time
+from bastion.identity.access import Admin
 from bastion.identity.principal import Principal
 
 
@@ -38,7 +38,7 @@ async def require_auditor(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> tuple[AuditTrail, Principal]:
     trail = _trail(request)
-    principal = await request.app.state.admin.keys.authenticate(authorization)
+    principal = await request.app.state.keys.authenticate(authorization)
     if principal.role != "auditor":
         raise PermissionDenied(
             "Only auditor keys may read the audit trail.", code="auditor_role_required"

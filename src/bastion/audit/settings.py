@@ -1,5 +1,5 @@
 """Settings of `audit:`: the write-ahead log, signing and master keys, checkpoints, retention,
-redaction. Part of the one settings tree (`bastion.config.Settings`)."""
+redaction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from bastion.core.settings import NAME, Strict
+from bastion.core.settings import NAME, Strict, section
 
 
 class AuditSettings(Strict):
@@ -66,3 +66,6 @@ class AuditSettings(Strict):
     redact_upstream: bool = Field(
         False, description="Also send the redacted prompt to the engine instead of the original."
     )
+
+
+section("audit", AuditSettings, "The audit trail of every request.")

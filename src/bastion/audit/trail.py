@@ -26,10 +26,11 @@ from bastion.audit import store
 from bastion.audit.chain import content_digest, load_or_create_key, public_key_hex
 from bastion.audit.crypto import KeyWrapper, MasterKey, seal
 from bastion.audit.redact import Redactor
+from bastion.audit.settings import AuditSettings
 from bastion.audit.ship_process import ShipperProcess
 from bastion.audit.shipper import Shipper
 from bastion.audit.wal import AuditLog, AuditLogError
-from bastion.config import AuditSettings, Settings
+from bastion.config import Settings
 from bastion.core.errors import AuditUnavailable
 from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from bastion.audit import store
 from bastion.audit.chain import Verdict, Verifier, public_key_hex
 from bastion.audit.reader import read_export
-from bastion.config import AuditSettings
+from bastion.audit.settings import AuditSettings
 
 
 def trusted_keys(settings: AuditSettings, *extra: str | None) -> list[str]:

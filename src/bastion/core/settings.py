@@ -1,11 +1,81 @@
-"""The strict base every settings model shares: unknown keys are errors, values are frozen."""
+"""Settings, declared once: the strict base every section shares, and the section registry.
+
+Each capability declares its own part of the YAML file in its `settings.py` and registers it
+with `section()`: name, type, help text, environment overrides and the cross-references it
+checks. `bastion.config` assembles the one settings tree from the registered sections (for
+validation), and `bastion config docs` renders `docs/config.md` from the same declarations.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LimitSettings(Strict):
+    """Limits at one level (key, user, team, cost center, model, team x model); unset = none."""
+
+    rpm: int | None = Field(None, ge=0, description="Requests per minute.")
+    tpm: int | None = Field(
+        None, ge=0, description="Tokens per minute (prompt + completion; reserved up front)."
+    )
+    concurrent: int | None = Field(None, ge=0, description="Requests in flight at once.")
+    budget_day: float | None = Field(
+        None, ge=0, description="Spend per UTC day, in the price book's currency."
+    )
+    budget_month: float | None = Field(
+        None, ge=0, description="Spend per UTC calendar month, in the price book's currency."
+    )
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in self.model_dump().values())
+
+
+#: Cross-reference check of a section: given the whole settings tree, one message per problem.
+Check = Callable[[Any], list[str]]
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    #: The type of the section's value: a settings model, or a map or list of them.
+    annotation: Any
+    description: str
+    default_factory: Callable[[], Any]
+    #: Environment variables that override a key of the file: {"key": "BASTION_ADMIN_KEY"}.
+    env: dict[str, str] = field(default_factory=dict)
+    check: Check | None = None
+
+
+_SECTIONS: dict[str, Section] = {}
+
+
+def section(
+    name: str,
+    annotation: Any,
+    description: str,
+    *,
+    default_factory: Callable[[], Any] | None = None,
+    env: dict[str, str] | None = None,
+    check: Check | None = None,
+) -> None:
+    """Declares the top-level key `name` of the config file (once; its module owns it)."""
+    if name in _SECTIONS:
+        raise ValueError(f"settings section {name!r} is declared twice")
+    if default_factory is None:
+        default_factory = annotation
+    _SECTIONS[name] = Section(name, annotation, description, default_factory, env or {}, check)
+
+
+def sections() -> list[Section]:
+    """Every registered section, in registration order."""
+    return list(_SECTIONS.values())

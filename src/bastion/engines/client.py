@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bastion.config import DeploymentSettings
 from bastion.core.errors import (
     EngineConnectError,
     UpstreamError,
@@ -22,6 +21,7 @@ from bastion.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from bastion.engines.settings import DeploymentSettings
 
 HEALTH_PATHS = {
     "vllm": "/health",

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from bastion.audit.trail import AuditTrail
-from bastion.config import PriceSettings, Settings
+from bastion.config import Settings
 from bastion.core.errors import (
     BastionError,
     BodyTooLarge,
@@ -44,6 +44,7 @@ from bastion.identity.roles import CALLERS
 from bastion.limits.admission import Admission, Ticket
 from bastion.limits.caps import check_caps
 from bastion.limits.fairshare import FairQueue
+from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.routing.balancer import Deployment, ModelRoute

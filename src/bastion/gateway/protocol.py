@@ -6,31 +6,16 @@ logprobs, seed, …); the engine validates the rest and its 4xx comes back as a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
-
 import orjson
 
 from bastion.core.errors import InvalidRequest
+from bastion.core.request import Endpoint, ParsedRequest
 
-Endpoint = Literal["chat", "completions", "embeddings"]
 PATHS: dict[Endpoint, str] = {
     "chat": "/v1/chat/completions",
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
 }
-
-
-@dataclass(slots=True)
-class ParsedRequest:
-    endpoint: Endpoint
-    body: dict[str, Any]
-    model: str
-    stream: bool
-    #: Whether the client itself asked for the usage chunk at the end of a stream.
-    client_wants_usage: bool
-    #: The body's `user` field: kept for reference, never used for attribution.
-    client_user: str | None
 
 
 def _type_error(param: str, expected: str) -> InvalidRequest:

@@ -45,7 +45,7 @@ async def _record(request: Request, kind: str, **fields: Any) -> None:
 
 
 def _login(request: Request) -> DirectoryLogin:
-    login = request.app.state.admin.keys.login
+    login = request.app.state.keys.login
     if login is None:
         raise NotFound("Directory sign-in is not configured (identity.ldap).", code="not_found")
     return login  # type: ignore[no-any-return]
@@ -73,7 +73,7 @@ async def login(body: LoginIn, request: Request) -> dict[str, Any]:
 async def signed_in(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    who: Principal = await request.app.state.admin.keys.authenticate(authorization)
+    who: Principal = await request.app.state.keys.authenticate(authorization)
     if not who.key_id.startswith(("ses_", "sso_")) or who.user is None:
         raise PermissionDenied(
             "Self-service keys need a signed-in user (bastion login, or your SSO token).",
@@ -86,7 +86,7 @@ User = Annotated[Principal, Depends(signed_in)]
 
 
 def _mine(request: Request, who: Principal, key_id: str) -> Any:
-    rec = get_key(request.app.state.admin.db, key_id)
+    rec = get_key(request.app.state.db, key_id)
     if rec is None or rec.user != who.user or rec.team != who.team:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found")
     return rec
@@ -94,7 +94,7 @@ def _mine(request: Request, who: Principal, key_id: str) -> Any:
 
 @router.get("/keys")
 async def my_keys(request: Request, who: User) -> list[dict[str, Any]]:
-    keys = await asyncio.to_thread(list_keys, request.app.state.admin.db, who.team)
+    keys = await asyncio.to_thread(list_keys, request.app.state.db, who.team)
     now = datetime.now(UTC)
     return [k.public(now) for k in keys if k.user == who.user]
 
@@ -103,7 +103,7 @@ async def my_keys(request: Request, who: User) -> list[dict[str, Any]]:
 async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, Any]:
     if who.role not in CALLERS:
         raise PermissionDenied("Auditors create no keys to call models.", code="role_not_allowed")
-    ctx = request.app.state.admin
+    ctx = request.app.state
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
         rec, token = await asyncio.to_thread(
@@ -121,7 +121,7 @@ async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, An
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_my_key(key_id: str, request: Request, who: User) -> dict[str, Any]:
-    ctx = request.app.state.admin
+    ctx = request.app.state
     await asyncio.to_thread(_mine, request, who, key_id)
     rec = await asyncio.to_thread(revoke_key, ctx.db, key_id)
     ctx.keys.update(rec)

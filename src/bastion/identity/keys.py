@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 
-from bastion.config import LimitSettings
 from bastion.core.errors import AuthenticationFailed
+from bastion.core.settings import LimitSettings
 from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.principal import Principal
 from bastion.identity.roles import ROLES

@@ -19,13 +19,13 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from bastion.config import GroupMapping, IdentitySettings
 from bastion.core.errors import AuthenticationFailed, DirectoryDown, RateLimited
 from bastion.identity.keys import revoke_self_service, self_service_owners
 from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
 from bastion.identity.sessions import Sessions
+from bastion.identity.settings import GroupMapping, IdentitySettings
 from bastion.identity.sso import first_mapping, mapped_principal, not_mapped
 from bastion.identity.teams import Team
 

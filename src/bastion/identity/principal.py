@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bastion.config import LimitSettings
+from bastion.core.settings import LimitSettings
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ from typing import Any
 
 import jwt
 
-from bastion.config import IdentitySettings
 from bastion.core.errors import AuthenticationFailed
+from bastion.identity.settings import IdentitySettings
 
 log = logging.getLogger("bastion.identity")
 SESSION_PREFIX = "bss-"

@@ -1,15 +1,13 @@
-"""Settings of `identity:`: API key refresh, OIDC issuers, LDAP / AD, sessions, group mappings.
-
-Part of the one settings tree (`bastion.config.Settings`); kept here beside the code it drives.
-"""
+"""Settings of `identity:` (API key refresh, OIDC issuers, LDAP / AD, sessions, group
+mappings), and of the `cost_centers:` and `teams:` that keys, users and groups belong to."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from bastion.core.settings import Strict
+from bastion.core.settings import NAME, LimitSettings, Strict, section
 from bastion.identity.roles import ROLE_HELP, Role
 
 
@@ -131,3 +129,68 @@ class IdentitySettings(Strict):
             except ValueError as exc:
                 raise ValueError(f"ldap: {exc}") from None
         return self
+
+
+class CostCenterSettings(Strict):
+    name: str = Field("", description="Human-readable name (e.g. 'Retail Banking IT').")
+    limits: LimitSettings | None = Field(
+        None, description="This cost center's limits (else `limits.defaults.cost_center`)."
+    )
+
+
+class TeamSettings(Strict):
+    cost_center: str = Field(description="The cost center this team is charged to.")
+    models: list[str] | None = Field(
+        None, description="Model aliases this team may use (none: all)."
+    )
+    limits: LimitSettings | None = Field(
+        None, description="This team's limits (else `limits.defaults.team`)."
+    )
+    model_limits: dict[str, LimitSettings] = Field(
+        default_factory=dict, description="Limits for this team on one model (team x model)."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Share of saturated engines this team gets (fair share)."
+    )
+    audit_retention_days: int | None = Field(
+        None, ge=1, description="This team's audit content retention (else `audit.retention_days`)."
+    )
+
+
+def _mapped_teams(settings: Any) -> list[str]:
+    return [
+        f"identity.group_mappings[{i}].team: unknown team {gm.team!r}"
+        for i, gm in enumerate(settings.identity.group_mappings)
+        if gm.team not in settings.teams
+    ]
+
+
+def _team_references(settings: Any) -> list[str]:
+    errors: list[str] = []
+    for team, ts in settings.teams.items():
+        if ts.cost_center not in settings.cost_centers:
+            errors.append(f"teams.{team}.cost_center: unknown cost center {ts.cost_center!r}")
+        for i, m in enumerate(ts.models or []):
+            if m not in settings.models:
+                errors.append(f"teams.{team}.models[{i}]: unknown model {m!r}")
+        for m in ts.model_limits:
+            if m not in settings.models:
+                errors.append(f"teams.{team}.model_limits.{m}: unknown model {m!r}")
+    return errors
+
+
+Names = Annotated[str, Field(pattern=NAME)]
+section("identity", IdentitySettings, "How callers are authenticated.", check=_mapped_teams)
+section(
+    "cost_centers",
+    dict[Names, CostCenterSettings],
+    "Cost centers teams are charged to.",
+    default_factory=dict,
+)
+section(
+    "teams",
+    dict[Names, TeamSettings],
+    "Teams that own API keys.",
+    default_factory=dict,
+    check=_team_references,
+)

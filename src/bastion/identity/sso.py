@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 
-from bastion.config import GroupMapping, IdentitySettings
 from bastion.core.errors import AuthenticationFailed, PermissionDenied
 from bastion.identity.oidc import InvalidToken, IssuerSettings, OidcValidator
 from bastion.identity.principal import Principal
+from bastion.identity.settings import GroupMapping, IdentitySettings
 from bastion.identity.teams import Team
 
 

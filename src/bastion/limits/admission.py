@@ -21,13 +21,14 @@ from datetime import UTC, datetime
 import redis.exceptions
 from sqlalchemy import Engine, func, select
 
-from bastion.config import PriceSettings, Settings
+from bastion.config import Settings
 from bastion.core.errors import BudgetExceeded, LimitsUnavailable, RateLimited
-from bastion.gateway.protocol import ParsedRequest
+from bastion.core.request import ParsedRequest
 from bastion.identity.principal import Principal
 from bastion.limits.counters import Check, CounterBackend, MemoryCounters, Verdict
 from bastion.limits.levels import Level, Plan, applicable_levels, budget_period, checks_for
 from bastion.limits.tokens import PromptCounter
+from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, cost_of
 from bastion.observability.metrics import Metrics
 from bastion.store.schema import usage

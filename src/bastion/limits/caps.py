@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bastion.config import Settings
 from bastion.core.errors import InvalidRequest
-from bastion.gateway.protocol import ParsedRequest
+from bastion.core.request import ParsedRequest
 
 
 def check_caps(settings: Settings, req: ParsedRequest) -> None:

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from bastion.config import LimitSettings, Settings
+from bastion.config import Settings
+from bastion.core.settings import LimitSettings
 from bastion.identity.principal import Principal
 from bastion.limits.counters import SLOT_LEASE_SECONDS, Check, Kind, Op
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.config import ConfigError, Settings
-from bastion.gateway.protocol import ParsedRequest
+from bastion.core.request import ParsedRequest
 
 PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
 PER_CHAT_OVERHEAD = 8  # the template's start and the assistant's generation prompt

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bastion.config import DeploymentSettings, Settings
+from bastion.config import Settings
+from bastion.engines.settings import DeploymentSettings
 from bastion.local.launcher import (
     EngineSpec,
     VllmProcess,

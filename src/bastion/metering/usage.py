@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from bastion.config import PriceSettings
+from bastion.metering.settings import PriceSettings
 from bastion.store.schema import usage
 
 log = logging.getLogger("bastion.metering")

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from bastion.config import DeploymentSettings, ModelSettings
+from bastion.engines.settings import DeploymentSettings
+from bastion.routing.settings import ModelSettings
 
 #: After a refused connection, a deployment is skipped for this long unless nothing else is up.
 EJECT_SECONDS = 5.0

@@ -1,0 +1,19 @@
+"""Settings of `admin:`: the key of the /admin API."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from bastion.core.settings import Strict, section
+
+
+class AdminSettings(Strict):
+    key: str | None = Field(
+        None,
+        min_length=16,
+        description="Bearer key for the /admin API (at least 16 characters). "
+        "Env override: BASTION_ADMIN_KEY. Without it the admin API answers 401 to everyone.",
+    )
+
+
+section("admin", AdminSettings, "The /admin API.", env={"key": "BASTION_ADMIN_KEY"})

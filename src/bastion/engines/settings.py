@@ -1,0 +1,43 @@
+"""One engine replica as the config declares it (`models.<alias>.deployments[]`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from bastion.core.settings import Strict
+
+
+class DeploymentSettings(Strict):
+    kind: Literal["vllm", "sglang", "llamacpp", "openai"] = Field(
+        "vllm", description="Engine type behind this deployment."
+    )
+    url: str = Field(description="Base URL of the engine, e.g. http://10.0.0.5:8000 (no /v1).")
+    served_name: str = Field(description="Model name the engine serves (its `model` field).")
+    weight: float = Field(1.0, gt=0, description="Relative share of traffic.")
+    api_key: str | None = Field(None, description="Bearer key the engine expects, if any.")
+    connect_timeout: float = Field(2.0, gt=0, description="Seconds to open a connection.")
+    first_byte_timeout: float = Field(
+        120.0, gt=0, description="Seconds to wait for the engine's response headers."
+    )
+    read_timeout: float = Field(
+        60.0, gt=0, description="Seconds of silence allowed between streamed chunks."
+    )
+    launch: str | None = Field(
+        None,
+        description="`bastion up` starts this engine locally: a model directory, or "
+        "`builtin:tiny-chat` / `builtin:all-minilm-l6-v2`. Loopback URLs only.",
+    )
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests this deployment accepts at once (none: unlimited)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _is_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not a URL")
+        return v.rstrip("/")

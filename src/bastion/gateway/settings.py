@@ -1,0 +1,21 @@
+"""Settings of `server:`: where and how the gateway listens."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from bastion.core.settings import Strict, section
+
+
+class ServerSettings(Strict):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port the gateway listens on.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest accepted request body; larger gets 413."
+    )
+    public_url: str | None = Field(
+        None, description="URL clients use to reach the gateway (shown by `bastion up`)."
+    )
+
+
+section("server", ServerSettings, "Where and how the gateway listens.")

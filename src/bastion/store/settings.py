@@ -1,0 +1,33 @@
+"""Settings of `database:`: where keys, teams, usage and the audit trail are kept."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from bastion.core.settings import Strict, section
+
+
+class DatabaseSettings(Strict):
+    url: str = Field(
+        "sqlite:///var/bastion.db",
+        description="SQLAlchemy URL: `sqlite:///relative.db`, `sqlite:////abs.db` or "
+        "`postgresql+psycopg://user@host/db`. Env override: BASTION_DATABASE_URL.",
+    )
+    usage_flush_seconds: float = Field(
+        0.25, gt=0, le=60, description="Usage records are written in batches this often."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_dialect(cls, v: str) -> str:
+        if not v.startswith(("sqlite:", "postgresql")):
+            raise ValueError("only sqlite:// and postgresql+psycopg:// URLs are supported")
+        return v
+
+
+section(
+    "database",
+    DatabaseSettings,
+    "Where keys, teams and usage are kept.",
+    env={"url": "BASTION_DATABASE_URL"},
+)
