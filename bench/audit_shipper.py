@@ -4,8 +4,10 @@ Writes N realistic entries (request + completion pairs, ~1 KB sealed content eac
 the real write-ahead log, then times `Shipper.ship_once` into SQLite and into PostgreSQL, and
 prints entries/s side by side with a plain batched INSERT of the same rows (the baseline).
 
-    .venv/bin/python bench/audit_shipper.py --entries 50000 \
+    .venv/bin/python -m bench.audit_shipper --entries 50000 \
         --pg postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+
+Unlike ``bench.overhead`` this imports Bastion: run it with the project's venv.
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ def bench(target: str, source: Path, work: Path, n: int) -> tuple[float, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.audit_shipper", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--entries", type=int, default=50_000)
     p.add_argument("--pg", help="PostgreSQL admin URL (a throw-away database is created)")
     args = p.parse_args()

@@ -1,28 +1,25 @@
 """Measure what the Bastion gateway adds on top of an upstream, side by side with the upstream.
 
-One run starts:
+One run starts (see ``bench/stub.py`` and ``bench/targets.py``):
 
-* an nginx "stub engine" (``worker_processes 1``, ``daemon off``, everything in a temp dir)
-  answering ``POST /v1/chat/completions`` with a canned OpenAI chat completion on one port and
-  with a canned SSE stream on a second port, plus ``GET /health`` and ``GET /v1/models``;
-* optionally a second nginx as a plain keep-alive reverse proxy (``--proxy-baseline``), the
-  C-level floor for one extra hop;
-* the gateway (``bastion serve --config FILE``, or ``--gateway-cmd``) with a generated config
-  whose models point at the stub, and an API key created with ``bastion keys create``.
+* an nginx "stub engine" answering ``POST /v1/chat/completions`` with a canned vLLM-style chat
+  completion on one port and a canned SSE stream on another;
+* optionally nginx as a plain keep-alive reverse proxy (``--proxy-baseline``), the C floor for
+  one extra hop;
+* the gateway of this tree (``bastion serve``, or ``--gateway-cmd``), its models pointing at
+  the stub, with an API key made by ``bastion keys create``;
+* optionally another version of Bastion (``--baseline-ref GITREF``) with the same config on
+  another port, and the LiteLLM proxy routed to the same stub (``--litellm``).
 
-Then, for each concurrency, ``wrk -t1 -cN -dD -s post.lua --latency URL`` runs against the stub
-directly and through each proxy with the same ~250-byte chat request, and a table of req/s,
-p50, p99, added p50 (proxy p50 - direct p50) and the req/s ratio is printed.
+Each target is checked with one request (status and body), warmed up, and then, for each
+concurrency N in turn against every target: ``wrk -t1 -cN -dD -s post.lua --latency URL`` with
+the same ~250-byte chat request. The table shows req/s, p50, p99, added p50 (target p50 -
+direct p50 at the same N), the req/s ratio to direct and, with a baseline, this tree's req/s
+over the baseline's.
 
-Standard library only; run with the project's venv python:
+Standard library only; from the repository root:
 
-    .venv/bin/python bench/overhead.py --duration 5
-
-This file is the command line and the run itself; the parts live next to it and are imported
-from the script's directory (on ``sys.path`` when run as a script): ``_common`` (names, HTTP
-helpers), ``_procs`` (process groups, signals), ``_payloads`` (canned responses, request body),
-``_nginx`` (stub and proxy), ``_gateway`` (config, key, server), ``_wrk`` (run and parse),
-``_report`` (table, JSON).
+    python3 -m bench.overhead --duration 5
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
+import secrets
 import shutil
 import subprocess
 import sys
@@ -39,17 +36,39 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import DIRECT, GATEWAY, NGINX_PROXY, ROOT, BenchError, http, tail
-from _gateway import Gateway, start_gateway
-from _nginx import start_nginx_proxy, start_stub
-from _payloads import request_body
-from _procs import Interrupted, Processes, signals_raise
-from _report import Point, Report, fmt_ms, render_table, save_json
-from _wrk import parse_wrk, run_wrk, write_lua
+from bench.report import Point, Report, fmt_ms, render_table, save_json
+from bench.stub import (
+    CHAT_PATH,
+    CONTENT,
+    DIRECT,
+    GATEWAY,
+    BenchError,
+    Interrupted,
+    Processes,
+    Target,
+    http,
+    request_body,
+    signals_raise,
+    start_nginx_proxy,
+    start_stub,
+    tail,
+)
+from bench.targets import (
+    CACHE,
+    LITELLM_VERSION,
+    ROOT,
+    Bastion,
+    install_baseline,
+    start_gateway,
+    start_litellm,
+)
+from bench.wrk import parse_wrk, run_wrk, write_lua
 
 
+# -- command line -------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        prog="python -m bench.overhead",
         description="Bastion gateway overhead vs. a direct nginx stub, measured with wrk.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -66,16 +85,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--gateway-cmd",
         metavar="CMD",
         help="command that serves the gateway instead of `bastion serve --config FILE`; "
-        "placeholders {config} {host} {port} {python} {venv} {root} {bastion}; "
-        "BASTION_CONFIG is also set in its environment",
+        "placeholders {config} {host} {port} {python} {venv} {root} {bastion} (of the version "
+        "being served); BASTION_CONFIG is also set in its environment",
     )
     p.add_argument(
         "--bastion",
         type=Path,
         default=ROOT / ".venv" / "bin" / "bastion",
-        help="bastion CLI used for db upgrade / keys create / serve",
+        help="bastion CLI of this tree, used for db upgrade / keys create / serve",
     )
-    p.add_argument("--api-key", help="use this key instead of creating one (skips the CLI)")
+    p.add_argument("--api-key", help="use this key for this tree's gateway instead of creating one")
     p.add_argument(
         "--config-template",
         type=Path,
@@ -98,8 +117,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--audit-dir",
         type=Path,
-        help="put the audit log here (e.g. /dev/shm, to separate the disk's flush time from "
-        "the gateway's own work); default: the run's temp dir",
+        help="put each gateway's audit log in a folder under this one (e.g. /dev/shm/x, to "
+        "separate the disk's flush time from the gateway's own work); default: the temp dir",
+    )
+    p.add_argument(
+        "--baseline-ref",
+        metavar="GITREF",
+        help="also bench this commit of the repository as target bastion@GITREF: exported and "
+        "installed into a venv cached under CACHE_DIR/bench-baseline/<commit>, same config",
+    )
+    p.add_argument(
+        "--litellm",
+        action="store_true",
+        help=f"also bench the LiteLLM {LITELLM_VERSION} proxy (1 worker, no database, no "
+        "Redis), installed into CACHE_DIR/bench-litellm-venv on first use",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=CACHE,
+        help="where the baseline and LiteLLM venvs are kept",
     )
     p.add_argument("--direct-only", action="store_true", help="bench only the nginx stub")
     p.add_argument(
@@ -118,14 +155,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pin",
         metavar="WRK:SERVERS",
-        help="pin wrk and the servers to CPU lists, e.g. 0:1 (wrk on CPU 0, nginx and gateway "
-        "on CPU 1); unpinned, loopback latency at c=1 flips between two modes run to run",
+        help="pin wrk and the servers to CPU lists, e.g. 0:1 (wrk on CPU 0, nginx and the "
+        "proxies on CPU 1); unpinned, loopback latency at c=1 flips between two modes",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--verbose", action="store_true", help="print raw wrk output")
     args = p.parse_args(argv)
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency needs positive integers")
+    if args.direct_only and (args.litellm or args.baseline_ref):
+        p.error("--direct-only excludes --litellm and --baseline-ref")
     if args.pin:
         try:
             wrk_cpus, server_cpus = (parse_cpus(x) for x in args.pin.split(":"))
@@ -147,6 +186,114 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
+# -- the run ------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    procs = Processes(args.pin_cpus)
+    work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
+    report = Report(
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        args={
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "pin_cpus"
+        },
+        env={},
+    )
+    rc = 0
+    with signals_raise():
+        try:
+            bench(args, procs, work, report)
+        except BenchError as exc:
+            print(f"bench.overhead: {exc}", file=sys.stderr)
+            rc = 1
+        except (Interrupted, KeyboardInterrupt) as exc:
+            print(f"bench.overhead: interrupted ({exc})", file=sys.stderr)
+            rc = 130
+        finally:
+            procs.stop_all()
+            if args.keep_tmp or rc:
+                print(f"# temp dir kept: {work}", file=sys.stderr)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    if report.points:
+        print()
+        title = f"wrk -t1, {args.duration:g}s per point, {'SSE' if args.stream else 'JSON'} path"
+        if "baseline_commit" in report.env:
+            title += f"; bastion@{args.baseline_ref} = {report.env['baseline_commit'][:12]}"
+        print(title)
+        print(render_table(report.points))
+        if args.json:
+            save_json(args.json, report)
+            print(f"# results written to {args.json}")
+        if any(p.error for p in report.points):
+            rc = 1
+    return rc
+
+
+def bench(args: argparse.Namespace, procs: Processes, work: Path, report: Report) -> None:
+    check_tools()
+    report.env.update(
+        cpus=os.cpu_count(),
+        nginx=tool_version(["nginx", "-v"]),
+        wrk=tool_version(["wrk", "--version"]),
+        python=sys.version.split()[0],
+        uname=" ".join(os.uname()),
+        commit=tool_version(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
+        targets={},
+    )
+    # Installs first (minutes on first use), so that no server idles meanwhile.
+    baseline: Bastion | None = None
+    if args.baseline_ref:
+        baseline, sha = install_baseline(args.baseline_ref, args.cache_dir)
+        report.env["baseline_commit"] = sha
+        print(f"# {baseline.label}: commit {sha}, {baseline.cli}", flush=True)
+
+    body = request_body(args.stream)
+    print(f"# request body: {len(body.encode())} bytes, stream={args.stream}", flush=True)
+    stub = start_stub(procs, work, args.startup_timeout)
+    stub_url = stub.sse_url if args.stream else stub.json_url
+    print(f"# nginx stub: json {stub.json_url}  sse {stub.sse_url}", flush=True)
+
+    targets = [Target(DIRECT, stub_url + CHAT_PATH)]
+    if args.proxy_baseline:
+        targets.append(start_nginx_proxy(procs, work, stub_url, args.startup_timeout))
+    key: str | None = None
+    if not args.direct_only:
+        current = Bastion(GATEWAY, args.bastion, ROOT)
+        gateway = start_gateway(procs, work, stub, current, args, args.api_key)
+        targets.append(gateway)
+        key = gateway.key
+    if baseline is not None:
+        targets.append(start_gateway(procs, work, stub, baseline, args, None))
+    if args.litellm:
+        # A master key of LiteLLM's form ("sk-…") as long as this tree's key: the same request
+        # size for every target.
+        master_key = "sk-" + secrets.token_hex(64)[: max(len(key or "") - 3, 32)]
+        litellm = start_litellm(procs, work, stub, master_key, args.cache_dir, args.startup_timeout)
+        litellm.info["version"] = LITELLM_VERSION
+        targets.append(litellm)
+    # The stub ignores the key; send it anyway, so that every target gets a request of one size.
+    targets[0].key = key
+    if args.proxy_baseline:
+        targets[1].key = key
+
+    for t in targets:
+        ctype = check_response(t, body, args.stream)
+        print(f"# {t.name}: {t.url} -> 200 {ctype}, body checked", flush=True)
+        report.env["targets"][t.name] = {"url": t.url, **t.info}
+    scripts = {t.name: write_lua(work, body, t.key, t.name) for t in targets}
+    if args.warmup > 0:
+        for t in targets:
+            warm_up(args, procs, work, t, scripts[t.name])
+    # Interleaved: every target at one concurrency, then the next concurrency.
+    for conc in args.concurrency:
+        for t in targets:
+            point = Point(target=t.name, concurrency=conc, url=t.url)
+            report.points.append(point)
+            measure(point, args, procs, work, scripts[t.name], t)
+
+
 def check_tools() -> None:
     missing = [t for t in ("nginx", "wrk") if shutil.which(t) is None]
     if missing:
@@ -164,48 +311,55 @@ def tool_version(argv: Sequence[str]) -> str:
     return text.splitlines()[0] if text else "unknown"
 
 
-def check_response(name: str, url: str, body: str, key: str | None, stream: bool) -> str:
-    """Send one request and check the answer's status and shape; returns its content type."""
+def check_response(t: Target, body: str, stream: bool) -> str:
+    """Send one request and check the status, the shape and the stub's answer text in it;
+    returns the content type."""
     headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    if t.key:
+        headers["Authorization"] = f"Bearer {t.key}"
     try:
-        status, resp_headers, data = http("POST", url, body.encode(), headers, timeout=10)
+        status, resp_headers, data = http("POST", t.url, body.encode(), headers, timeout=30)
     except OSError as exc:
-        raise BenchError(f"{name}: request to {url} failed: {exc}") from exc
+        raise BenchError(f"{t.name}: request to {t.url} failed: {exc}") from exc
     text = data.decode(errors="replace")
     if not 200 <= status < 300:
-        raise BenchError(f"{name}: {url} answered HTTP {status}:\n{text[:2000]}")
+        raise BenchError(f"{t.name}: {t.url} answered HTTP {status}:\n{text[:2000]}")
     ctype = str(resp_headers.get("content-type", ""))
-    if stream:
-        if "text/event-stream" not in ctype or "data: [DONE]" not in text:
-            raise BenchError(f"{name}: expected an SSE stream, got {ctype!r}:\n{text[:2000]}")
-    else:
-        try:
+    try:
+        if stream:
+            if "text/event-stream" not in ctype or "data: [DONE]" not in text:
+                raise ValueError(f"expected an SSE stream ending in [DONE], got {ctype!r}")
+            events = [
+                json.loads(line[len("data:") :])
+                for line in text.splitlines()
+                if line.startswith("data:") and line.strip() != "data: [DONE]"
+            ]
+            answer = "".join(
+                c["delta"].get("content") or "" for e in events for c in e.get("choices", [])
+            )
+        else:
             doc = json.loads(text)
-        except ValueError as exc:
-            raise BenchError(f"{name}: body is not JSON:\n{text[:2000]}") from exc
-        if doc.get("object") != "chat.completion" or "choices" not in doc:
-            raise BenchError(f"{name}: not a chat completion:\n{text[:2000]}")
+            if doc.get("object") != "chat.completion":
+                raise ValueError("not a chat completion")
+            answer = doc["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise BenchError(f"{t.name}: unexpected answer ({exc}):\n{text[:2000]}") from exc
+    if answer != "".join(CONTENT):
+        raise BenchError(f"{t.name}: answer is not the stub's ({answer!r}):\n{text[:2000]}")
     return ctype
 
 
 def warm_up(
-    args: argparse.Namespace,
-    procs: Processes,
-    work: Path,
-    targets: Sequence[tuple[str, str]],
-    script: Path,
+    args: argparse.Namespace, procs: Processes, work: Path, t: Target, script: Path
 ) -> None:
-    """A short wrk run per target; errors through a proxy fail the run unless --keep-going."""
-    for name, url in targets:
-        out = run_wrk(procs, work, url, script, 8, args.warmup, args.wrk_timeout)
-        stats = parse_wrk(out)
-        if stats.errors and name != DIRECT:
-            msg = f"{name}: warm-up had {stats.non_2xx} non-2xx, {stats.socket_errors}"
-            if not args.keep_going:
-                raise BenchError(f"{msg}\n{out}")
-            print(f"# WARNING {msg}", flush=True)
+    """A short wrk run; errors through a proxy fail the run unless --keep-going."""
+    out = run_wrk(procs, work, t.url, script, 8, args.warmup, args.wrk_timeout)
+    stats = parse_wrk(out)
+    if stats.errors and t.name != DIRECT:
+        msg = f"{t.name}: warm-up had {stats.non_2xx} non-2xx, {stats.socket_errors}"
+        if not args.keep_going:
+            raise BenchError(f"{msg}\n{out}")
+        print(f"# WARNING {msg}", flush=True)
 
 
 def measure(
@@ -214,7 +368,7 @@ def measure(
     procs: Processes,
     work: Path,
     script: Path,
-    gateway: Gateway | None,
+    t: Target,
 ) -> None:
     """Fill in ``point`` from one wrk run; a failed point raises unless --keep-going."""
     name, conc = point.target, point.concurrency
@@ -239,101 +393,14 @@ def measure(
         if point.stats
         else "no result"
     )
-    print(f"# {name:<11} c={conc:<3} {status}", flush=True)
+    print(f"# {name:<14} c={conc:<3} {status}", flush=True)
     if point.error:
         detail = point.error
-        if name == GATEWAY and gateway is not None:
-            detail += f"\n--- gateway log tail ---\n{tail(gateway.log)}"
+        if t.log is not None:
+            detail += f"\n--- {name} log tail ---\n{tail(t.log)}"
         if not args.keep_going:
             raise BenchError(f"{name} c={conc}: {detail}\n{point.raw}")
         print(f"# ERROR {name} c={conc}: {detail}", flush=True)
-
-
-def bench(args: argparse.Namespace, procs: Processes, work: Path, report: Report) -> None:
-    check_tools()
-    report.env.update(
-        cpus=os.cpu_count(),
-        nginx=tool_version(["nginx", "-v"]),
-        wrk=tool_version(["wrk", "--version"]),
-        python=sys.version.split()[0],
-        uname=" ".join(os.uname()),
-    )
-    body = request_body(args.stream)
-    print(f"# request body: {len(body.encode())} bytes, stream={args.stream}", flush=True)
-
-    stub = start_stub(procs, work, args.startup_timeout)
-    stub_url = stub.sse_url if args.stream else stub.json_url
-    print(f"# nginx stub: json {stub.json_url}  sse {stub.sse_url}", flush=True)
-
-    gateway: Gateway | None = None
-    if not args.direct_only:
-        gateway = start_gateway(procs, work, stub, args)
-        report.env["gateway_cmd"] = shlex.join(gateway.argv)
-        print(f"# gateway: {shlex.join(gateway.argv)} at {gateway.url}", flush=True)
-    # Every target gets the same request, with the gateway's key when there is a gateway.
-    key = gateway.key if gateway else None
-    path = "/v1/chat/completions"
-    targets = [(DIRECT, f"{stub_url}{path}")]
-    if args.proxy_baseline:
-        proxy = start_nginx_proxy(procs, work, stub_url, args.startup_timeout)
-        targets.append((NGINX_PROXY, f"{proxy}{path}"))
-    if gateway:
-        targets.append((GATEWAY, f"{gateway.url}{path}"))
-
-    for name, url in targets:
-        ctype = check_response(name, url, body, key, args.stream)
-        print(f"# {name}: {url} -> 200 {ctype}", flush=True)
-    script = write_lua(work, body, key)
-
-    if args.warmup > 0:
-        warm_up(args, procs, work, targets, script)
-
-    for conc in args.concurrency:
-        for name, url in targets:
-            point = Point(target=name, concurrency=conc, url=url)
-            report.points.append(point)
-            measure(point, args, procs, work, script, gateway)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    procs = Processes(args.pin_cpus)
-    work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
-    report = Report(
-        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        args={
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in vars(args).items()
-            if k != "pin_cpus"
-        },
-        env={},
-    )
-    rc = 0
-    with signals_raise():
-        try:
-            bench(args, procs, work, report)
-        except BenchError as exc:
-            print(f"bench/overhead.py: {exc}", file=sys.stderr)
-            rc = 1
-        except (Interrupted, KeyboardInterrupt) as exc:
-            print(f"bench/overhead.py: interrupted ({exc})", file=sys.stderr)
-            rc = 130
-        finally:
-            procs.stop_all()
-            if args.keep_tmp or rc:
-                print(f"# temp dir kept: {work}", file=sys.stderr)
-            else:
-                shutil.rmtree(work, ignore_errors=True)
-    if report.points:
-        print()
-        print(f"wrk -t1, {args.duration:g}s per point, {'SSE' if args.stream else 'JSON'} path")
-        print(render_table(report.points))
-        if args.json:
-            save_json(args.json, report)
-            print(f"# results written to {args.json}")
-        if any(p.error for p in report.points):
-            rc = 1
-    return rc
 
 
 if __name__ == "__main__":
