@@ -87,3 +87,15 @@ def test_identity_providers_are_checked_at_start() -> None:
         }
     )
     assert ok.identity.oidc[0].algorithms == ["RS256"]
+
+
+def test_reference_order_does_not_depend_on_import_order() -> None:
+    import subprocess
+    import sys
+
+    first = "import bastion.metering.settings, bastion.identity.settings; "
+    code = "from bastion.configdocs import render_config_reference as r; print(r(), end='')"
+    out = subprocess.run(
+        [sys.executable, "-c", first + code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout == render_config_reference()

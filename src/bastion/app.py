@@ -36,6 +36,7 @@ from bastion.core.errors import (
 )
 from bastion.engines.client import EngineClient
 from bastion.gateway.pipeline import Gateway
+from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.identity import api as identity_api
 from bastion.identity.keys import KeyStore
 from bastion.identity.sso import SsoAuthenticator
@@ -70,9 +71,7 @@ def build_app(
     if settings.identity.ldap is not None:
         from bastion.identity.ldap_login import DirectoryLogin
 
-        keys.login = DirectoryLogin(
-            settings.identity, db, audit.event if audit is not None else None
-        )
+        keys.login = DirectoryLogin(settings.identity, db, audit)
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, _counters(settings), db, metrics)
     gateway = Gateway(settings, keys, usage, client, metrics, routes, admission, audit)
@@ -107,14 +106,11 @@ def build_app(
                 await audit.close()  # final checkpoint, everything shipped
             db.dispose()
 
-    async def chat(request: Request) -> Any:
-        return await gateway.handle("chat", request)
+    def endpoint(wire: WireAdapter) -> Any:
+        async def handle(request: Request) -> Any:
+            return await gateway.handle(wire, request)
 
-    async def completions(request: Request) -> Any:
-        return await gateway.handle("completions", request)
-
-    async def embeddings(request: Request) -> Any:
-        return await gateway.handle("embeddings", request)
+        return handle
 
     async def list_models(request: Request) -> Response:
         try:
@@ -193,9 +189,7 @@ def build_app(
     app = Starlette(
         lifespan=lifespan,
         routes=[
-            Route("/v1/chat/completions", chat, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            *(Route(wire.path, endpoint(wire), methods=["POST"]) for wire in ADAPTERS),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

@@ -14,6 +14,7 @@ import orjson
 
 from bastion import __version__
 from bastion.config import ConfigError, Settings, load_settings
+from bastion.core.errors import BastionError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,14 +62,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 # -- keys ---------------------------------------------------------------------------------------
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from bastion.core.timeutil import parse_duration
-    from bastion.identity.keys import create_key
+    from bastion.identity.keys import new_key
     from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
     try:
         expires = parse_duration(args.expires) if args.expires else None
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-        rec, token = create_key(
+        made = new_key(
             _db(settings),
             limits=_limit_flags(args),
             team=args.team,
@@ -79,36 +80,34 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             known_models=set(settings.models),
             role=args.role,
         )
-    except (IdentityError, ValueError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    pub = rec.public()
-    if not _recorded(settings, "key.create", team=rec.team, after=pub):
-        from bastion.identity.keys import revoke_key
-
-        revoke_key(_db(settings), rec.id)  # nothing unrecorded stays usable
-        return 2
+        pub = made.record.public()
+        with _change(settings, "key.create", team=pub["team"], after=pub):
+            made.save(_db(settings))
+    except (IdentityError, ValueError, BastionError) as exc:
+        return _fail(exc)
     sys.stderr.write(
         f"Created key {pub['id']} for team {pub['team']}"
         + (f", user {pub['user']}" if pub["user"] else "")
         + (f", expires {pub['expires_at']}" if pub["expires_at"] else "")
         + ".\nStore it now: it is shown only once.\n"
     )
-    sys.stdout.write(token + "\n")
+    sys.stdout.write(made.token + "\n")
     return 0
 
 
-def _recorded(settings: Settings, action: str, **fields: Any) -> bool:
-    """Writes an admin event to the audit trail; False (and says why) if it cannot."""
-    from bastion.audit.offline import record_event
-    from bastion.audit.wal import AuditLogError
+def _change(settings: Settings, action: str, **fields: Any) -> Any:
+    """The change is recorded on this host's CLI chain before it is made (core/changes.py)."""
+    from bastion.audit.offline import cli_actor, cli_recorder
+    from bastion.core.changes import recorded_change_sync
 
-    try:
-        record_event(settings, _db(settings), "admin", action, **fields)
-    except (AuditLogError, OSError) as exc:
-        sys.stderr.write(f"error: the audit trail cannot record this change: {exc}\n")
-        return False
-    return True
+    db = _db(settings)
+    return recorded_change_sync(cli_recorder(settings, db), cli_actor(), action, **fields)
+
+
+def _fail(exc: Exception) -> int:
+    message = exc.message if isinstance(exc, BastionError) else str(exc)
+    sys.stderr.write(f"error: {message}\n")
+    return 2
 
 
 def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -124,16 +123,20 @@ def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_keys_limits(args: argparse.Namespace) -> int:
-    from bastion.identity.keys import set_key_limits
+    from bastion.identity.keys import get_key, set_key_limits
     from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
+    limits = _limit_flags(args)
+    before = get_key(_db(settings), args.key_id)
+    if before is None:
+        return _fail(IdentityError(f"no key with id {args.key_id!r}"))
+    after = {"limits": limits.model_dump(exclude_none=True) or None}
     try:
-        rec = set_key_limits(_db(settings), args.key_id, _limit_flags(args))
-    except (IdentityError, ValueError) as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    _recorded(settings, "key.limits", team=rec.team, after=rec.public())
+        with _change(settings, "key.limits", team=before.team, before=before.public(), after=after):
+            rec = set_key_limits(_db(settings), args.key_id, limits)
+    except (IdentityError, ValueError, BastionError) as exc:
+        return _fail(exc)
     shown = rec.limits.model_dump(exclude_none=True) if rec.limits else "the defaults"
     sys.stdout.write(f"{rec.id}: limits now {shown}\n")
     return 0
@@ -192,17 +195,25 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from bastion.identity.keys import revoke_key
+    from bastion.identity.keys import get_key, revoke_key
     from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
+    before = get_key(_db(settings), args.key_id)
+    if before is None:
+        return _fail(IdentityError(f"no key with id {args.key_id!r}"))
     try:
-        rec = revoke_key(_db(settings), args.key_id)
+        # A revocation is never held back by the trail: recorded first if it can be.
+        with _change(
+            settings,
+            "key.revoke",
+            team=before.team,
+            before=before.public(),
+            takes_access_away=True,
+        ):
+            rec = revoke_key(_db(settings), args.key_id)
     except IdentityError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    # A revocation is never held back: if the trail cannot record it, say so and still revoke.
-    _recorded(settings, "key.revoke", team=rec.team, after=rec.public())
+        return _fail(exc)
     sys.stdout.write(f"revoked {rec.id} ({rec.prefix}…, team {rec.team})\n")
     return 0
 

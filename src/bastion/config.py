@@ -71,12 +71,15 @@ def settings_model() -> type[Settings]:
     """The settings class, built from every registered section (loaded on first call)."""
     for module in SECTION_MODULES:
         importlib.import_module(module)
+    # In the order of SECTION_MODULES, whichever module happened to be imported first.
+    rank = {m: i for i, m in enumerate(SECTION_MODULES)}
+    ordered = sorted(sections(), key=lambda sec: rank.get(sec.module, len(rank)))
     fields: dict[str, Any] = {
         sec.name: (
             sec.annotation,
             Field(default_factory=sec.default_factory, description=sec.description),
         )
-        for sec in sections()
+        for sec in ordered
     }
     return create_model("Settings", __base__=Settings, **fields)
 

@@ -123,3 +123,40 @@ def test_the_shipper_refuses_to_ship_over_foreign_entries(tmp_path: Path) -> Non
     with db.connect() as conn:
         seqs = [s for (s,) in conn.execute(sa.select(audit_entries.c.seq))]
     assert sorted(seqs) == [1, 2, 3, 4] and read_entries(tmp_path / "wal")  # evidence kept
+
+
+def test_segments_rotate_in_the_sync_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SEGMENT_BYTES a new segment starts; the caller's thread never flushes to disk."""
+    import threading
+
+    from bastion.audit import wal
+
+    monkeypatch.setattr(wal, "SEGMENT_BYTES", 4096)
+    flushed_by: set[str] = set()
+    real = os.fdatasync
+
+    def spy(fd: int) -> None:
+        flushed_by.add(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    shipped: list[tuple[str, int]] = []
+    log = AuditLog(tmp_path, "gw-r")
+    log.on_durable = lambda seg, size: shipped.append((seg.name, size))
+
+    async def write() -> None:
+        for i in range(300):
+            await log.append({"request_id": f"r{i}", "pad": "x" * 100}, durable=i % 3 == 0)
+
+    asyncio.run(write())
+    assert flushed_by == {"bastion-audit-sync"}  # appends (in this thread) never flushed
+    log.close()
+    segs = wal.segments(tmp_path, "gw-r")
+    assert len(segs) > 5
+    entries = read_entries(tmp_path)
+    assert [e["seq"] for e in entries] == list(range(1, 301)) and verify(entries, [], PUB).ok
+    # every finished segment was reported whole, so the shipper can delete it
+    for seg in segs[:-1]:
+        assert (seg.name, seg.stat().st_size) in shipped

@@ -196,3 +196,10 @@ def test_every_request_is_recorded(app_env, tmp_path: Path) -> None:  # type: ig
     while gw.usage.written < before + 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert gw.usage.written >= before + 3
+
+
+def test_no_engine_slot_outlives_its_request(app_env) -> None:  # type: ignore[no-untyped-def]
+    """Errors, timeouts, broken streams and refused connections above all gave their slots back."""
+    c, _keys = app_env
+    for route in c.app.state.gateway.routes.values():
+        assert [d.in_flight for d in route.deployments] == [0] * len(route.deployments)

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from bastion.config import ConfigError, parse_settings
-from bastion.gateway.protocol import parse_request
 from bastion.limits.tokens import PromptCounter, prompt_upper_bound
 from tests.conftest import TINY, base_config
+from tests.gateway.wire.test_openai import parse_request
 
 CHAT = {
     "model": "tiny",

@@ -44,3 +44,30 @@ def test_ties_are_spread() -> None:
     route = _route(1, 1)
     firsts = Counter(route.candidates()[0].index for _ in range(200))
     assert min(firsts.values()) > 50
+
+
+def test_a_lease_is_released_exactly_once() -> None:
+    dep = _route(1).deployments[0]
+    gauge = Counter[str]()
+
+    class G:
+        def inc(self) -> None:
+            gauge["n"] += 1
+
+        def dec(self) -> None:
+            gauge["n"] -= 1
+
+    lease = dep.lease(G())
+    assert dep.in_flight == 1 and gauge["n"] == 1
+    lease.release()
+    lease.release()
+    with lease:
+        pass
+    assert dep.in_flight == 0 and gauge["n"] == 0
+    try:
+        with dep.lease():
+            assert dep.in_flight == 1
+            raise RuntimeError("the request failed")
+    except RuntimeError:
+        pass
+    assert dep.in_flight == 0

@@ -8,14 +8,13 @@ is served at `/admin/openapi.json`.
 from __future__ import annotations
 
 import asyncio
-import functools
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import anyio.from_thread
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from bastion.core.changes import recorded_change
 from bastion.core.errors import (
     InvalidRequest,
     LimitsUnavailable,
@@ -28,9 +27,9 @@ from bastion.identity import teams
 from bastion.identity.access import Access, Admin, Manager, Reader
 from bastion.identity.keys import (
     KeyRecord,
-    create_key,
     get_key,
     list_keys,
+    new_key,
     revoke_key,
     set_key_limits,
 )
@@ -84,13 +83,9 @@ class NewKeyOut(KeyOut):
     key: str = Field(description="The secret key. Shown only in this response.")
 
 
-def _record(request: Request, ctx: Access, action: str, **fields: Any) -> None:
-    """Writes the change to the audit trail (from the worker thread sync handlers run in)."""
-    trail = request.app.state.audit
-    if trail is not None:
-        anyio.from_thread.run(
-            functools.partial(trail.event, "admin", actor=ctx.actor.name, action=action, **fields)
-        )
+def _change(ctx: Access, action: str, **fields: Any) -> Any:
+    """Records the change first; it is made inside the block (see `bastion.core.changes`)."""
+    return recorded_change(ctx.state.audit, ctx.actor.name, action, **fields)
 
 
 def _bad(exc: Exception) -> InvalidRequest:
@@ -103,12 +98,12 @@ def get_cost_centers(ctx: Admin) -> list[dict[str, str]]:
 
 
 @router.post("/cost-centers", status_code=201)
-def post_cost_center(body: CostCenterIn, ctx: Admin, request: Request) -> dict[str, str]:
+async def post_cost_center(body: CostCenterIn, ctx: Admin) -> dict[str, str]:
     try:
-        teams.create_cost_center(ctx.db, body.name, body.display_name)
+        async with _change(ctx, "cost_center.create", after=body.model_dump()):
+            await asyncio.to_thread(teams.create_cost_center, ctx.db, body.name, body.display_name)
     except teams.IdentityError as exc:
         raise _bad(exc) from None
-    _record(request, ctx, "cost_center.create", after=body.model_dump())
     return {"name": body.name, "display_name": body.display_name, "source": "api"}
 
 
@@ -127,12 +122,14 @@ def get_teams(ctx: Manager) -> list[dict[str, Any]]:
 
 
 @router.post("/teams", status_code=201)
-def post_team(body: TeamIn, ctx: Admin, request: Request) -> dict[str, Any]:
+async def post_team(body: TeamIn, ctx: Admin) -> dict[str, Any]:
     try:
-        teams.create_team(ctx.db, ctx.settings, body.name, body.cost_center, body.models)
+        async with _change(ctx, "team.create", team=body.name, after=body.model_dump()):
+            await asyncio.to_thread(
+                teams.create_team, ctx.db, ctx.settings, body.name, body.cost_center, body.models
+            )
     except teams.IdentityError as exc:
         raise _bad(exc) from None
-    _record(request, ctx, "team.create", team=body.name, after=body.model_dump())
     return {
         "name": body.name,
         "cost_center": body.cost_center,
@@ -148,31 +145,31 @@ def get_keys(ctx: Manager, team: str | None = None) -> list[KeyOut]:
 
 
 @router.post("/keys", status_code=201)
-def post_key(body: KeyIn, ctx: Manager, request: Request) -> NewKeyOut:
+async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
     ctx.actor.team_scope(body.team)
     if ctx.actor.role != "admin" and body.role != "member":
         raise PermissionDenied("Only an admin creates keys with roles.", code="role_not_allowed")
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
-        rec, token = create_key(
-            ctx.db,
-            team=body.team,
-            user=body.user,
-            models=body.models,
-            expires_in=expires,
-            name=body.name,
-            known_models=set(ctx.settings.models),
-            limits=body.limits,
-            role=body.role,
+        made = await asyncio.to_thread(
+            lambda: new_key(
+                ctx.db,
+                team=body.team,
+                user=body.user,
+                models=body.models,
+                expires_in=expires,
+                name=body.name,
+                known_models=set(ctx.settings.models),
+                limits=body.limits,
+                role=body.role,
+            )
         )
     except (teams.IdentityError, ValueError) as exc:
         raise _bad(exc) from None
-    try:
-        _record(request, ctx, "key.create", team=rec.team, after=rec.public())
-    except Exception:
-        revoke_key(ctx.db, rec.id)  # nothing unrecorded stays usable
-        raise
-    return NewKeyOut(key=token, **rec.public())  # type: ignore[arg-type]
+    rec = made.record
+    async with _change(ctx, "key.create", team=rec.team, after=rec.public()):
+        await asyncio.to_thread(made.save, ctx.db)
+    return NewKeyOut(key=made.token, **rec.public())  # type: ignore[arg-type]
 
 
 @router.get("/keys/{key_id}")
@@ -189,34 +186,32 @@ def _managed_key(ctx: Access, key_id: str) -> KeyRecord:
 
 
 @router.post("/keys/{key_id}/revoke")
-def post_revoke(key_id: str, ctx: Manager, request: Request) -> KeyOut:
-    _managed_key(ctx, key_id)
+async def post_revoke(key_id: str, ctx: Manager) -> KeyOut:
+    before = await asyncio.to_thread(_managed_key, ctx, key_id)
     try:
-        rec = revoke_key(ctx.db, key_id)
+        async with _change(
+            ctx, "key.revoke", team=before.team, before=before.public(), takes_access_away=True
+        ):
+            rec = await asyncio.to_thread(revoke_key, ctx.db, key_id)
     except teams.IdentityError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)  # immediate on this replica; others pick it up on their next poll
-    _record(request, ctx, "key.revoke", team=rec.team, after=rec.public())
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 
 @router.put("/keys/{key_id}/limits")
-def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager, request: Request) -> KeyOut:
+async def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager) -> KeyOut:
     """Replaces the key's own limits; an empty object returns it to `limits.defaults.key`."""
-    before = _managed_key(ctx, key_id)
+    before = await asyncio.to_thread(_managed_key, ctx, key_id)
+    after = {"limits": body.model_dump(exclude_none=True) or None}
     try:
-        rec = set_key_limits(ctx.db, key_id, body)
+        async with _change(
+            ctx, "key.limits", team=before.team, before=before.public(), after=after
+        ):
+            rec = await asyncio.to_thread(set_key_limits, ctx.db, key_id, body)
     except teams.IdentityError:
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found") from None
     ctx.keys.update(rec)
-    _record(
-        request,
-        ctx,
-        "key.limits",
-        team=rec.team,
-        before=before.public() if before else None,
-        after=rec.public(),
-    )
     return KeyOut(**rec.public())  # type: ignore[arg-type]
 
 

@@ -21,9 +21,10 @@ from bastion.audit import reader, store
 from bastion.audit.chain import Verdict
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
+from bastion.core.changes import recorded_change
 from bastion.core.errors import InvalidRequest, NotFound, PermissionDenied
 from bastion.core.timeutil import parse_time
-from bastion.identity.access import Admin
+from bastion.identity.access import Access, Admin
 from bastion.identity.principal import Principal
 
 
@@ -152,38 +153,39 @@ class TeamIn(BaseModel):
     team: str
 
 
-async def _admin_event(request: Request, ctx: Any, action: str, **fields: Any) -> AuditTrail:
-    trail = _trail(request)
-    await trail.event("admin", actor=ctx.actor.name, action=action, **fields)
-    return trail
+def _change(request: Request, ctx: Access, action: str, **fields: Any) -> Any:
+    """Recorded first, made inside the block (`bastion.core.changes`)."""
+    return recorded_change(_trail(request), ctx.actor.name, action, **fields)
 
 
 @admin_router.get("/holds")
-async def get_holds(request: Request, ctx: Admin) -> list[dict[str, Any]]:
+async def get_holds(ctx: Admin) -> list[dict[str, Any]]:
     return await asyncio.to_thread(store.holds, ctx.db)
 
 
 @admin_router.post("/holds", status_code=201)
 async def post_hold(body: HoldIn, request: Request, ctx: Admin) -> dict[str, Any]:
-    await _admin_event(request, ctx, "audit.hold", team=body.team, after={"reason": body.reason})
-    placed = await asyncio.to_thread(store.place_hold, ctx.db, body.team, body.reason, "admin-key")
+    async with _change(request, ctx, "audit.hold", team=body.team, after={"reason": body.reason}):
+        placed = await asyncio.to_thread(
+            store.place_hold, ctx.db, body.team, body.reason, ctx.actor.name
+        )
     return {"team": body.team, "placed": placed}
 
 
 @admin_router.delete("/holds/{team}")
 async def delete_hold(team: str, request: Request, ctx: Admin) -> dict[str, Any]:
-    await _admin_event(request, ctx, "audit.release", team=team)
-    if not await asyncio.to_thread(store.release_hold, ctx.db, team):
-        raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
+    async with _change(request, ctx, "audit.release", team=team):
+        if not await asyncio.to_thread(store.release_hold, ctx.db, team):
+            raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
     return {"team": team, "released": True}
 
 
 @admin_router.post("/shred")
 async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, Any]:
     """Destroys the team's data keys: its recorded contents become unreadable for good."""
-    await _admin_event(request, ctx, "audit.shred", team=body.team)
     try:
-        destroyed = await asyncio.to_thread(store.shred, ctx.db, body.team)
+        async with _change(request, ctx, "audit.shred", team=body.team):
+            destroyed = await asyncio.to_thread(store.shred, ctx.db, body.team)
     except store.AuditStoreError as exc:
         raise InvalidRequest(str(exc), param="team", code="legal_hold") from None
     _trail(request).keys.cache.pop(body.team, None)
@@ -193,8 +195,8 @@ async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, An
 @admin_router.post("/purge")
 async def post_purge(request: Request, ctx: Admin) -> dict[str, Any]:
     """Drops contents past each team's retention (metadata and hashes stay)."""
-    await _admin_event(request, ctx, "audit.purge")
-    purged = await asyncio.to_thread(store.purge, ctx.db, retention_map(ctx.settings))
+    async with _change(request, ctx, "audit.purge"):
+        purged = await asyncio.to_thread(store.purge, ctx.db, retention_map(ctx.settings))
     return {"purged": purged}
 
 

@@ -153,19 +153,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- administration (straight on the store, recorded on the CLI's chain) --------------------
 def _admin(action: str, fn: Callable[[Any, argparse.Namespace], Any]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
-        from bastion.audit.offline import record_event
+        from bastion.audit.offline import cli_actor, cli_recorder
         from bastion.audit.store import AuditStoreError
+        from bastion.core.changes import recorded_change_sync
+        from bastion.core.errors import AuditUnavailable
 
         settings = _settings(args)
         db = _db(settings)
         fields = {"team": getattr(args, "team", None)}
         if getattr(args, "reason", None):
             fields["after"] = {"reason": args.reason}
-        record_event(settings, db, "admin", action, **fields)  # first: no unrecorded change
         try:
-            out = fn(db, args)
+            with recorded_change_sync(cli_recorder(settings, db), cli_actor(), action, **fields):
+                out = fn(db, args)
         except AuditStoreError as exc:
             return _fail(str(exc))
+        except AuditUnavailable as exc:
+            return _fail(exc.message)
         sys.stdout.write(orjson.dumps(out).decode() + "\n")
         return 0
 

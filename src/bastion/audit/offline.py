@@ -21,13 +21,22 @@ from bastion.audit.chain import load_or_create_key
 from bastion.audit.shipper import Shipper
 from bastion.audit.wal import AuditLog, AuditLogError
 from bastion.config import Settings
+from bastion.core.changes import Record
 
 
 def cli_actor() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()} (cli)"
 
 
-def record_event(settings: Settings, db: Engine, kind: str, action: str, **fields: Any) -> None:
+def record_event(
+    settings: Settings,
+    db: Engine,
+    kind: str,
+    action: str,
+    *,
+    actor: str | None = None,
+    **fields: Any,
+) -> None:
     """Appends one entry to this host's CLI chain and ships it; raises AuditLogError if not."""
     a = settings.audit
     if not a.enabled:
@@ -51,9 +60,21 @@ def record_event(settings: Settings, db: Engine, kind: str, action: str, **field
                 raise
             time.sleep(0.1)
     try:
-        asyncio.run(wal.append({"kind": kind, "actor": cli_actor(), "action": action, **fields}))
+        entry = {"kind": kind, "actor": actor or cli_actor(), "action": action, **fields}
+        asyncio.run(wal.append(entry))
         Shipper(
             db, directory, replica, lambda: wal.durable
         ).ship_once()  # under the lock: never a live segment
     finally:
         wal.close()
+
+
+def cli_recorder(settings: Settings, db: Engine) -> Record | None:
+    """How the CLI records its changes (`bastion.core.changes`): on this host's CLI chain."""
+    if not settings.audit.enabled:
+        return None
+
+    def record(actor: str, action: str, fields: dict[str, Any]) -> None:
+        record_event(settings, db, "admin", action, actor=actor, **fields)
+
+    return record

@@ -11,8 +11,10 @@ killed, not yet a power cut, and becomes durable with the next flush, at most `S
 later. The gateway uses it for completion entries, so each request waits for one disk flush
 (its request entry, before forwarding), not two.
 
-Segments are files `<replica>-<first seq>.wal`; each process start begins a new one, so the
-shipper can delete a segment as soon as the store holds all of it. A torn last line (a crash
+Segments are files `<replica>-<first seq>.wal`; each process start begins a new one, and the
+sync thread starts another past `SEGMENT_BYTES` (so the request path never waits for a
+rotation's disk flushes), and the shipper can delete a segment as soon as the store holds all
+of it. A torn last line (a crash
 mid-write) is cut off when the log is reopened, and the chain continues from the last complete
 entry. A lock file keeps two processes from ever writing the same replica's chain.
 """
@@ -128,6 +130,7 @@ class AuditLog:
         self._unsigned, self._signed_at = 0, time.monotonic()
         self.broken: AuditLogError | None = None
         self._open_segment(self.chain.seq + 1)
+        _sync_dir(directory)  # the segment's name is durable too
         #: (segment, bytes) known to be on disk; the shipper reads no further.
         self.durable: tuple[Path, int] = (self.segment, self._size)
         #: Told the synced position after every flush (the shipper process listens).
@@ -181,7 +184,7 @@ class AuditLog:
         if self.signing_key is not None and self._unsigned >= self.cp_entries:
             lines.append(self._checkpoint_line())
         try:
-            self._write_lines(lines, first_seq=entry["seq"])
+            self._write_lines(lines)
         except AuditLogError:
             self.chain.seq, self.chain.head = saved  # nothing acknowledged: the chain rewinds
             self._unsigned = max(0, self._unsigned - 1)
@@ -194,15 +197,10 @@ class AuditLog:
         self._unsigned, self._signed_at = 0, time.monotonic()
         return orjson.dumps({"checkpoint": cp}, option=orjson.OPT_SORT_KEYS)
 
-    def _write_lines(self, lines: list[bytes], first_seq: int | None = None) -> None:
+    def _write_lines(self, lines: list[bytes]) -> None:
         data = b"\n".join(lines) + b"\n"
         size = self._size
         try:
-            if first_seq is not None and self._size and self._size + len(data) > SEGMENT_BYTES:
-                self._flush()
-                os.close(self._fd)
-                self._open_segment(first_seq)
-                size = 0
             os.write(self._fd, data)
         except OSError as exc:
             error = AuditLogError(f"audit log write failed: {exc}")
@@ -248,9 +246,12 @@ class AuditLog:
                     continue
                 target, segment, size = self._written, self.segment, self._size
                 fd = os.dup(self._fd)  # a rotation may close the original meanwhile
+                rotated = size >= SEGMENT_BYTES and self.broken is None and self._rotate()
             error: AuditLogError | None = None
             try:
                 os.fdatasync(fd)  # the group commit: everything written so far
+                if rotated:
+                    _sync_dir(self.directory)  # the new segment's name, before anything in it
             except OSError as exc:
                 # After a failed flush the page cache cannot be trusted (fsyncgate): stop.
                 error = AuditLogError(f"audit log sync failed: {exc}")
@@ -265,8 +266,8 @@ class AuditLog:
                     self._synced = max(self._synced, target)
                     done = [w for w in self._waiters if w[0] <= target]
                     self._waiters = [w for w in self._waiters if w[0] > target]
-                    if segment == self.segment:
-                        self._published(segment, size)
+                    if rotated or segment == self.segment:
+                        self._published(segment, size)  # after a rotation: the old one, whole
             _wake(done, error)
         with self._lock:
             done, self._waiters = self._waiters, []
@@ -276,11 +277,26 @@ class AuditLog:
         self.segment = self.directory / f"{self.replica}-{first_seq:012d}.wal"
         self._fd = os.open(self.segment, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = os.fstat(self._fd).st_size
-        dir_fd = os.open(self.directory, os.O_RDONLY)
+
+    def _rotate(self) -> bool:
+        """A new segment from the next seq on (sync thread, under the lock, no disk flush: the
+        old segment and the new name are synced right after, before anyone is acknowledged)."""
         try:
-            os.fsync(dir_fd)  # the new segment's name is durable too
-        finally:
-            os.close(dir_fd)
+            old = self._fd
+            self._open_segment(self.chain.seq + 1)
+        except OSError as exc:
+            log.error("audit log rotation failed, still writing to %s: %s", self.segment, exc)
+            return False
+        os.close(old)  # the sync thread flushes its duplicate
+        return True
+
+
+def _sync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _wake(waiters: list[Waiter], error: Exception | None) -> None:

@@ -8,6 +8,7 @@ validation), and `bastion config docs` renders `docs/config.md` from the same de
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,8 @@ class Section:
     #: Environment variables that override a key of the file: {"key": "BASTION_ADMIN_KEY"}.
     env: dict[str, str] = field(default_factory=dict)
     check: Check | None = None
+    #: The module that declared it.
+    module: str = ""
 
 
 _SECTIONS: dict[str, Section] = {}
@@ -73,7 +76,10 @@ def section(
         raise ValueError(f"settings section {name!r} is declared twice")
     if default_factory is None:
         default_factory = annotation
-    _SECTIONS[name] = Section(name, annotation, description, default_factory, env or {}, check)
+    module = sys._getframe(1).f_globals.get("__name__", "")
+    _SECTIONS[name] = Section(
+        name, annotation, description, default_factory, env or {}, check, module
+    )
 
 
 def sections() -> list[Section]:

@@ -1,13 +1,18 @@
 """The one seam to engines: every engine kind speaks OpenAI's HTTP API; quirks are ironed out here.
 
-Transport errors become Bastion's error tree once, here: a refused connection is
-`EngineConnectError` (safe to retry elsewhere: nothing was sent), a timeout `UpstreamTimeout`,
-anything else `UpstreamError`. Engine error statuses are translated by `raise_for_engine_status`.
+`EngineClient.post` returns an `EngineResponse` whose headers are in and whose status is a
+success; the body is then read once, whole (`read()`) or as server-sent events (`events()`).
+aiohttp's objects and errors never leave this module: transport errors become Bastion's error
+tree here, once — a refused connection is `EngineConnectError` (nothing was sent, so another
+replica may be tried), silence past a timeout `UpstreamTimeout`, anything else `UpstreamError`;
+an engine's error status becomes `UpstreamRejected` (4xx: the client's fault),
+`UpstreamUnavailable` (503) or `UpstreamError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +60,75 @@ def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
+def _broken(exc: BaseException, during: str) -> UpstreamError:
+    """A transport failure after the request was sent, in Bastion's terms."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"the engine stopped sending within its read timeout ({during})")
+    return UpstreamError(f"the engine connection broke ({during}): {type(exc).__name__}")
+
+
+class EngineResponse:
+    """A successful engine answer whose headers are in. Its body is read once: `read()` or
+    `events()`; then the connection goes back to the pool, or, if the answer was not read to
+    the end, is dropped (`close()`), which makes the engine abort the request."""
+
+    __slots__ = ("_resp", "finished")
+
+    def __init__(self, resp: aiohttp.ClientResponse):
+        self._resp = resp
+        #: The body was read to its end.
+        self.finished = False
+
+    async def read(self) -> bytes:
+        try:
+            raw = await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self.close()
+            raise _broken(exc, "reading the answer") from exc
+        self.finished = True
+        self._resp.release()
+        return raw
+
+    async def events(self) -> AsyncIterator[list[bytes]]:
+        """The stream's server-sent events (without their blank-line terminator), a batch per
+        network read, so that what arrived together is relayed together."""
+        buf = b""
+        try:
+            async for data in self._resp.content.iter_any():
+                if b"\r" in data:
+                    data = data.replace(b"\r\n", b"\n")
+                buf += data
+                batch = []
+                while (i := buf.find(b"\n\n")) >= 0:
+                    batch.append(buf[:i])
+                    buf = buf[i + 2 :]
+                if batch:
+                    yield batch
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _broken(exc, "mid-stream") from exc
+        if buf.strip():
+            yield [buf.strip()]
+        self.finished = True
+
+    def close(self) -> None:
+        """Drops the connection (the engine aborts the request); idempotent."""
+        self._resp.close()
+
+    def done(self) -> None:
+        """Hands the connection back to the pool if the answer was read to its end, else drops
+        it. Idempotent; call it once the caller is done with the response, whatever happened."""
+        if self.finished:
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
 class EngineClient:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        # No connection cap of our own: admission control belongs to the policy layer.
+        # No connection cap of our own: admission control belongs to the limits layer.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -78,8 +146,8 @@ class EngineClient:
         assert self._session is not None, "EngineClient.start() was not awaited"
         return self._session
 
-    async def post(self, dep: DeploymentSettings, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """Sends the request and returns once the engine's response headers are in."""
+    async def post(self, dep: DeploymentSettings, path: str, body: bytes) -> EngineResponse:
+        """Sends the request; returns once the engine's response headers are in and say OK."""
         headers = {"Content-Type": "application/json"}
         if dep.api_key:
             headers["Authorization"] = f"Bearer {dep.api_key}"
@@ -88,7 +156,7 @@ class EngineClient:
         )
         try:
             async with asyncio.timeout(dep.first_byte_timeout):
-                return await self.session.post(
+                resp = await self.session.post(
                     dep.url + path, data=body, headers=headers, timeout=timeout
                 )
         except aiohttp.ClientConnectorError as exc:
@@ -99,6 +167,9 @@ class EngineClient:
             ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"engine connection failed: {type(exc).__name__}") from exc
+        if resp.status >= 400:
+            raise await _engine_error(resp)
+        return EngineResponse(resp)
 
     async def healthy(self, dep: DeploymentSettings, limit: float = 2.0) -> bool:
         headers = {"Authorization": f"Bearer {dep.api_key}"} if dep.api_key else {}
@@ -113,10 +184,8 @@ class EngineClient:
             return False
 
 
-async def raise_for_engine_status(resp: aiohttp.ClientResponse) -> None:
-    """Turns an engine error status into Bastion's error (the body is read and released)."""
-    if resp.status < 400:
-        return
+async def _engine_error(resp: aiohttp.ClientResponse) -> UpstreamError | UpstreamRejected:
+    """An engine error status in Bastion's terms (the body is read and the response released)."""
     try:
         raw = await resp.read()
     except (aiohttp.ClientError, TimeoutError):
@@ -126,10 +195,10 @@ async def raise_for_engine_status(resp: aiohttp.ClientResponse) -> None:
     message = _engine_message(raw) or f"engine answered HTTP {resp.status}"
     if 400 <= resp.status < 500:
         # The client's fault as the engine sees it (context too long, bad parameter, …).
-        raise UpstreamRejected(message)
+        return UpstreamRejected(message)
     if resp.status == 503:
-        raise UpstreamUnavailable(f"engine unavailable: {message}")
-    raise UpstreamError(f"engine error: {message}")
+        return UpstreamUnavailable(f"engine unavailable: {message}")
+    return UpstreamError(f"engine error: {message}")
 
 
 def _engine_message(raw: bytes) -> str | None:

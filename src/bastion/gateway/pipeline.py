@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -33,11 +31,11 @@ from bastion.core.errors import (
     PermissionDenied,
     UpstreamError,
     UpstreamUnavailable,
-    error_response,
 )
-from bastion.engines.client import EngineClient, Usage, raise_for_engine_status
-from bastion.gateway.protocol import PATHS, Endpoint, ParsedRequest, parse_request
-from bastion.gateway.relay import Answer, SSERelay, StreamState
+from bastion.core.request import ParsedRequest
+from bastion.engines.client import EngineClient, EngineResponse, Usage
+from bastion.gateway.relay import SSERelay
+from bastion.gateway.wire import StreamTranslator, WireAdapter
 from bastion.identity.keys import KeyStore
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
@@ -47,14 +45,9 @@ from bastion.limits.fairshare import FairQueue
 from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.routing.balancer import Deployment, ModelRoute
+from bastion.routing.balancer import Lease, ModelRoute
 
 log = logging.getLogger("bastion.gateway")
-ENDPOINT_KINDS: dict[Endpoint, tuple[str, ...]] = {
-    "chat": ("chat",),
-    "completions": ("chat", "completion"),
-    "embeddings": ("embedding",),
-}
 
 
 @dataclass(slots=True)
@@ -107,20 +100,20 @@ class Gateway:
         }
 
     # -- stages -----------------------------------------------------------------------------
-    async def handle(self, endpoint: Endpoint, request: Request) -> Response | SSERelay:
+    async def handle(self, wire: WireAdapter, request: Request) -> Response | SSERelay:
         call = Call(
-            UsageRecord(request_id="req_" + secrets.token_hex(12), endpoint=endpoint),
+            UsageRecord(request_id="req_" + secrets.token_hex(12), endpoint=wire.name),
             time.perf_counter(),
             request.client.host if request.client else None,
         )
         try:
             principal = await self.keys.authenticate(request.headers.get("authorization"))
             self._attribute(call.rec, principal)
-            req = parse_request(endpoint, await self._read_body(request))
+            req = wire.parse(await self._read_body(request), request.headers)
             call.body = req.body
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
-            route = self._authorize(principal, req)
+            route = self._authorize(principal, req, wire)
             check_caps(self.settings, req)
             call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
             if (queue := self.queues.get(route.alias)) is not None:
@@ -129,11 +122,11 @@ class Gateway:
             if self.audit is not None:
                 req.body = await self.audit.request(call.rec, principal, req.body, call.source)
                 call.audited = True
-            return await self._relay(call, route, req)
+            return await self._relay(call, route, req, wire)
         except BastionError as exc:
             self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
             exc.headers = {**call.headers, **exc.headers}
-            return error_response(exc, call.rec.request_id)
+            return wire.error_response(exc, call.rec.request_id)
         except ClientDisconnect:
             self._finish(call, 499, "cancelled", "client_disconnected")
             return Response(status_code=499)
@@ -144,7 +137,7 @@ class Gateway:
             log.exception("unexpected error on %s", call.rec.request_id)
             exc = InternalError("Bastion failed to handle this request; it has been logged.")
             self._finish(call, exc.status, exc.outcome, exc.code)
-            return error_response(exc, call.rec.request_id)
+            return wire.error_response(exc, call.rec.request_id)
 
     def _weight(self, team: str) -> float:
         t = self.settings.teams.get(team)
@@ -168,7 +161,7 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _authorize(self, principal: Principal, req: ParsedRequest) -> ModelRoute:
+    def _authorize(self, principal: Principal, req: ParsedRequest, wire: WireAdapter) -> ModelRoute:
         if principal.role not in CALLERS:
             raise PermissionDenied(
                 f"The {principal.role} role cannot call models.", code="role_not_allowed"
@@ -178,90 +171,72 @@ class Gateway:
             if route is None:
                 raise NotFound(f"The model '{req.model}' does not exist.", param="model")
             raise PermissionDenied(f"This key may not use the model '{req.model}'.", param="model")
-        if route.settings.kind not in ENDPOINT_KINDS[req.endpoint]:
+        if route.settings.kind not in wire.serves:
             raise InvalidRequest(
                 f"The model '{req.model}' is a {route.settings.kind} model and "
-                f"does not serve {PATHS[req.endpoint]}.",
+                f"does not serve {wire.path}.",
                 param="model",
                 code="wrong_endpoint",
             )
         return route
 
     async def _relay(
-        self, call: Call, route: ModelRoute, req: ParsedRequest
+        self, call: Call, route: ModelRoute, req: ParsedRequest, wire: WireAdapter
     ) -> Response | SSERelay:
-        body = req.body
-        if req.stream:
-            # Always ask for usage, so every stream is metered; hidden again if not requested.
-            opts = body.get("stream_options")
-            body["stream_options"] = {**(opts or {}), "include_usage": True}
-        dep, upstream = await self._connect(call, route, req)
-        gauge = self.metrics.in_flight.labels(route.alias)
-        gauge.inc()
+        lease, upstream = await self._connect(call, route, req, wire)
         if req.stream:
 
-            def on_end(state: StreamState, cancelled: bool) -> None:
-                dep.in_flight -= 1
-                gauge.dec()
-                self._end_stream(call, state, cancelled)
+            def on_end(tr: StreamTranslator, cancelled: bool) -> None:
+                self._end_stream(call, tr, cancelled)
 
-            async def before_done(state: StreamState) -> BastionError | None:
-                return await self._record_answer(call, state.assembled(), state.engine_model, state)
+            async def before_done(tr: StreamTranslator) -> BastionError | None:
+                self._count_stream(call.rec, tr)
+                return await self._record_answer(call, tr.assembled(), tr.state.engine_model)
 
+            translator = wire.stream(req, route.alias, collect=self.audit is not None)
             return SSERelay(
                 upstream,
-                route.alias,
-                req.client_wants_usage,
+                lease,
+                translator,
                 call.headers,
                 on_end,
                 before_done if self.audit is not None else None,
             )
-        try:
+        with lease:
             raw = await upstream.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            upstream.close()
-            raise UpstreamError(
-                f"reading the engine's answer failed: {type(exc).__name__}"
-            ) from exc
-        finally:
-            dep.in_flight -= 1
-            gauge.dec()
-            upstream.release()
-        answer = Answer(raw, route.alias)
+        answer = wire.answer(raw, route.alias)
         self._count(call.rec, answer.usage)
         if self.audit is not None:
-            failure = await self._record_answer(call, answer.obj, answer.engine_model)
+            failure = await self._record_answer(call, answer.content, answer.engine_model)
             if failure is not None:
                 raise failure
         self._finish(call, 200, "ok", None)
         return Response(answer.body, media_type="application/json", headers=call.headers)
 
     async def _connect(
-        self, call: Call, route: ModelRoute, req: ParsedRequest
-    ) -> tuple[Deployment, aiohttp.ClientResponse]:
+        self, call: Call, route: ModelRoute, req: ParsedRequest, wire: WireAdapter
+    ) -> tuple[Lease, EngineResponse]:
         """Tries deployments in the balancer's order; moves on only if nothing was sent."""
-        path = PATHS[req.endpoint]
         last: BastionError | None = None
+        gauge = self.metrics.in_flight.labels(route.alias)
         for dep in route.candidates():
-            req.body["model"] = dep.settings.served_name
             call.rec.deployment = dep.name
-            dep.in_flight += 1
+            lease = dep.lease(gauge)
             try:
-                upstream = await self.client.post(dep.settings, path, orjson.dumps(req.body))
-                await raise_for_engine_status(upstream)
-                return dep, upstream
+                body = wire.engine_body(req, dep.settings.served_name)
+                return lease, await self.client.post(dep.settings, wire.engine_path, body)
             except EngineConnectError as exc:
-                dep.in_flight -= 1
+                lease.release()
                 dep.eject()
                 self.metrics.upstream_errors.labels(dep.name, "connect").inc()
                 log.warning("%s: %s; trying the next deployment", dep.name, exc.message)
                 last = exc
             except UpstreamError as exc:
-                dep.in_flight -= 1
+                lease.release()
                 self.metrics.upstream_errors.labels(dep.name, exc.default_code or "error").inc()
                 raise
             except BaseException:
-                dep.in_flight -= 1
+                lease.release()
                 raise
         raise UpstreamUnavailable(
             f"No engine for model '{route.alias}' is reachable right now"
@@ -276,24 +251,18 @@ class Gateway:
             rec.cached_tokens = usage.cached_tokens
             rec.completion_tokens = usage.completion_tokens
 
-    def _count_stream(self, rec: UsageRecord, state: StreamState) -> None:
-        self._count(rec, state.usage)
-        if state.usage is None:
+    def _count_stream(self, rec: UsageRecord, tr: StreamTranslator) -> None:
+        self._count(rec, tr.state.usage)
+        if tr.state.usage is None:
             # No usage chunk (cancelled, or the engine broke off): each chunk is about one token.
-            rec.completion_tokens = state.chunks
+            rec.completion_tokens = tr.state.chunks
 
     async def _record_answer(
-        self,
-        call: Call,
-        content: Any,
-        engine_model: str | None,
-        state: StreamState | None = None,
+        self, call: Call, content: Any, engine_model: str | None
     ) -> BastionError | None:
         """The completion entry of a successful answer, durable before the client has it all."""
         assert self.audit is not None
         rec = call.rec
-        if state is not None:
-            self._count_stream(rec, state)
         rec.status, rec.outcome, rec.error_code = 200, "ok", None
         rec.latency_ms = (time.perf_counter() - call.started) * 1000
         call.audit_closed = True
@@ -303,13 +272,13 @@ class Gateway:
             return self.audit.failed(rec, exc, "the answer, so it is withheld")
         return None
 
-    def _end_stream(self, call: Call, state: StreamState, cancelled: bool) -> None:
-        rec = call.rec
-        self._count_stream(rec, state)
+    def _end_stream(self, call: Call, tr: StreamTranslator, cancelled: bool) -> None:
+        rec, state = call.rec, tr.state
+        self._count_stream(rec, tr)
         if state.first_token_at is not None:
             rec.ttft_ms = (state.first_token_at - call.started) * 1000
             self.metrics.ttft.labels(rec.model).observe(state.first_token_at - call.started)
-        partial = state.assembled() if state.output is not None else None
+        partial = tr.assembled() if tr.collecting else None
         if cancelled:
             self._finish(call, 499, "cancelled", "client_disconnected", content=partial)
         elif state.error is not None:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from pydantic import BaseModel, Field
 
+from bastion.core.changes import recorded_change
 from bastion.core.errors import BastionError, InvalidRequest, NotFound, PermissionDenied
 from bastion.core.timeutil import parse_duration
-from bastion.identity.keys import create_key, get_key, list_keys, revoke_key
+from bastion.identity.keys import get_key, list_keys, new_key, revoke_key
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
 from bastion.identity.teams import IdentityError
@@ -103,28 +104,37 @@ async def my_keys(request: Request, who: User) -> list[dict[str, Any]]:
 async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, Any]:
     if who.role not in CALLERS:
         raise PermissionDenied("Auditors create no keys to call models.", code="role_not_allowed")
-    ctx = request.app.state
+    state = request.app.state
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
-        rec, token = await asyncio.to_thread(
-            lambda: create_key(
-                ctx.db, team=who.team, user=who.user, name=body.name, expires_in=expires,
-                known_models=set(ctx.settings.models), source="self-service",
+        made = await asyncio.to_thread(
+            lambda: new_key(
+                state.db, team=who.team, user=who.user, name=body.name, expires_in=expires,
+                known_models=set(state.settings.models), source="self-service",
             )
         )  # fmt: skip
     except (IdentityError, ValueError) as exc:
         raise InvalidRequest(str(exc), code="invalid_value") from None
-    await _record(request, "admin", actor=who.user, action="key.create", team=who.team,
-                  after=rec.public())  # fmt: skip
-    return {**rec.public(), "key": token}
+    rec = made.record
+    async with recorded_change(
+        state.audit, str(who.user), "key.create", team=who.team, after=rec.public()
+    ):
+        await asyncio.to_thread(made.save, state.db)
+    return {**rec.public(), "key": made.token}
 
 
 @router.post("/keys/{key_id}/revoke")
 async def revoke_my_key(key_id: str, request: Request, who: User) -> dict[str, Any]:
-    ctx = request.app.state
-    await asyncio.to_thread(_mine, request, who, key_id)
-    rec = await asyncio.to_thread(revoke_key, ctx.db, key_id)
-    ctx.keys.update(rec)
-    await _record(request, "admin", actor=who.user, action="key.revoke", team=who.team,
-                  after=rec.public())  # fmt: skip
-    return rec.public()
+    state = request.app.state
+    before = await asyncio.to_thread(_mine, request, who, key_id)
+    async with recorded_change(
+        state.audit,
+        str(who.user),
+        "key.revoke",
+        takes_access_away=True,
+        team=who.team,
+        before=before.public(),
+    ):
+        rec = await asyncio.to_thread(revoke_key, state.db, key_id)
+    state.keys.update(rec)
+    return rec.public()  # type: ignore[no-any-return]

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
 
@@ -112,7 +112,22 @@ class KeyRecord:
         }
 
 
-def create_key(
+@dataclass(frozen=True)
+class NewKey:
+    """A key checked and made, not yet stored: its record can be written to the audit trail
+    before the key exists (`bastion.core.changes`)."""
+
+    record: KeyRecord
+    token: str
+    row: dict[str, Any]
+
+    def save(self, engine: Engine) -> KeyRecord:
+        with engine.begin() as conn:
+            conn.execute(api_keys.insert(), self.row)
+        return self.record
+
+
+def new_key(
     engine: Engine,
     *,
     team: str,
@@ -124,8 +139,9 @@ def create_key(
     limits: LimitSettings | None = None,
     role: str = "member",
     source: str = "admin",
-) -> tuple[KeyRecord, str]:
-    """Creates a key and returns it with its plaintext, which is never stored or shown again."""
+) -> NewKey:
+    """Checks and makes a key (IdentityError naming what is wrong); `save` stores it. The
+    plaintext token is never stored and can be shown only once."""
     if role not in ROLES:
         raise IdentityError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
     teams = load_teams(engine)
@@ -154,9 +170,13 @@ def create_key(
         "role": role,
         "source": source,
     }
-    with engine.begin() as conn:
-        conn.execute(api_keys.insert(), row)
-    return KeyRecord.from_row(SimpleNamespace(**row)), token
+    return NewKey(KeyRecord.from_row(SimpleNamespace(**row)), token, row)
+
+
+def create_key(engine: Engine, **kw: Any) -> tuple[KeyRecord, str]:
+    """Makes and stores a key at once (no audit record: for tests and the quickstart)."""
+    made = new_key(engine, **kw)
+    return made.save(engine), made.token
 
 
 def _limits_json(limits: LimitSettings | None) -> dict[str, object] | None:
@@ -221,22 +241,14 @@ def self_service_owners(engine: Engine) -> dict[str, set[str]]:
     return out
 
 
-def revoke_self_service(engine: Engine, user: str, keep_team: str | None) -> list[KeyRecord]:
-    """Revokes the user's self-service keys, except those of `keep_team`; returns them."""
-    now = datetime.now(UTC)
+def self_service_keys(engine: Engine, user: str, keep_team: str | None) -> list[KeyRecord]:
+    """The user's live self-service keys, except those of `keep_team`."""
     q = api_keys.c.user == user
     q &= (api_keys.c.source == "self-service") & api_keys.c.revoked_at.is_(None)
     if keep_team is not None:
         q &= api_keys.c.team != keep_team
-    with engine.begin() as conn:
-        rows = conn.execute(select(api_keys).where(q)).all()
-        if rows:
-            ids = [r.id for r in rows]
-            conn.execute(
-                api_keys.update().where(api_keys.c.id.in_(ids)),
-                {"revoked_at": now, "updated_at": now},
-            )
-    return [get_key(engine, r.id) for r in rows]  # type: ignore[misc]
+    with engine.connect() as conn:
+        return [KeyRecord.from_row(r) for r in conn.execute(select(api_keys).where(q))]
 
 
 class KeyStore:

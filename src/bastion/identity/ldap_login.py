@@ -14,13 +14,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
+from bastion.core.changes import Trail, recorded_change
 from bastion.core.errors import AuthenticationFailed, DirectoryDown, RateLimited
-from bastion.identity.keys import revoke_self_service, self_service_owners
+from bastion.identity.keys import revoke_key, self_service_keys, self_service_owners
 from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
@@ -30,7 +30,6 @@ from bastion.identity.sso import first_mapping, mapped_principal, not_mapped
 from bastion.identity.teams import Team
 
 log = logging.getLogger("bastion.identity")
-Recorder = Callable[..., Awaitable[None]]
 
 
 class LoginThrottle:
@@ -75,14 +74,14 @@ class LoginThrottle:
 
 
 class DirectoryLogin:
-    def __init__(self, identity: IdentitySettings, db: Engine, record: Recorder | None = None):
+    def __init__(self, identity: IdentitySettings, db: Engine, trail: Trail | None = None):
         assert identity.ldap is not None
         self.directory = LdapDirectory(LdapConfig(**identity.ldap.model_dump()))
         self.sessions = Sessions(identity)
         self.mappings = identity.group_mappings
         self.period = identity.group_cache_seconds
         self.db = db
-        self.record = record
+        self.trail = trail
         #: username → (when the directory was last asked, the mapping it gave then)
         self.checked: dict[str, tuple[float, GroupMapping | None]] = {}
         self.throttle = LoginThrottle(identity.login_max_failures, identity.login_lockout_seconds)
@@ -169,18 +168,19 @@ class DirectoryLogin:
             keep = mapping.team if mapping is not None and mapping.role in CALLERS else None
             if keep is not None and key_teams == {keep}:
                 continue
-            for rec in await asyncio.to_thread(revoke_self_service, self.db, user, keep):
+            for rec in await asyncio.to_thread(self_service_keys, self.db, user, keep):
+                async with recorded_change(
+                    self.trail,
+                    "directory-sweep",
+                    "key.revoke",
+                    takes_access_away=True,
+                    team=rec.team,
+                    before=rec.public(),
+                    reason=f"{user} is no longer mapped to team {rec.team}",
+                ):
+                    await asyncio.to_thread(revoke_key, self.db, rec.id)
                 revoked += 1
                 log.warning(
                     "revoked self-service key %s of %s: group membership ended", rec.id, user
                 )
-                if self.record is not None:
-                    await self.record(
-                        "admin",
-                        actor="directory-sweep",
-                        action="key.revoke",
-                        team=rec.team,
-                        after=rec.public(),
-                        reason=f"{user} is no longer mapped to team {rec.team}",
-                    )
         return revoked

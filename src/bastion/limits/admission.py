@@ -38,14 +38,10 @@ BACKEND_ERRORS = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 def completion_reserve(req: ParsedRequest) -> int:
-    """The most the request may generate. The caps stage has filled in `max_tokens` already."""
-    if req.endpoint == "embeddings":
+    """The most the request may generate. The caps stage has set the output ceiling already."""
+    if not req.generates:
         return 0
-    body = req.body
-    per_choice = body.get("max_completion_tokens")
-    if per_choice is None:
-        per_choice = body.get("max_tokens") or 0
-    return int(per_choice) * int(body.get("n") or 1)
+    return (req.max_output or 0) * req.choices
 
 
 def cost_micros(prompt: int, completion: int, price: PriceSettings | None) -> int:

@@ -15,48 +15,9 @@ from typing import Any
 from bastion.config import ConfigError, Settings
 from bastion.core.request import ParsedRequest
 
-PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
-PER_CHAT_OVERHEAD = 8  # the template's start and the assistant's generation prompt
-UNSIZED_PART = 1024  # an image or audio part: we cannot size it without the engine
-
-
-def _texts(req: ParsedRequest) -> tuple[list[str], int]:
-    """The request's texts, and the tokens counted without a tokenizer (ids, parts, template)."""
-    body = req.body
-    texts: list[str] = []
-    extra = 0
-
-    def walk(value: Any) -> None:
-        nonlocal extra
-        if isinstance(value, str):
-            texts.append(value)
-        elif isinstance(value, int):
-            extra += 1  # already a token id
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-        elif isinstance(value, dict):
-            if "text" in value:
-                walk(value["text"])
-            else:
-                extra += UNSIZED_PART
-
-    if req.endpoint == "chat":
-        extra += PER_CHAT_OVERHEAD
-        for msg in body["messages"]:
-            extra += PER_MESSAGE_OVERHEAD
-            walk(msg.get("content"))
-            if "tool_calls" in msg:
-                texts.append(str(msg["tool_calls"]))
-        if tools := body.get("tools"):
-            texts.append(str(tools))
-    else:
-        walk(body.get("prompt" if req.endpoint == "completions" else "input"))
-    return texts, extra
-
 
 def prompt_upper_bound(req: ParsedRequest) -> int:
-    texts, extra = _texts(req)
+    texts, extra = req.prompt()
     return extra + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
@@ -71,7 +32,7 @@ class PromptCounter:
         tok = self._tokenizers.get(req.model)
         if tok is None:
             return prompt_upper_bound(req)
-        texts, extra = _texts(req)
+        texts, extra = req.prompt()
         if not texts:
             return extra
         encoded = await asyncio.to_thread(tok.encode_batch, texts, add_special_tokens=False)

@@ -61,7 +61,8 @@ def engine_spec(dep: DeploymentSettings, embedding: bool) -> EngineSpec:
 
 def quickstart_key(settings: Settings) -> str | None:
     """A key for trying things out, kept in var/quickstart-key (mode 0600) between runs."""
-    from bastion.identity.keys import create_key, hash_key, list_keys
+    from bastion.core.changes import recorded_change_sync
+    from bastion.identity.keys import hash_key, list_keys, new_key
     from bastion.identity.teams import open_store
 
     if not settings.teams:
@@ -74,10 +75,15 @@ def quickstart_key(settings: Settings) -> str | None:
         if any(k.key_hash == hash_key(token) and k.status(now) == "active" for k in list_keys(db)):
             return token
     team = next(iter(settings.teams))
-    rec, token = create_key(db, team=team, name="quickstart", known_models=set(settings.models))
-    from bastion.audit.offline import record_event
+    made = new_key(db, team=team, name="quickstart", known_models=set(settings.models))
+    from bastion.audit.offline import cli_actor, cli_recorder
 
-    record_event(settings, db, "admin", "key.create", team=team, after=rec.public())
+    record = cli_recorder(settings, db)
+    with recorded_change_sync(
+        record, cli_actor(), "key.create", team=team, after=made.record.public()
+    ):
+        made.save(db)
+    token = made.token
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

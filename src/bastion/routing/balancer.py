@@ -1,7 +1,9 @@
 """Which engine replica serves a request.
 
 A balancer orders a model's deployments by preference; the pipeline tries them in that order
-and moves to the next only when a connection could not be made (nothing was sent yet).
+and moves to the next only when a connection could not be made (nothing was sent yet). A
+request holds a `Lease` on the deployment it uses: taken when it is tried, given back exactly
+once, whatever happens, so the in-flight counts balancers rely on never drift.
 Cache-aware (prefix-affinity) routing will be another `Balancer`.
 """
 
@@ -11,6 +13,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol
 
 from bastion.engines.settings import DeploymentSettings
@@ -40,6 +43,48 @@ class Deployment:
 
     def eject(self) -> None:
         self.ejected_until = time.monotonic() + EJECT_SECONDS
+
+    def lease(self, gauge: Gauge | None = None) -> Lease:
+        """A slot on this deployment for one request (also counted in `gauge`, if given)."""
+        return Lease(self, gauge)
+
+
+class Gauge(Protocol):
+    def inc(self) -> None: ...
+    def dec(self) -> None: ...
+
+
+class Lease:
+    """One request's slot on a deployment: taken on creation, released exactly once — by
+    `release()` or by leaving a `with` block, whichever comes first."""
+
+    __slots__ = ("_gauge", "_held", "deployment")
+
+    def __init__(self, deployment: Deployment, gauge: Gauge | None = None):
+        self.deployment = deployment
+        self._gauge = gauge
+        self._held = True
+        deployment.in_flight += 1
+        if gauge is not None:
+            gauge.inc()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.deployment.in_flight -= 1
+            if self._gauge is not None:
+                self._gauge.dec()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 class Balancer(Protocol):

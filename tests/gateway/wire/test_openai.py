@@ -1,4 +1,5 @@
-"""The request parser never fails with anything but a clear 4xx, whatever the bytes."""
+"""The OpenAI adapters: the parser never fails with anything but a clear 4xx, whatever the
+bytes, and fills in the canonical fields the stages read."""
 
 import json
 
@@ -6,9 +7,21 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.datastructures import Headers
 
 from bastion.core.errors import BastionError, InvalidRequest
-from bastion.gateway.protocol import parse_request
+from bastion.core.request import ParsedRequest
+from bastion.gateway.wire import ADAPTERS
+from bastion.gateway.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS
+
+BY_NAME = {w.name: w for w in ADAPTERS}
+
+
+def parse_request(
+    endpoint: str, raw: bytes, headers: dict[str, str] | None = None
+) -> ParsedRequest:
+    return BY_NAME[endpoint].parse(raw, Headers(headers or {}))
+
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -107,3 +120,64 @@ def test_malformed_json() -> None:
         parse_request("chat", b'{"model": ')
     with pytest.raises(InvalidRequest, match="JSON object"):
         parse_request("chat", b"[1, 2]")
+
+
+def test_canonical_fields() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}] * 3, "n": 2}
+    req = parse_request("chat", orjson.dumps({**chat, "max_tokens": 50, "user": "u"}))
+    assert (req.messages, req.choices, req.max_output, req.max_output_param) == (
+        3,
+        2,
+        50,
+        "max_tokens",
+    )
+    assert req.generates and req.session == "u" and req.endpoint == "chat"
+    both = parse_request(
+        "chat", orjson.dumps({**chat, "max_tokens": 50, "max_completion_tokens": 9})
+    )
+    assert (both.max_output, both.max_output_param) == (9, "max_completion_tokens")
+    assert both.output_fields == [("max_tokens", 50), ("max_completion_tokens", 9)]
+    bare = parse_request("completions", b'{"model": "m", "prompt": "x"}')
+    assert bare.max_output is None and bare.messages is None and bare.session is None
+    COMPLETIONS.set_output_ceiling(bare, 64)
+    assert bare.body["max_tokens"] == bare.max_output == 64
+    emb = parse_request("embeddings", b'{"model": "m", "input": ["a", "b"]}')
+    assert not emb.generates and emb.prompt() == (["a", "b"], 0)
+
+
+def test_session_hint_header_wins() -> None:
+    body = {"model": "m", "messages": [{"role": "user"}], "prompt_cache_key": "k", "user": "u"}
+    raw = orjson.dumps(body)
+    assert parse_request("chat", raw, {"x-session-affinity": "s1"}).session == "s1"
+    assert parse_request("chat", raw).session == "k"
+
+
+def test_engine_body_names_the_served_model_and_asks_for_usage() -> None:
+    req = parse_request(
+        "chat", b'{"model": "alias", "messages": [{"role": "user"}], "stream": true}'
+    )
+    sent = orjson.loads(CHAT.engine_body(req, "org/served-7b"))
+    assert sent["model"] == "org/served-7b" and sent["stream_options"] == {"include_usage": True}
+    assert not req.client_wants_usage  # so the usage chunk is hidden from this client again
+    emb = parse_request("embeddings", b'{"model": "alias", "input": "x"}')
+    assert "stream_options" not in orjson.loads(EMBEDDINGS.engine_body(emb, "e5"))
+
+
+def test_prompt_parts_for_counting() -> None:
+    req = parse_request(
+        "chat",
+        orjson.dumps(
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}],
+                    },
+                ],
+            }
+        ),
+    )
+    texts, extra = req.prompt()
+    assert texts == ["be brief", "hi"] and extra == 8 + 2 * 8 + 1024

@@ -3,11 +3,11 @@ arguments arrive in pieces, and malformed chunks that must not break the relay."
 
 from __future__ import annotations
 
-from bastion.gateway.relay import StreamState
+from bastion.gateway.wire.openai import OpenAIStream
 
 
 def test_chat_stream_is_assembled_per_choice() -> None:
-    state = StreamState(collect=True)
+    state = OpenAIStream("m", wants_usage=False, collect=True)
     chunks = [
         [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
         [{"index": 0, "delta": {"content": "Hel"}}, {"index": 1, "delta": {"content": "Bon"}}],
@@ -26,7 +26,7 @@ def test_chat_stream_is_assembled_per_choice() -> None:
 
 
 def test_tool_call_arguments_are_joined() -> None:
-    state = StreamState(collect=True)
+    state = OpenAIStream("m", wants_usage=False, collect=True)
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup"}}
     state.collect(
         [
@@ -59,8 +59,19 @@ def test_tool_call_arguments_are_joined() -> None:
 
 
 def test_completions_text_and_odd_chunks() -> None:
-    state = StreamState(collect=True)
+    state = OpenAIStream("m", wants_usage=False, collect=True)
     state.collect([{"index": 0, "text": "one "}, "not a dict", {"index": "x", "text": "?"}])
     state.collect([{"index": 0, "text": "two", "finish_reason": "stop"}])
     assert [c["text"] for c in state.assembled()] == ["one two", "?"]
-    assert StreamState().output is None  # nothing is collected unless the trail needs it
+
+
+def test_events_are_relayed_with_the_alias_and_usage_hidden() -> None:
+    tr = OpenAIStream("alias", wants_usage=False, collect=False)
+    chunk = b'data: {"model": "served", "choices": [{"index": 0, "delta": {"content": "x"}}]}'
+    assert b'"model":"alias"' in (tr.event(chunk) or b"")
+    usage = b'data: {"model": "served", "choices": [], "usage": {"prompt_tokens": 3}}'
+    assert tr.event(usage) is None and tr.state.usage is not None
+    assert tr.state.usage.prompt_tokens == 3 and tr.state.chunks == 1
+    assert tr.event(b"data: [DONE]") is None and tr.state.done
+    assert tr.state.engine_model == "served"
+    assert tr.assembled() == []  # nothing is collected unless the trail needs it

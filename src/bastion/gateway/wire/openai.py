@@ -1,0 +1,390 @@
+"""OpenAI's wire APIs: chat completions, completions and embeddings.
+
+The engines speak these too, so the body goes through as the client sent it (unknown fields
+included: tools, response_format, logprobs, seed, …), with only the model name, the output
+ceiling Bastion reserved and, on streams, the usage chunk Bastion meters by, filled in. Parsing
+checks just enough to route, attribute and meter a call; the engine validates the rest and its
+4xx comes back as a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.datastructures import Headers
+
+from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
+from bastion.core.request import ParsedRequest
+from bastion.engines.client import read_usage
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+
+PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
+PER_CHAT_OVERHEAD = 8  # the template's start and the assistant's generation prompt
+UNSIZED_PART = 1024  # an image or audio part: we cannot size it without the engine
+DONE = b"data: [DONE]\n\n"
+
+
+def _type_error(param: str, expected: str) -> InvalidRequest:
+    return InvalidRequest(f"'{param}' must be {expected}", param=param, code="invalid_type")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise _type_error("messages", "a non-empty array of message objects")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _type_error(f"messages[{i}]", "an object")
+        if not isinstance(msg.get("role"), str):
+            raise _type_error(f"messages[{i}].role", "a string")
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _type_error(f"messages[{i}].content", "a string, an array of parts or null")
+
+
+def _is_token_list(v: object) -> bool:
+    return isinstance(v, list) and all(_is_int(t) for t in v)
+
+
+def _check_text_input(param: str, value: object) -> None:
+    """prompt / input: a string, an array of strings, an array of tokens, or arrays of tokens."""
+    if isinstance(value, str):
+        return
+    if (
+        isinstance(value, list)
+        and value
+        and (
+            all(isinstance(v, str) for v in value)
+            or _is_token_list(value)
+            or all(_is_token_list(v) and v for v in value)
+        )
+    ):
+        return
+    raise _type_error(param, "a string, an array of strings or an array of token arrays")
+
+
+_INT_FIELDS = {"max_tokens": 0, "max_completion_tokens": 0, "n": 1, "best_of": 1, "seed": None}
+_NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+
+
+def _read_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request: it is not valid JSON.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("you must provide a model parameter", param="model", code="missing")
+    if not isinstance(model, str) or not model:
+        raise _type_error("model", "a non-empty string")
+    return model
+
+
+def _options(body: dict[str, Any], streamable: bool) -> tuple[bool, bool, str | None]:
+    """stream, include_usage, user, and the sampling fields every OpenAI endpoint shares."""
+    for name, minimum in _INT_FIELDS.items():
+        v = body.get(name)
+        if v is None:
+            continue
+        if not _is_int(v):
+            raise _type_error(name, "an integer")
+        if minimum is not None and v < minimum:
+            raise InvalidRequest(
+                f"'{name}' must be at least {minimum}", param=name, code="invalid_value"
+            )
+    for name in _NUMBER_FIELDS:
+        v = body.get(name)
+        if v is not None and not _is_number(v):
+            raise _type_error(name, "a number")
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean")
+    if stream and not streamable:
+        raise InvalidRequest("embeddings cannot be streamed", param="stream", code="invalid_value")
+
+    options = body.get("stream_options")
+    wants_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _type_error("stream_options", "an object")
+        include = options.get("include_usage", False)
+        if include is not None and not isinstance(include, bool):
+            raise _type_error("stream_options.include_usage", "a boolean")
+        wants_usage = bool(include)
+
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _type_error("user", "a string")
+    return stream, wants_usage, user
+
+
+def _walk(value: Any, texts: list[str]) -> int:
+    """Collects the strings of a prompt; returns the tokens counted without a tokenizer."""
+    if isinstance(value, str):
+        texts.append(value)
+        return 0
+    if isinstance(value, int):
+        return 1  # already a token id
+    if isinstance(value, list):
+        return sum(_walk(v, texts) for v in value)
+    if isinstance(value, dict):
+        return _walk(value["text"], texts) if "text" in value else UNSIZED_PART
+    return 0
+
+
+def _session(headers: Headers, body: dict[str, Any], user: str | None) -> str | None:
+    hint = headers.get("x-session-affinity") or body.get("prompt_cache_key") or user
+    return hint if isinstance(hint, str) and hint else None
+
+
+class _OpenAI(WireAdapter):
+    """What the three endpoints share: the input field, and whether they generate."""
+
+    input_field: str
+    generates = True
+
+    def parse(self, raw: bytes, headers: Headers) -> ParsedRequest:
+        body = _read_body(raw)
+        model = _model(body)
+        self.check_input(body)
+        stream, wants_usage, user = _options(body, streamable=self.generates)
+        req = ParsedRequest(
+            self,
+            body,
+            model,
+            stream,
+            client_user=user,
+            client_wants_usage=wants_usage,
+            generates=self.generates,
+            choices=body.get("n") or 1,
+            session=_session(headers, body, user),
+        )
+        if self.generates:
+            req.output_fields = [
+                (name, body[name])
+                for name in ("max_tokens", "max_completion_tokens")
+                if body.get(name) is not None
+            ]
+            if req.output_fields:  # engines prefer max_completion_tokens where both are set
+                req.max_output_param, req.max_output = req.output_fields[-1]
+        return req
+
+    def check_input(self, body: dict[str, Any]) -> None:
+        if self.input_field not in body:
+            raise InvalidRequest(
+                f"'{self.input_field}' is a required property",
+                param=self.input_field,
+                code="missing",
+            )
+        _check_text_input(self.input_field, body[self.input_field])
+
+    def prompt(self, req: ParsedRequest) -> tuple[list[str], int]:
+        texts: list[str] = []
+        extra = _walk(req.body.get(self.input_field), texts)
+        return texts, extra
+
+    def set_output_ceiling(self, req: ParsedRequest, tokens: int) -> None:
+        req.body["max_tokens"] = req.max_output = tokens
+        req.max_output_param = "max_tokens"
+
+    def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
+        body = req.body
+        body["model"] = served_name
+        if req.stream:
+            # Always ask for usage, so every stream is metered; hidden again if not requested.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return orjson.dumps(body)
+
+    def answer(self, raw: bytes, alias: str) -> Answer:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the engine returned a body that is not JSON") from None
+        if not isinstance(obj, dict):
+            raise UpstreamError("the engine returned JSON that is not an object")
+        engine_model = obj.get("model")
+        if "model" in obj:
+            obj["model"] = alias
+        return Answer(orjson.dumps(obj), read_usage(obj.get("usage")), engine_model, obj)
+
+    def stream(self, req: ParsedRequest, alias: str, collect: bool) -> StreamTranslator:
+        return OpenAIStream(alias, req.client_wants_usage, collect)
+
+
+class ChatCompletions(_OpenAI):
+    name = "chat"
+    path = engine_path = "/v1/chat/completions"
+    serves = ("chat",)
+    input_field = "messages"
+
+    def parse(self, raw: bytes, headers: Headers) -> ParsedRequest:
+        req = super().parse(raw, headers)
+        req.messages = len(req.body["messages"])
+        return req
+
+    def check_input(self, body: dict[str, Any]) -> None:
+        if "messages" not in body:
+            raise InvalidRequest(
+                "'messages' is a required property", param="messages", code="missing"
+            )
+        _check_messages(body["messages"])
+
+    def prompt(self, req: ParsedRequest) -> tuple[list[str], int]:
+        texts: list[str] = []
+        extra = PER_CHAT_OVERHEAD
+        for msg in req.body["messages"]:
+            extra += PER_MESSAGE_OVERHEAD + _walk(msg.get("content"), texts)
+            if "tool_calls" in msg:
+                texts.append(str(msg["tool_calls"]))
+        if tools := req.body.get("tools"):
+            texts.append(str(tools))
+        return texts, extra
+
+
+class Completions(_OpenAI):
+    name = "completions"
+    path = engine_path = "/v1/completions"
+    serves = ("chat", "completion")
+    input_field = "prompt"
+
+
+class Embeddings(_OpenAI):
+    name = "embeddings"
+    path = engine_path = "/v1/embeddings"
+    serves = ("embedding",)
+    input_field = "input"
+    generates = False
+
+
+CHAT, COMPLETIONS, EMBEDDINGS = ChatCompletions(), Completions(), Embeddings()
+
+
+class OpenAIStream(StreamTranslator):
+    """Chunks pass as the engine sent them, with the alias for the served name and the usage
+    chunk Bastion asked for hidden from clients that did not ask."""
+
+    def __init__(self, alias: str, wants_usage: bool, collect: bool):
+        super().__init__(alias, wants_usage, collect)
+        #: The answer so far, per choice (only when collecting for the audit trail).
+        self.output: dict[Any, dict[str, Any]] = {}
+
+    def event(self, event: bytes) -> bytes | None:
+        if not event.startswith(b"data:"):
+            return event + b"\n\n"  # comments and other fields pass as they are
+        payload = event[5:].lstrip()
+        state = self.state
+        if payload == b"[DONE]":
+            state.done = True
+            return None  # sent once the answer is recorded (see `end`)
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event + b"\n\n"
+        if not isinstance(obj, dict):
+            return event + b"\n\n"
+        if "error" in obj:
+            err = obj["error"]
+            msg = err.get("message") if isinstance(err, dict) else str(err)
+            state.error = UpstreamError(f"engine error mid-stream: {msg}")
+        choices = obj.get("choices")
+        if choices:
+            state.output_chunk()
+            if self.collecting and isinstance(choices, list):
+                self.collect(choices)
+        if "usage" in obj:
+            usage = obj["usage"]
+            if usage is not None:
+                state.usage = read_usage(usage)
+            if not self.wants_usage:
+                if usage is not None and not choices:
+                    return None  # the usage-only chunk Bastion asked for on the client's behalf
+                del obj["usage"]
+        if "model" in obj:
+            state.engine_model = obj["model"]
+            obj["model"] = self.alias
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def end(self) -> bytes:
+        return DONE
+
+    def error(self, exc: BastionError) -> bytes:
+        return exc.sse()
+
+    def collect(self, choices: list[Any]) -> None:
+        out = self.output
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            acc = out.setdefault(ch.get("index", 0), {"parts": [], "tools": {}})
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(c := delta.get("content"), str):
+                    acc["parts"].append(c)
+                if isinstance(r := delta.get("role"), str):
+                    acc["role"] = r
+                for tc in delta.get("tool_calls") or ():
+                    _merge_tool_call(acc["tools"], tc)
+            elif isinstance(t := ch.get("text"), str):
+                acc["parts"].append(t)
+            if ch.get("finish_reason") is not None:
+                acc["finish_reason"] = ch["finish_reason"]
+
+    def assembled(self) -> list[dict[str, Any]]:
+        """The streamed answer put back together: text, tool calls, finish reason per choice."""
+        result = []
+        for index, acc in sorted(self.output.items(), key=_by_index):
+            choice: dict[str, Any] = {
+                "index": index,
+                "text": "".join(acc["parts"]),
+                "finish_reason": acc.get("finish_reason"),
+            }
+            if acc["tools"]:
+                choice["tool_calls"] = [
+                    {**tc, "function": {**tc["function"], "arguments": "".join(tc["args"])}}
+                    for _i, tc in sorted(acc["tools"].items(), key=_by_index)
+                ]
+                for tc in choice["tool_calls"]:
+                    del tc["args"]
+            result.append(choice)
+        return result
+
+
+def _by_index(item: tuple[Any, Any]) -> tuple[int, Any]:
+    """Engines send integer indexes; anything else sorts after them instead of failing."""
+    index = item[0]
+    return (0, index) if isinstance(index, int) else (1, str(index))
+
+
+def _merge_tool_call(tools: dict[int, dict[str, Any]], tc: Any) -> None:
+    if not isinstance(tc, dict):
+        return
+    acc = tools.setdefault(tc.get("index", 0), {"function": {}, "args": []})
+    for k in ("id", "type"):
+        if tc.get(k):
+            acc[k] = tc[k]
+    fn = tc.get("function")
+    if isinstance(fn, dict):
+        if fn.get("name"):
+            acc["function"]["name"] = fn["name"]
+        if isinstance(a := fn.get("arguments"), str):
+            acc["args"].append(a)
