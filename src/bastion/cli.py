@@ -127,12 +127,12 @@ def cmd_keys_limits(args: argparse.Namespace) -> int:
     from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
-    limits = _limit_flags(args)
     before = get_key(_db(settings), args.key_id)
     if before is None:
         return _fail(IdentityError(f"no key with id {args.key_id!r}"))
-    after = {"limits": limits.model_dump(exclude_none=True) or None}
     try:
+        limits = _limit_flags(args)
+        after = {"limits": limits.model_dump(exclude_none=True) or None}
         with _change(settings, "key.limits", team=before.team, before=before.public(), after=after):
             rec = set_key_limits(_db(settings), args.key_id, limits)
     except (IdentityError, ValueError, BastionError) as exc:

@@ -262,9 +262,10 @@ def test_cli_hold_blocks_shredding(gateway: Gateway) -> None:
     shredded = orjson.loads(gateway.cli("audit", "shred", "--team", "beta").stdout)
     assert shredded["team"] == "beta"
     actions = [e["action"] for e in _entries(_db_url(gateway), kind="admin")]
-    assert [a for a in actions if a.startswith("audit.")][-4:] == [
+    assert [a for a in actions if a.startswith("audit.")][-5:] == [
         "audit.hold",
         "audit.shred",
+        "audit.shred.failed",  # refused by the hold: recorded first, then its failure
         "audit.release",
         "audit.shred",
     ]

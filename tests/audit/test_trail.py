@@ -344,3 +344,52 @@ def test_redact_upstream_sends_the_redacted_prompt(stub: StubEngine, tmp_path: P
         key = create_key(c.app.state.db, team="t", known_models={"stub"})[1]  # type: ignore[attr-defined]
         assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
         assert stub.requests[-1]["messages"][0]["content"] == "card [CARD]"
+
+
+def test_admin_changes_are_recorded_before_they_are_made(env) -> None:  # type: ignore[no-untyped-def]
+    """One rule (core/changes.py): no record, no change (503) — except a revocation."""
+    from bastion.audit.wal import AuditLogError
+    from bastion.identity.keys import list_keys
+    from bastion.identity.teams import load_teams
+
+    c, _keys, _settings = env
+    db = c.app.state.db  # type: ignore[attr-defined]
+    erin = create_key(db, team="t", user="erin", known_models=set(), role="admin")[1]
+    made = c.post("/admin/keys", json={"team": "t", "user": "dave"}, headers=_auth(erin))
+    assert made.status_code == 201
+    trail = c.app.state.audit  # type: ignore[attr-defined]
+    trail.wal.broken = AuditLogError("disk gone")
+    try:
+        before = {k.id for k in list_keys(db)}
+        for path, body in [
+            ("/admin/keys", {"team": "t"}),
+            ("/admin/teams", {"name": "newteam", "cost_center": "cc"}),
+            ("/admin/cost-centers", {"name": "newcc"}),
+            ("/admin/audit/holds", {"team": "t", "reason": "case 7"}),
+        ]:
+            r = c.post(path, json=body, headers=_auth(erin))
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"]["code"] == "audit_unavailable"
+        assert {k.id for k in list_keys(db)} == before and "newteam" not in load_teams(db)
+        assert store.holds(db) == []
+        # A revocation is never held back by the trail.
+        r = c.post(f"/admin/keys/{made.json()['id']}/revoke", headers=_auth(erin))
+        assert r.status_code == 200 and r.json()["status"] == "revoked"
+    finally:
+        trail.wal.broken = None
+    # Who acted is the signed-in principal, not "admin-key"; a failed change is recorded too.
+    assert c.post("/admin/audit/holds", json={"team": "t", "reason": "case 8"}, headers=_auth(erin))
+    assert store.holds(db)[0]["placed_by"] == "erin"
+    bad = c.post("/admin/teams", json={"name": "x", "cost_center": "nope"}, headers=_auth(erin))
+    assert bad.status_code == 400
+    docs = [orjson.loads(r.doc) for r in entries(c, kind="admin")]
+    acts = [(d["action"], d["actor"]) for d in docs]
+    assert ("key.create", "erin") in acts and ("audit.hold", "erin") in acts
+    deadline = time.monotonic() + 5
+    while ("team.create.failed", "erin") not in acts and time.monotonic() < deadline:
+        time.sleep(0.1)
+        acts = [
+            (orjson.loads(r.doc)["action"], orjson.loads(r.doc)["actor"])
+            for r in entries(c, kind="admin")
+        ]
+    assert ("team.create", "erin") in acts and ("team.create.failed", "erin") in acts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import socket
@@ -38,6 +39,8 @@ from bastion.observability.metrics import Metrics
 
 log = logging.getLogger("bastion.audit")
 MASTER_KEY_ENV = "BASTION_AUDIT_MASTER_KEY"
+#: Contents larger than this are redacted and sealed in a worker thread, off the event loop.
+OFFLOAD_BYTES = 64 * 1024
 
 
 def load_master_key(settings: AuditSettings, create: bool = True) -> MasterKey:
@@ -118,7 +121,8 @@ class AuditTrail:
     async def start(self) -> None:
         a = self.settings
         head = await asyncio.to_thread(store.last_entry, self.db, self.replica)
-        self.wal = AuditLog(
+        self.wal = await asyncio.to_thread(
+            AuditLog,
             Path(a.wal_dir),
             self.replica,
             signing_key=self.signing_key,
@@ -173,12 +177,14 @@ class AuditTrail:
                 await asyncio.to_thread(self.keys.refresh)
             except Exception:
                 log.exception("refreshing audit data keys failed")
-            if self.shipper is not None:
-                self.shipper.ensure_running()
+            if self.shipper is not None:  # starting a process takes a while: not on the loop
+                await asyncio.to_thread(self.shipper.ensure_running)
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.wal is not None:
@@ -279,12 +285,23 @@ class AuditTrail:
         await self.wal.append({"kind": kind, "actor": actor, "action": action, **fields})  # type: ignore[union-attr]
 
     async def _seal(self, entry: dict[str, Any], payload: Any) -> Any:
-        """Seals the (redacted) payload into the entry; returns what was sealed."""
+        """Seals the (redacted) payload into the entry; returns what was sealed. Large bodies
+        are redacted and sealed in a worker thread, so the event loop never stalls on them."""
+        key = await self.keys.get(str(entry["team"]))
+        raw = orjson.dumps(payload)
+        if len(raw) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self._seal_with, key, entry, payload, raw)
+        return self._seal_with(key, entry, payload, raw)
+
+    def _seal_with(
+        self, key: store.DataKey, entry: dict[str, Any], payload: Any, raw: bytes
+    ) -> Any:
         counts: dict[str, int] = {}
         if self.settings.redact:
             payload, counts = self.redactor.json(payload)
-        key = await self.keys.get(str(entry["team"]))
-        sealed = seal(key.key, orjson.dumps(payload), seal_context(entry))
+            if counts:
+                raw = orjson.dumps(payload)
+        sealed = seal(key.key, raw, seal_context(entry))
         entry["content"] = base64.b64encode(sealed).decode()
         entry["content_sha256"] = content_digest(sealed)
         entry["content_key"] = key.id

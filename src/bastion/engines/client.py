@@ -137,7 +137,7 @@ class EngineClient:
             skip_auto_headers=("User-Agent",),
         )
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
 

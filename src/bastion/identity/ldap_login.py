@@ -11,6 +11,7 @@ no longer maps to the key's team, so leaving a group ends every access within th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -142,12 +143,14 @@ class DirectoryLogin:
         return mapping
 
     # -- keeping self-service keys in step with the directory --------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="bastion-key-sweep")
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
 
     async def _sweep_forever(self) -> None:
         while True:

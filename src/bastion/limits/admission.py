@@ -228,8 +228,6 @@ class Admission:
             ticket.backend.apply(items)
             return
         self._pending.extend(items)
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_forever())
         self._wake.set()
 
     async def _flush_forever(self) -> None:
@@ -249,7 +247,10 @@ class Admission:
             self.metrics.limits_backend_failures.inc()
             log.warning("could not settle limits for %d requests: %s", len(items), exc)
 
-    async def close(self) -> None:
+    async def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_forever(), name="bastion-limits-settle")
+
+    async def stop(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

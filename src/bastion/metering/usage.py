@@ -7,6 +7,7 @@ the process exits, and a failed write is retried rather than dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -79,8 +80,12 @@ class UsageWriter:
         self._thread = threading.Thread(target=self._run, name="bastion-usage-writer", daemon=True)
         self.written = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._thread.start()
+
+    async def stop(self) -> None:
+        """Drains every queued record into the database (in a worker thread, off the loop)."""
+        await asyncio.to_thread(self.close)
 
     def add(self, rec: UsageRecord) -> None:
         self._q.put_nowait(rec)

@@ -39,7 +39,7 @@ class HealthChecker:
             if ok:
                 dep.ejected_until = 0.0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="bastion-health")
 
     async def stop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from alembic import command
@@ -57,3 +58,17 @@ def open_database(url: str) -> Engine:
     engine = make_engine(url)
     upgrade(engine)
     return engine
+
+
+class Database:
+    """An opened database as a lifecycle component: its connections close when the gateway
+    stops (after every other component, which may still write)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.dispose)
