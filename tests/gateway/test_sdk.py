@@ -248,3 +248,23 @@ def test_postgres_store(make_gateway, chat_engine, embed_engine, pg_url: str) ->
     )
     out = gw.cli("usage", "--by", "team", "--format", "json").stdout
     assert '"beta"' in out
+
+
+def test_the_readme_example_runs_as_printed(gateway: Gateway) -> None:
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "hello.py"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENAI_BASE_URL": f"{gateway.url}/v1",
+        "OPENAI_API_KEY": gateway.create_key("alpha"),
+    }
+    out = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    text, vector = out.stdout.rstrip("\n").rsplit("\n", 1)
+    assert text.strip() and len(ast.literal_eval(vector)) == 4  # the reply, then 4 floats

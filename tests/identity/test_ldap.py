@@ -6,28 +6,27 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import replace
 from typing import Any
 
 import ldap
 import pytest
 
-from bastion.identity.ldap import (
-    DirectoryUnavailable,
-    DirectoryUser,
-    LdapConfig,
-    LdapDirectory,
-    LoginFailed,
-)
+from bastion.identity.ldap import DirectoryUnavailable, DirectoryUser, LdapDirectory, LoginFailed
+from bastion.identity.settings import LdapSettings
 
 from .slapd import EVE, PASSWORDS, Slapd, group_dn, user_dn
 
 ALICE_PW = PASSWORDS["alice"]
 
 
+def replace(cfg: LdapSettings, **changes: Any) -> LdapSettings:
+    """A changed copy, validated again as the config file would be."""
+    return LdapSettings.model_validate({**cfg.model_dump(), **changes})
+
+
 @pytest.fixture(scope="module")
-def cfg(slapd: Slapd) -> LdapConfig:
-    return LdapConfig(
+def cfg(slapd: Slapd) -> LdapSettings:
+    return LdapSettings(
         url=slapd.ldaps_url,
         ca_file=slapd.ca_file,
         bind_dn=slapd.service_dn,
@@ -37,11 +36,11 @@ def cfg(slapd: Slapd) -> LdapConfig:
     )
 
 
-def login(config: LdapConfig, username: str, password: str) -> DirectoryUser:
+def login(config: LdapSettings, username: str, password: str) -> DirectoryUser:
     return asyncio.run(LdapDirectory(config).authenticate(username, password))
 
 
-def groups_of(config: LdapConfig, username: str) -> DirectoryUser | None:
+def groups_of(config: LdapSettings, username: str) -> DirectoryUser | None:
     return asyncio.run(LdapDirectory(config).groups_of(username))
 
 
@@ -52,7 +51,7 @@ def closed_port() -> int:
 
 
 # -- happy paths ----------------------------------------------------------------------------------
-def test_alice_over_ldaps_gets_direct_and_nested_groups(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_alice_over_ldaps_gets_direct_and_nested_groups(cfg: LdapSettings, slapd: Slapd) -> None:
     user = login(cfg, "alice", ALICE_PW)
     assert user == DirectoryUser(
         username="alice",
@@ -63,22 +62,22 @@ def test_alice_over_ldaps_gets_direct_and_nested_groups(cfg: LdapConfig, slapd: 
     )
 
 
-def test_alice_over_starttls(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_alice_over_starttls(cfg: LdapSettings, slapd: Slapd) -> None:
     starttls = replace(cfg, url=slapd.ldap_url, start_tls=True)
     assert login(starttls, "alice", ALICE_PW).groups == ("all-engineering", "payments-devs")
     assert login(starttls, "bob", PASSWORDS["bob"]).groups == ("risk-analysts",)
 
 
-def test_username_comes_back_as_the_directory_spells_it(cfg: LdapConfig) -> None:
+def test_username_comes_back_as_the_directory_spells_it(cfg: LdapSettings) -> None:
     assert login(cfg, "ALICE", ALICE_PW).username == "alice"
 
 
-def test_nesting_none_reads_direct_groups_only(cfg: LdapConfig) -> None:
+def test_nesting_none_reads_direct_groups_only(cfg: LdapSettings) -> None:
     assert login(replace(cfg, nested_groups="none"), "alice", ALICE_PW).groups == ("payments-devs",)
     assert login(replace(cfg, max_nesting=0), "alice", ALICE_PW).groups == ("payments-devs",)
 
 
-def test_group_cycle_terminates(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_group_cycle_terminates(cfg: LdapSettings, slapd: Slapd) -> None:
     slapd.add_member("payments-devs", group_dn("all-engineering"))
     try:
         assert login(cfg, "alice", ALICE_PW).groups == ("all-engineering", "payments-devs")
@@ -86,7 +85,7 @@ def test_group_cycle_terminates(cfg: LdapConfig, slapd: Slapd) -> None:
         slapd.remove_member("payments-devs", group_dn("all-engineering"))
 
 
-def test_concurrent_logins_share_nothing(cfg: LdapConfig) -> None:
+def test_concurrent_logins_share_nothing(cfg: LdapSettings) -> None:
     directory = LdapDirectory(cfg)
 
     async def one(uid: str, password: str) -> str:
@@ -108,14 +107,14 @@ def test_concurrent_logins_share_nothing(cfg: LdapConfig) -> None:
     [("alice", "wrong"), ("alice", ALICE_PW + " "), ("nobody", ALICE_PW), ("", ALICE_PW)],
 )
 def test_bad_credentials_fail_with_one_message(
-    cfg: LdapConfig, username: str, password: str
+    cfg: LdapSettings, username: str, password: str
 ) -> None:
     with pytest.raises(LoginFailed) as err:
         login(cfg, username, password)
     assert str(err.value) == err.value.reason == "invalid username or password"
 
 
-def test_empty_password_is_refused_before_any_bind(cfg: LdapConfig) -> None:
+def test_empty_password_is_refused_before_any_bind(cfg: LdapSettings) -> None:
     with pytest.raises(LoginFailed):
         login(cfg, "alice", "")
     # nothing listens there: had it tried the network, this would be DirectoryUnavailable
@@ -126,7 +125,7 @@ def test_empty_password_is_refused_before_any_bind(cfg: LdapConfig) -> None:
 
 @pytest.mark.parametrize("username", ["*", "ali*", "alice)(|(uid=*", "*)(uid=*", "alice\x00"])
 def test_filter_metacharacters_cannot_match_another_user(
-    cfg: LdapConfig, slapd: Slapd, username: str
+    cfg: LdapSettings, slapd: Slapd, username: str
 ) -> None:
     with pytest.raises(LoginFailed):
         login(cfg, username, ALICE_PW)
@@ -143,13 +142,13 @@ def test_unescaped_wildcard_would_have_matched_alice(slapd: Slapd) -> None:
     assert [dn for dn, _ in found] == [user_dn("alice")]
 
 
-def test_user_whose_uid_is_made_of_metacharacters_logs_in(cfg: LdapConfig) -> None:
+def test_user_whose_uid_is_made_of_metacharacters_logs_in(cfg: LdapSettings) -> None:
     user = login(cfg, EVE, PASSWORDS[EVE])
     assert user.username == EVE
     assert user.groups == ("bastion-auditors",)  # their DN was escaped in the group filter
 
 
-def test_two_matching_entries_is_a_failure(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_two_matching_entries_is_a_failure(cfg: LdapSettings, slapd: Slapd) -> None:
     dns = [slapd.add_user("frank", "frank-Pa55!", ou) for ou in ("people", "contractors")]
     try:
         with pytest.raises(LoginFailed):
@@ -163,7 +162,7 @@ def test_two_matching_entries_is_a_failure(cfg: LdapConfig, slapd: Slapd) -> Non
 
 
 # -- TLS and reachability -------------------------------------------------------------------------
-def test_untrusted_certificate_is_refused(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_untrusted_certificate_is_refused(cfg: LdapSettings, slapd: Slapd) -> None:
     for bad in (
         replace(cfg, ca_file=slapd.other_ca_file),
         replace(cfg, ca_file=None),  # the system store doesn't know the test CA
@@ -176,25 +175,25 @@ def test_untrusted_certificate_is_refused(cfg: LdapConfig, slapd: Slapd) -> None
             groups_of(bad, "alice")
 
 
-def test_certificate_for_another_host_is_refused(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_certificate_for_another_host_is_refused(cfg: LdapSettings, slapd: Slapd) -> None:
     # The certificate names IP 127.0.0.1 only; "localhost" reaches the same slapd.
     with pytest.raises(DirectoryUnavailable):
         login(replace(cfg, url=f"ldaps://localhost:{slapd.ldaps_port}"), "alice", ALICE_PW)
 
 
-def test_verification_off_must_be_explicit_and_works(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_verification_off_must_be_explicit_and_works(cfg: LdapSettings, slapd: Slapd) -> None:
     unverified = replace(cfg, ca_file=slapd.other_ca_file, verify_tls=False)
     assert login(unverified, "alice", ALICE_PW).username == "alice"
 
 
-def test_plain_ldap_is_refused_unless_allowed(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_plain_ldap_is_refused_unless_allowed(cfg: LdapSettings, slapd: Slapd) -> None:
     with pytest.raises(ValueError, match="allow_insecure"):
         replace(cfg, url=slapd.ldap_url)
     insecure = replace(cfg, url=slapd.ldap_url, allow_insecure=True)
     assert login(insecure, "alice", ALICE_PW).username == "alice"
 
 
-def test_config_is_validated(cfg: LdapConfig) -> None:
+def test_config_is_validated(cfg: LdapSettings) -> None:
     with pytest.raises(ValueError, match="ldaps:// is TLS"):
         replace(cfg, start_tls=True)
     with pytest.raises(ValueError, match="must be ldap://host"):
@@ -206,13 +205,13 @@ def test_config_is_validated(cfg: LdapConfig) -> None:
     assert cfg.bind_password not in repr(cfg)
 
 
-def test_unreachable_server_is_unavailable(cfg: LdapConfig) -> None:
+def test_unreachable_server_is_unavailable(cfg: LdapSettings) -> None:
     nowhere = replace(cfg, url=f"ldaps://127.0.0.1:{closed_port()}")
     with pytest.raises(DirectoryUnavailable):
         login(nowhere, "alice", ALICE_PW)
 
 
-def test_silent_server_times_out(cfg: LdapConfig) -> None:
+def test_silent_server_times_out(cfg: LdapSettings) -> None:
     with socket.socket() as silent:  # accepts TCP (backlog) but never answers TLS
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -223,13 +222,13 @@ def test_silent_server_times_out(cfg: LdapConfig) -> None:
         assert time.monotonic() - started < 5
 
 
-def test_rejected_service_account_is_unavailable(cfg: LdapConfig) -> None:
+def test_rejected_service_account_is_unavailable(cfg: LdapSettings) -> None:
     with pytest.raises(DirectoryUnavailable, match="service account"):
         login(replace(cfg, bind_password="wrong"), "alice", ALICE_PW)
 
 
 # -- membership changes ---------------------------------------------------------------------------
-def test_removed_membership_shows_in_groups_of(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_removed_membership_shows_in_groups_of(cfg: LdapSettings, slapd: Slapd) -> None:
     before = groups_of(cfg, "alice")
     assert before is not None
     assert before.groups == ("all-engineering", "payments-devs")
@@ -242,7 +241,7 @@ def test_removed_membership_shows_in_groups_of(cfg: LdapConfig, slapd: Slapd) ->
         slapd.add_member("payments-devs", user_dn("alice"))
 
 
-def test_deleted_user_is_gone(cfg: LdapConfig, slapd: Slapd) -> None:
+def test_deleted_user_is_gone(cfg: LdapSettings, slapd: Slapd) -> None:
     dn = slapd.add_user("mallory", "mallory-Pa55!")
     slapd.add_member("bastion-auditors", dn)
     try:
@@ -259,7 +258,7 @@ def test_deleted_user_is_gone(cfg: LdapConfig, slapd: Slapd) -> None:
 
 # -- logging --------------------------------------------------------------------------------------
 def test_passwords_are_never_logged(
-    cfg: LdapConfig, slapd: Slapd, caplog: pytest.LogCaptureFixture
+    cfg: LdapSettings, slapd: Slapd, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     login(cfg, "alice", ALICE_PW)
@@ -298,7 +297,7 @@ class _FakeAd:
 
 
 def test_in_chain_sends_one_matching_rule_filter(
-    cfg: LdapConfig, monkeypatch: pytest.MonkeyPatch
+    cfg: LdapSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_FakeAd, "filters", [])
     monkeypatch.setattr(ldap, "initialize", lambda _url: _FakeAd())

@@ -25,13 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from bastion.identity.oidc import (
-    Identity,
-    InvalidToken,
-    IssuerSettings,
-    OidcValidator,
-    looks_like_jwt,
-)
+from bastion.identity.oidc import Identity, InvalidToken, OidcValidator, looks_like_jwt
+from bastion.identity.settings import OidcIssuer
 from tests.conftest import OIDC_USERS as USERS
 from tests.identity.oidc_provider import DEFAULT_RESOURCE, OidcProvider
 
@@ -82,8 +77,8 @@ class Airgap:
         key = self.keys.get(kid or "", self.keys["airgap-1"])  # unknown kid: signed with ours
         return jwt.encode(payload, key, algorithm="RS256", headers=headers)
 
-    def settings(self) -> IssuerSettings:
-        return IssuerSettings(issuer=AIRGAP, audience=AIRGAP_AUD, jwks_file=str(self.jwks_file))
+    def settings(self) -> OidcIssuer:
+        return OidcIssuer(issuer=AIRGAP, audience=AIRGAP_AUD, jwks_file=str(self.jwks_file))
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +91,13 @@ def airgap(tmp_path: Path) -> Airgap:
     return Airgap(tmp_path)
 
 
-def settings_for(op: OidcProvider, **overrides: Any) -> IssuerSettings:
+def settings_for(op: OidcProvider, **overrides: Any) -> OidcIssuer:
     values: dict[str, Any] = {
         "issuer": op.issuer,
         "audience": DEFAULT_RESOURCE,
         "user_claim": "preferred_username",
     }
-    return IssuerSettings(**{**values, **overrides})
+    return OidcIssuer(**{**values, **overrides})
 
 
 @pytest.fixture
@@ -361,7 +356,7 @@ def test_unsafe_configurations_are_refused(
     algorithms: tuple[str, ...], extra: dict[str, Any]
 ) -> None:
     with pytest.raises(ValueError):
-        IssuerSettings(issuer=AIRGAP, audience="a", algorithms=algorithms, **extra)
+        OidcIssuer(issuer=AIRGAP, audience="a", algorithms=algorithms, **extra)
 
 
 def test_issuer_configured_twice_is_refused(airgap: Airgap) -> None:

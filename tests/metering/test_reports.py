@@ -60,7 +60,7 @@ def test_writer_and_summaries(db_url: str) -> None:
     with engine.begin() as conn:
         conn.execute(usage.delete())
     writer = UsageWriter(engine, flush_seconds=0.05)
-    writer.start()
+    writer.open()
     now = datetime.now(UTC)
     for r in _records(now):
         writer.add(r)
@@ -94,7 +94,7 @@ def test_usage_cli(tmp_path: Path) -> None:
     engine = make_engine(url)
     upgrade(engine)
     writer = UsageWriter(engine, 0.05)
-    writer.start()
+    writer.open()
     for r in _records(datetime.now(UTC)):
         writer.add(r)
     writer.close()

@@ -2,9 +2,12 @@
 
     authenticate → read body → parse → authorize → cap → admit → audit → route → relay → record
 
-Every request, whatever happens to it, leaves exactly one usage record, one metrics sample and
-its audit entries: the request entry durable before anything is forwarded, and a completion
-(or, for a request refused before that, a rejection) entry when it ends.
+The path is the same for every wire API: the endpoint's adapter (`gateway/wire/`) parses the
+body into the canonical request the stages read (`core/request.py`), builds what the engine
+receives and translates its answer back. Every request, whatever happens to it, leaves exactly
+one usage record, one metrics sample and its audit entries: the request entry durable before
+anything is forwarded, and a completion (or, for a request refused before that, a rejection)
+entry when it ends.
 """
 
 from __future__ import annotations

@@ -22,18 +22,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import ldap
 import ldap.filter
 
+from bastion.identity.settings import LdapSettings
+
 log = logging.getLogger("bastion.identity.ldap")
 _escape = ldap.filter.escape_filter_chars  # RFC 4515: backslash, *, (, ) and NUL
 T = TypeVar("T")
 Entry = tuple[str, dict[str, list[bytes]]]
-IN_CHAIN_FILTER = "(member:1.2.840.113556.1.4.1941:={user_dn})"
 _BATCH = 32  # member DNs per OR-filter when walking nested groups
 _USER_BIND_REFUSED = (ldap.INVALID_CREDENTIALS, ldap.UNWILLING_TO_PERFORM, ldap.INAPPROPRIATE_AUTH)
 
@@ -55,54 +56,6 @@ class DirectoryUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class LdapConfig:
-    """Where and how to ask the directory. `{username}`/`{user_dn}` are filled in escaped."""
-
-    url: str
-    bind_dn: str
-    bind_password: str = field(repr=False)
-    user_base: str
-    group_base: str
-    start_tls: bool = False
-    ca_file: str | None = None  # None: libldap's trust store (ldap.conf TLS_CACERT / system)
-    verify_tls: bool = True
-    allow_insecure: bool = False
-    user_filter: str = "(uid={username})"  # AD: "(sAMAccountName={username})"
-    username_attribute: str = "uid"  # AD: "sAMAccountName"; the directory's spelling wins
-    group_filter: str = "(member={user_dn})"
-    group_name_attribute: str = "cn"
-    nested_groups: Literal["none", "recursive", "in_chain"] = "recursive"
-    in_chain_filter: str = IN_CHAIN_FILTER
-    max_nesting: int = 8
-    timeout_seconds: float = 5  # per network step; a whole call gets 3 times this
-    max_concurrent: int = 16  # threads talking to the directory at once
-    display_name_attributes: tuple[str, ...] = ("displayName", "cn")
-    email_attribute: str = "mail"
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.scheme.lower() not in ("ldap", "ldaps") or not parts.hostname:
-            raise ValueError(f"LDAP url must be ldap://host or ldaps://host, not {self.url!r}")
-        if self.start_tls and parts.scheme.lower() == "ldaps":
-            raise ValueError("start_tls is for ldap:// urls; ldaps:// is TLS already")
-        if not self.tls and not self.allow_insecure:
-            raise ValueError("plain ldap:// sends passwords in clear: set allow_insecure to allow")
-        if "{username}" not in self.user_filter:
-            raise ValueError("user_filter must contain {username}")
-        for name in ("group_filter", "in_chain_filter"):
-            if "{user_dn}" not in getattr(self, name):
-                raise ValueError(f"{name} must contain {{user_dn}}")
-        if self.nested_groups not in ("none", "recursive", "in_chain"):
-            raise ValueError(f"unknown nested_groups strategy {self.nested_groups!r}")
-        if self.max_nesting < 0 or self.timeout_seconds <= 0 or self.max_concurrent < 1:
-            raise ValueError("need max_nesting >= 0, timeout_seconds > 0, max_concurrent >= 1")
-
-    @property
-    def tls(self) -> bool:
-        return self.start_tls or self.url.lower().startswith("ldaps://")
-
-
-@dataclass(frozen=True, slots=True)
 class DirectoryUser:
     """Who logged in, and the names of every group they are in (nesting resolved), sorted."""
 
@@ -116,7 +69,7 @@ class DirectoryUser:
 class LdapDirectory:
     """Search-then-bind login and group lookups against one LDAP/AD server."""
 
-    def __init__(self, config: LdapConfig) -> None:
+    def __init__(self, config: LdapSettings) -> None:
         self.config = config
         self._slots = threading.BoundedSemaphore(config.max_concurrent)
         if not config.tls:

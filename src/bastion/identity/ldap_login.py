@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from bastion.core.changes import Trail, recorded_change
 from bastion.core.errors import AuthenticationFailed, DirectoryDown, RateLimited
 from bastion.identity.keys import revoke_key, self_service_keys, self_service_owners
-from bastion.identity.ldap import DirectoryUnavailable, LdapConfig, LdapDirectory, LoginFailed
+from bastion.identity.ldap import DirectoryUnavailable, LdapDirectory, LoginFailed
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
 from bastion.identity.sessions import Sessions
@@ -77,7 +77,8 @@ class LoginThrottle:
 class DirectoryLogin:
     def __init__(self, identity: IdentitySettings, db: Engine, trail: Trail | None = None):
         assert identity.ldap is not None
-        self.directory = LdapDirectory(LdapConfig(**identity.ldap.model_dump()))
+        assert identity.ldap is not None, "directory sign-in needs identity.ldap"
+        self.directory = LdapDirectory(identity.ldap)
         self.sessions = Sessions(identity)
         self.mappings = identity.group_mappings
         self.period = identity.group_cache_seconds

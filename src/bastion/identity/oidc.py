@@ -29,13 +29,13 @@ from typing import Any
 import aiohttp
 import jwt
 from jwt import PyJWK
-from jwt.algorithms import get_default_algorithms
+
+from bastion.identity.settings import KTY_BY_PREFIX, OidcIssuer
 
 log = logging.getLogger("bastion.identity.oidc")
 _Json = dict[str, Any]
 
 _JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_KTY_BY_PREFIX = {"HS": "oct", "RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 
 class InvalidToken(Exception):
@@ -44,39 +44,6 @@ class InvalidToken(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class IssuerSettings:
-    """One trusted IdP. Keys come from `jwks_file`, else `jwks_url`, else OIDC discovery."""
-
-    issuer: str
-    audience: str
-    algorithms: tuple[str, ...] = ("RS256",)
-    jwks_url: str | None = None
-    jwks_file: str | None = None
-    user_claim: str = "sub"
-    email_claim: str = "email"
-    groups_claim: str = "groups"
-    leeway_seconds: int = 30
-
-    def __post_init__(self) -> None:
-        algs = tuple(self.algorithms)
-        object.__setattr__(self, "algorithms", algs)
-        hmac, known = {a.startswith("HS") for a in algs}, get_default_algorithms()
-        checks = [
-            (bool(self.issuer and self.audience), "needs both `issuer` and `audience`"),
-            (bool(algs), "`algorithms` must not be empty"),
-            (all(a.lower() != "none" for a in algs), "algorithm 'none' is never allowed"),
-            (all(a in known and a[:2] in _KTY_BY_PREFIX for a in algs), f"unsupported: {algs}"),
-            (len(hmac) < 2, "do not mix HS* with asymmetric algorithms"),
-            (hmac != {True} or bool(self.jwks_file), "HS* keys are secrets: only from `jwks_file`"),
-            (not (self.jwks_url and self.jwks_file), "set `jwks_url` or `jwks_file`, not both"),
-            (self.leeway_seconds >= 0, "`leeway_seconds` must be >= 0"),
-        ]
-        for ok, problem in checks:
-            if not ok:
-                raise ValueError(f"OIDC issuer {self.issuer!r}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -134,7 +101,7 @@ def _parse_jwks(document: Any) -> list[_Key]:
 class _IssuerKeys:
     """The cached signing keys of one issuer, refetched on unknown `kid` at a bounded rate."""
 
-    def __init__(self, settings: IssuerSettings, validator: OidcValidator) -> None:
+    def __init__(self, settings: OidcIssuer, validator: OidcValidator) -> None:
         self.settings = settings
         self.jwks_fetches = 0
         self._validator = validator
@@ -158,7 +125,7 @@ class _IssuerKeys:
             found = self._find(kid)
         if found is None:
             raise InvalidToken("unknown signing key" if self._keys else "signing keys unavailable")
-        if found.kty != _KTY_BY_PREFIX[alg[:2]] or found.alg not in (None, alg):
+        if found.kty != KTY_BY_PREFIX[alg[:2]] or found.alg not in (None, alg):
             raise InvalidToken("signing key does not match the algorithm")
         return found.key
 
@@ -217,7 +184,7 @@ class OidcValidator:
 
     def __init__(
         self,
-        issuers: Iterable[IssuerSettings],
+        issuers: Iterable[OidcIssuer],
         *,
         session: aiohttp.ClientSession | None = None,
         min_refetch_seconds: float = 30.0,

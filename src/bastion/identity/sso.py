@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from bastion.core.errors import AuthenticationFailed, PermissionDenied
-from bastion.identity.oidc import InvalidToken, IssuerSettings, OidcValidator
+from bastion.identity.oidc import InvalidToken, OidcValidator
 from bastion.identity.principal import Principal
 from bastion.identity.settings import GroupMapping, IdentitySettings
 from bastion.identity.teams import Team
@@ -19,7 +19,7 @@ from bastion.identity.teams import Team
 
 class SsoAuthenticator:
     def __init__(self, settings: IdentitySettings):
-        self.validator = OidcValidator([IssuerSettings(**i.model_dump()) for i in settings.oidc])
+        self.validator = OidcValidator(settings.oidc)
         self.mappings = settings.group_mappings
 
     async def authenticate(self, token: str, teams: dict[str, Team]) -> Principal:

@@ -80,8 +80,12 @@ class UsageWriter:
         self._thread = threading.Thread(target=self._run, name="bastion-usage-writer", daemon=True)
         self.written = 0
 
-    async def start(self) -> None:
+    def open(self) -> None:
+        """Starts the writer thread (synchronous callers: the lifecycle uses `start`)."""
         self._thread.start()
+
+    async def start(self) -> None:
+        self.open()
 
     async def stop(self) -> None:
         """Drains every queued record into the database (in a worker thread, off the loop)."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("bastion.store")
 
 
 def make_engine(url: str) -> Engine:
@@ -35,6 +37,8 @@ def make_engine(url: str) -> Engine:
 
 
 def alembic_config(url: str) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -42,14 +46,26 @@ def alembic_config(url: str) -> AlembicConfig:
 
 
 def upgrade(engine: Engine) -> bool:
-    """Brings the schema to the newest revision; False (and not a word logged) if it was."""
+    """Brings the schema to the newest revision; False (and not a word logged) if it was.
+    A change is logged as one line; Alembic's own INFO chatter is kept out of every command."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # before it is imported: it logs then
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     heads = set(ScriptDirectory.from_config(cfg).get_heads())
     with engine.begin() as conn:
-        if set(MigrationContext.configure(conn).get_current_heads()) == heads:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+        if current == heads:
             return False
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    log.info(
+        "database schema upgraded from %s to %s",
+        ", ".join(sorted(current)) or "empty",
+        ", ".join(sorted(heads)),
+    )
     return True
 
 
