@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,36 @@ def test_reference_order_does_not_depend_on_import_order() -> None:
         [sys.executable, "-c", first + code], capture_output=True, text=True, check=True
     )
     assert out.stdout == render_config_reference()
+
+
+def test_show_masks_every_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from bastion.cli import main
+
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"url": "postgresql+psycopg://app:db-pw-1@db.bank/bastion"},
+                "limits": {"redis_url": "redis://:redis-pw-2@cache:6379/0"},
+                "models": {"m": {"deployments": [{**DEP, "api_key": "engine-key-3"}]}},
+            }
+        )
+    )
+    monkeypatch.setenv("BASTION_ADMIN_KEY", "admin-key-4-0123456789")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["config", "show", "--config", str(cfg), "--format", "json"]) == 0
+    text = out.getvalue()
+    for secret in ("db-pw-1", "redis-pw-2", "engine-key-3", "admin-key-4"):
+        assert secret not in text
+    shown = json.loads(text)
+    assert shown["database"]["url"] == "postgresql+psycopg://app:***@db.bank/bastion"
+    assert shown["limits"]["redis_url"] == "redis://:***@cache:6379/0"
+    assert shown["admin"]["key"] == "***" and shown["server"]["port"] == 8080
+    assert shown["models"]["m"]["deployments"][0]["api_key"] == "***"
+    assert "**Secret:**" in render_config_reference()

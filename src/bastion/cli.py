@@ -268,6 +268,19 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from bastion.config import redacted
+
+    shown = redacted(_settings(args))
+    if args.format == "json":
+        _print_json(shown)
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(shown, sort_keys=False, allow_unicode=True))
+    return 0
+
+
 def cmd_config_docs(args: argparse.Namespace) -> int:
     from bastion.configdocs import render_config_reference
 
@@ -384,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = cfg.add_parser("check", parents=[common], help="validate the config file")
     s.set_defaults(func=cmd_config_check)
+    s = cfg.add_parser(
+        "show", parents=[common], help="print the effective settings, secrets masked"
+    )
+    s.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    s.set_defaults(func=cmd_config_show)
     s = cfg.add_parser("docs", help="print the config reference (Markdown)")
     s.set_defaults(func=cmd_config_docs)
     return p

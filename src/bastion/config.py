@@ -19,13 +19,21 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
-from bastion.core.settings import Strict, sections
+from bastion.core.settings import Strict, is_secret, sections
 
-__all__ = ["ConfigError", "Settings", "load_settings", "parse_settings", "settings_model"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_settings",
+    "redacted",
+    "settings_model",
+]
 
 DEFAULT_CONFIG_PATHS = ("bastion.yaml", "/etc/bastion/bastion.yaml")
 ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -82,6 +90,36 @@ def settings_model() -> type[Settings]:
         for sec in ordered
     }
     return create_model("Settings", __base__=Settings, **fields)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings, as `bastion config show` prints them: secrets masked."""
+    return _redact(settings)  # type: ignore[no-any-return]
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, field in type(value).model_fields.items():
+            v = getattr(value, name)
+            out[name] = _mask(v) if is_secret(field) and v is not None else _redact(v)
+        return out
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _mask(value: Any) -> str:
+    """`***` for a secret; a URL keeps everything but its password."""
+    parts = urlsplit(str(value))
+    if not parts.scheme or "@" not in parts.netloc:
+        return "***" if "://" not in str(value) else str(value)
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    netloc = f"{name}:***@{host}" if ":" in user else parts.netloc
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

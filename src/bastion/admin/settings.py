@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from bastion.core.settings import Strict, section
+from bastion.core.settings import SECRET, Strict, section
 
 
 class AdminSettings(Strict):
     key: str | None = Field(
         None,
+        json_schema_extra=SECRET,
         min_length=16,
         description="Bearer key for the /admin API (at least 16 characters). "
         "Env override: BASTION_ADMIN_KEY. Without it the admin API answers 401 to everyone.",

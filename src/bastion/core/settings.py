@@ -22,6 +22,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: Marks a field whose value is a secret (`Field(..., json_schema_extra=SECRET)`): never shown
+#: by `bastion config show`, and flagged in the config reference. A URL keeps all but its
+#: password.
+SECRET: dict[str, Any] = {"secret": True}
+
+
+def is_secret(field: Any) -> bool:
+    extra = getattr(field, "json_schema_extra", None)
+    return isinstance(extra, dict) and extra.get("secret") is True
+
+
 class LimitSettings(Strict):
     """Limits at one level (key, user, team, cost center, model, team x model); unset = none."""
 

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from bastion.core.settings import Strict
+from bastion.core.settings import SECRET, Strict
 
 
 class DeploymentSettings(Strict):
@@ -17,7 +17,9 @@ class DeploymentSettings(Strict):
     url: str = Field(description="Base URL of the engine, e.g. http://10.0.0.5:8000 (no /v1).")
     served_name: str = Field(description="Model name the engine serves (its `model` field).")
     weight: float = Field(1.0, gt=0, description="Relative share of traffic.")
-    api_key: str | None = Field(None, description="Bearer key the engine expects, if any.")
+    api_key: str | None = Field(
+        None, json_schema_extra=SECRET, description="Bearer key the engine expects, if any."
+    )
     connect_timeout: float = Field(2.0, gt=0, description="Seconds to open a connection.")
     first_byte_timeout: float = Field(
         120.0, gt=0, description="Seconds to wait for the engine's response headers."

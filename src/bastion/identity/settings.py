@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, model_validator
 
-from bastion.core.settings import NAME, LimitSettings, Strict, section
+from bastion.core.settings import NAME, SECRET, LimitSettings, Strict, section
 from bastion.identity.roles import ROLE_HELP, Role
 
 #: JWK key types by algorithm prefix: an issuer may only pin algorithms Bastion can verify.
@@ -65,7 +65,9 @@ class LdapSettings(Strict):
 
     url: str = Field(description="ldaps://host[:port] (or ldap:// with `start_tls: true`).")
     bind_dn: str = Field(description="Service account that searches the directory.")
-    bind_password: str = Field(repr=False, description="Its password (use `${ENV_VAR}`).")
+    bind_password: str = Field(
+        repr=False, json_schema_extra=SECRET, description="Its password (use `${ENV_VAR}`)."
+    )
     user_base: str = Field(description="Where users are searched.")
     group_base: str = Field(description="Where groups are searched.")
     start_tls: bool = Field(False, description="Upgrade ldap:// with StartTLS.")

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from bastion.core.settings import LimitSettings, Strict, section
+from bastion.core.settings import SECRET, LimitSettings, Strict, section
 
 
 class LimitDefaults(Strict):
@@ -33,7 +33,9 @@ class LimitsSettings(Strict):
         "(exact across replicas).",
     )
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis for `backend: redis` (`${ENV}` allowed)."
+        "redis://127.0.0.1:6379/0",
+        json_schema_extra=SECRET,
+        description="Redis for `backend: redis` (`${ENV}` allowed).",
     )
     on_backend_failure: Literal["closed", "local"] = Field(
         "closed",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from bastion.core.settings import Strict, section
+from bastion.core.settings import SECRET, Strict, section
 
 
 class DatabaseSettings(Strict):
     url: str = Field(
         "sqlite:///var/bastion.db",
+        json_schema_extra=SECRET,
         description="SQLAlchemy URL: `sqlite:///relative.db`, `sqlite:////abs.db` or "
         "`postgresql+psycopg://user@host/db`. Env override: BASTION_DATABASE_URL.",
     )
