@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import types
 import typing
 
 from pydantic import BaseModel
@@ -39,7 +40,11 @@ def _type_name(tp: object) -> str:
 
 
 def _nested(tp: object) -> tuple[str, type[BaseModel]] | None:
-    """(suffix, model) when a field holds a settings model, a list of them, or a map of them."""
+    """(suffix, model) when a field holds a settings model, a list of them, or a map of them;
+    an optional one (`X | None`) is documented like X."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return "", tp
     origin, args = typing.get_origin(tp), typing.get_args(tp)
