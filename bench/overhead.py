@@ -14,8 +14,9 @@ One run starts (see ``bench/stub.py`` and ``bench/targets.py``):
 Each target is checked with one request (status and body), warmed up, and then, for each
 concurrency N in turn against every target: ``wrk -t1 -cN -dD -s post.lua --latency URL`` with
 the same ~250-byte chat request. The table shows req/s, p50, p99, added p50 (target p50 -
-direct p50 at the same N), the req/s ratio to direct and, with a baseline, this tree's req/s
-over the baseline's.
+direct p50 at the same N), the req/s ratio to direct, the CPU time the target's server
+process(es) used per request during the run (cpu/req) and, with a baseline, this tree's req/s
+and cpu/req over the baseline's.
 
 Standard library only; from the repository root:
 
@@ -36,7 +37,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.report import Point, Report, fmt_ms, render_table, save_json
+from bench.report import Point, Report, fmt_ms, fmt_us, render_table, save_json
 from bench.stub import (
     CHAT_PATH,
     CONTENT,
@@ -48,6 +49,7 @@ from bench.stub import (
     Target,
     http,
     request_body,
+    session_cpu_s,
     signals_raise,
     start_nginx_proxy,
     start_stub,
@@ -373,12 +375,17 @@ def measure(
     """Fill in ``point`` from one wrk run; a failed point raises unless --keep-going."""
     name, conc = point.target, point.concurrency
     try:
+        cpu0 = session_cpu_s(t.pid) if t.pid else 0.0
         point.raw = run_wrk(procs, work, point.url, script, conc, args.duration, args.wrk_timeout)
+        if t.pid:
+            point.cpu_s = session_cpu_s(t.pid) - cpu0
         point.stats = parse_wrk(point.raw)
     except (BenchError, ValueError) as exc:
         point.error = str(exc)
     else:
         s = point.stats
+        if point.cpu_s is not None and s.requests:
+            point.cpu_us_per_req = point.cpu_s / s.requests * 1e6
         if s.requests == 0:
             point.error = "wrk completed no requests"
         elif s.errors:
@@ -388,11 +395,11 @@ def measure(
             )
     if args.verbose:
         print(point.raw, flush=True)
-    status = (
-        f"{point.stats.requests_per_sec:,.0f} req/s  p50 {fmt_ms(point.stats.p50_ms)}"
-        if point.stats
-        else "no result"
-    )
+    status = "no result"
+    if point.stats:
+        status = f"{point.stats.requests_per_sec:,.0f} req/s  p50 {fmt_ms(point.stats.p50_ms)}"
+    if point.cpu_us_per_req is not None:
+        status += f"  cpu/req {fmt_us(point.cpu_us_per_req)}"
     print(f"# {name:<14} c={conc:<3} {status}", flush=True)
     if point.error:
         detail = point.error

@@ -25,6 +25,10 @@ class Point:
     stats: WrkStats | None = None
     error: str | None = None
     raw: str = ""
+    # CPU time of the target's server (its whole session) over the measured wrk run, and that
+    # over the requests wrk completed; None for the direct stub.
+    cpu_s: float | None = None
+    cpu_us_per_req: float | None = None
 
 
 @dataclass
@@ -42,27 +46,37 @@ def fmt_ms(v: float | None) -> str:
     return f"{v:.3f} ms" if v < 10 else f"{v:.1f} ms"
 
 
+def fmt_us(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f} µs" if v < 10 else f"{v:,.0f} µs"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}" if a is not None and b else "-"
+
+
 def render_table(points: Sequence[Point]) -> str:
     """A Markdown table. "added p50" and "req/s ratio" compare with the direct point at the
-    same concurrency; "vs baseline" (with a bastion@REF target) is this tree's req/s over the
-    baseline's."""
-    direct = {p.concurrency: p.stats for p in points if p.target == DIRECT and p.stats}
-    baseline = {
-        p.concurrency: p.stats for p in points if p.target.startswith(GATEWAY + "@") and p.stats
-    }
-    header = ["target", "conc", "req/s", "p50", "p99", "added p50", "req/s ratio"]
-    if any(p.target.startswith(GATEWAY + "@") for p in points):
-        header.append("vs baseline")
+    same concurrency; "vs baseline" and "cpu vs baseline" (with a bastion@REF target) are this
+    tree's req/s and cpu/req over the baseline's."""
+    direct = {p.concurrency: p for p in points if p.target == DIRECT and p.stats}
+    baseline = {p.concurrency: p for p in points if p.target.startswith(GATEWAY + "@")}
+    header = ["target", "conc", "req/s", "p50", "p99", "added p50", "req/s ratio", "cpu/req"]
+    if baseline:
+        header += ["vs baseline", "cpu vs baseline"]
     header.append("errors")
     rows = []
     for p in points:
         row = _row(p, direct.get(p.concurrency))
-        if "vs baseline" in header:
+        if baseline:
             base = baseline.get(p.concurrency)
-            vs = "-"
-            if p.target == GATEWAY and p.stats and base and base.requests_per_sec:
-                vs = f"{p.stats.requests_per_sec / base.requests_per_sec:.3f}"
-            row.insert(-1, vs)
+            vs = cpu_vs = "-"
+            if p.target == GATEWAY and base is not None:
+                if p.stats and base.stats:
+                    vs = _ratio(p.stats.requests_per_sec, base.stats.requests_per_sec)
+                cpu_vs = _ratio(p.cpu_us_per_req, base.cpu_us_per_req)
+            row[-1:-1] = [vs, cpu_vs]
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
@@ -79,15 +93,14 @@ def render_table(points: Sequence[Point]) -> str:
     return "\n".join(lines)
 
 
-def _row(p: Point, direct: WrkStats | None) -> list[str]:
+def _row(p: Point, direct: Point | None) -> list[str]:
     if p.stats is None:
         what = "FAILED" if p.error else "n/a"
-        return [p.target, str(p.concurrency), what, "-", "-", "-", "-", "-"]
+        return [p.target, str(p.concurrency), what, *["-"] * 6]
     added = ratio = "-"
-    if p.target != DIRECT and direct is not None:
-        added = f"{p.stats.p50_ms - direct.p50_ms:+.3f} ms"
-        if direct.requests_per_sec:
-            ratio = f"{p.stats.requests_per_sec / direct.requests_per_sec:.3f}"
+    if p.target != DIRECT and direct is not None and direct.stats is not None:
+        added = f"{p.stats.p50_ms - direct.stats.p50_ms:+.3f} ms"
+        ratio = _ratio(p.stats.requests_per_sec, direct.stats.requests_per_sec)
     return [
         p.target,
         str(p.concurrency),
@@ -96,6 +109,7 @@ def _row(p: Point, direct: WrkStats | None) -> list[str]:
         fmt_ms(p.stats.p99_ms),
         added,
         ratio,
+        fmt_us(p.cpu_us_per_req),
         str(p.stats.errors),
     ]
 

@@ -57,6 +57,7 @@ class Target:
     key: str | None = None  # sent as "Authorization: Bearer <key>"
     log: Path | None = None  # its server's log, tailed when a point fails
     info: dict[str, Any] = field(default_factory=dict)  # command, version: for the JSON
+    pid: int | None = None  # its server's session leader, for cpu/req (None: not measured)
 
 
 # -- 1. helpers and processes -------------------------------------------------------------------
@@ -189,6 +190,29 @@ class Processes:
         for proc in reversed(list(self._procs)):
             with contextlib.suppress(Exception):
                 self.stop(proc)
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by every process in session
+    ``sid``: a server started by :class:`Processes` and all its children (nginx's worker,
+    uvicorn's). It counts only time on a CPU, not time spent waiting for one."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # After "pid (comm) ": state ppid pgrp session ... utime stime cutime cstime (14-17).
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) == sid:
+            # cutime/cstime: children that exited and were reaped, no longer in /proc.
+            ticks += sum(int(f) for f in fields[11:15])
+    return ticks / _CLK_TCK
 
 
 # -- 2. canned answers and the request ----------------------------------------------------------
@@ -427,4 +451,4 @@ def start_nginx_proxy(procs: Processes, work: Path, upstream: str, timeout: floa
     log = start_nginx(procs, work / "nginx-proxy", "nginx-proxy", block)
     url = f"http://{HOST}:{port}"
     wait_ready(f"{url}/healthz", procs.last(), log, "nginx proxy", timeout)
-    return Target(NGINX_PROXY, url + CHAT_PATH, log=log)
+    return Target(NGINX_PROXY, url + CHAT_PATH, log=log, pid=procs.last().pid)

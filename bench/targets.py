@@ -250,7 +250,7 @@ def start_gateway(
     proc = procs.start(bastion.label, argv, log, env=env, cwd=bastion.root)
     url = f"http://{HOST}:{port}"
     wait_ready(f"{url}/healthz", proc, log, bastion.label, args.startup_timeout)
-    return Target(bastion.label, url + CHAT_PATH, key, log, {"argv": shlex.join(argv)})
+    return Target(bastion.label, url + CHAT_PATH, key, log, {"argv": shlex.join(argv)}, proc.pid)
 
 
 def install_baseline(ref: str, cache: Path) -> tuple[Bastion, str]:
@@ -360,7 +360,7 @@ def start_litellm(
     proc = procs.start(LITELLM, argv, log, env=env, cwd=lw)
     url = f"http://{HOST}:{port}"
     wait_ready(f"{url}/health/liveliness", proc, log, LITELLM, timeout)
-    return Target(LITELLM, url + CHAT_PATH, master_key, log, {"argv": shlex.join(argv)})
+    return Target(LITELLM, url + CHAT_PATH, master_key, log, {"argv": shlex.join(argv)}, proc.pid)
 
 
 # -- 4. the gateway as an ASGI factory ----------------------------------------------------------
