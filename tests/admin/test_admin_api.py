@@ -107,3 +107,16 @@ def test_usage_and_openapi(admin: TestClient) -> None:
         "/admin/cost-centers",
     } <= set(spec["paths"])
     assert not any(p.startswith("/v1") for p in spec["paths"])
+
+
+def test_out_of_range_limits_are_refused_and_the_key_stays_revocable(admin: TestClient) -> None:
+    """An integer the counters cannot hold was once stored, after which the key could not be
+    revoked (500 on every read). Every numeric input is bounded to what the store can hold."""
+    key_id = admin.post("/admin/keys", json={"team": "t"}).json()["id"]
+    for body in ({"rpm": 203356707057410277376}, {"tpm": -1}, {"budget_day": 1e300}):
+        r = admin.put(f"/admin/keys/{key_id}/limits", json=body)
+        assert r.status_code == 400, (body, r.text)
+    too_big = admin.post("/admin/keys", json={"team": "t", "limits": {"concurrent": 10**19}})
+    assert too_big.status_code == 400
+    assert admin.get(f"/admin/keys/{key_id}").json()["limits"] is None
+    assert admin.post(f"/admin/keys/{key_id}/revoke").json()["status"] == "revoked"

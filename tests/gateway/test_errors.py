@@ -53,7 +53,8 @@ def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type
                             "first_byte_timeout": 1.0,
                             "read_timeout": 1.0,
                         }
-                    ]
+                    ],
+                    "engine_fields": {"allow": ["priority"]},
                 },
                 "down": {
                     "deployments": [{"url": f"http://127.0.0.1:{free_port()}", "served_name": "x"}]
@@ -203,3 +204,27 @@ def test_no_engine_slot_outlives_its_request(app_env) -> None:  # type: ignore[n
     c, _keys = app_env
     for route in c.app.state.gateway.routes.values():
         assert [d.in_flight for d in route.deployments] == [0] * len(route.deployments)
+
+
+def test_engine_control_fields_and_output_ceilings(app_env, stub: StubEngine) -> None:  # type: ignore[no-untyped-def]
+    """The engine never gets a ceiling other than the one reserved, nor engine-control fields
+    the model does not allow; best_of counts like n."""
+    c, keys = app_env
+    for field, value in [("kv_transfer_params", {"remote_host": "10.0.0.9"}), ("vllm_xargs", {})]:
+        err = _error(_post(c, keys["all"], {**CHAT, field: value}), 400, "field_not_allowed")
+        assert err["param"] == field
+    sent = len(stub.requests)
+    assert _post(c, keys["all"], {**CHAT, "priority": -10}).status_code == 200  # allowed here
+    assert stub.requests[-1]["priority"] == -10
+    for field in ("max_tokens", "max_completion_tokens"):
+        for bad in (0, -1):
+            assert _error(_post(c, keys["all"], {**CHAT, field: bad}), 400)["param"] == field
+    both = {**CHAT, "max_tokens": 50, "max_completion_tokens": 7}
+    assert _post(c, keys["all"], both).status_code == 200
+    got = stub.requests[-1]
+    assert got["max_tokens"] == got["max_completion_tokens"] == 7  # what was reserved
+    bare = _post(c, keys["all"], CHAT)
+    assert bare.status_code == 200 and stub.requests[-1]["max_tokens"] >= 1
+    err = _error(_post(c, keys["all"], {**CHAT, "best_of": 9}), 400, "n_too_large")
+    assert err["param"] == "best_of"
+    assert len(stub.requests) == sent + 3  # nothing refused reached the engine

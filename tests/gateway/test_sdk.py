@@ -268,3 +268,19 @@ def test_the_readme_example_runs_as_printed(gateway: Gateway) -> None:
     assert out.returncode == 0, out.stderr
     text, vector = out.stdout.rstrip("\n").rsplit("\n", 1)
     assert text.strip() and len(ast.literal_eval(vector)) == 4  # the reply, then 4 floats
+
+
+def test_bastion_owns_the_output_ceiling_and_engine_fields(client: openai.OpenAI) -> None:
+    """A zero ceiling is Bastion's 400, not the engine's; engine-control fields never reach it."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=0)
+    assert err.value.code == "invalid_value" and err.value.param == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=4, extra_body={"priority": -100}
+        )
+    assert err.value.code == "field_not_allowed" and err.value.param == "priority"
+    r = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=100, max_completion_tokens=3, temperature=0
+    )
+    assert r.usage is not None and r.usage.completion_tokens <= 3

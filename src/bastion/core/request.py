@@ -49,8 +49,11 @@ class ParsedRequest:
     #: Every output ceiling the client wrote, as (field, value): each is checked against the
     #: model's `max_tokens`.
     output_fields: list[tuple[str, int]] = field(default_factory=list)
-    #: Choices generated per request (`n`).
+    #: Sequences generated per request (`n`, or `best_of` where larger), and the field.
     choices: int = 1
+    choices_param: str = "n"
+    #: The body's top-level field names (for the per-model engine-field policy).
+    fields: frozenset[str] = frozenset()
     #: Messages in a chat-like request (for `limits.max_messages`); None where there are none.
     messages: int | None = None
     #: A hint that requests belong to one session (`x-session-affinity`, `prompt_cache_key`,

@@ -33,19 +33,38 @@ def is_secret(field: Any) -> bool:
     return isinstance(extra, dict) and extra.get("secret") is True
 
 
+#: The largest count and amount a limit may hold: counters are 64-bit integers (budgets in
+#: millionths of the currency), so anything larger could be stored but never counted.
+MAX_COUNT = 10**12
+MAX_AMOUNT = 10**9
+
+
 class LimitSettings(Strict):
     """Limits at one level (key, user, team, cost center, model, team x model); unset = none."""
 
-    rpm: int | None = Field(None, ge=0, description="Requests per minute.")
+    rpm: int | None = Field(None, ge=0, le=MAX_COUNT, description="Requests per minute.")
     tpm: int | None = Field(
-        None, ge=0, description="Tokens per minute (prompt + completion; reserved up front)."
+        None,
+        ge=0,
+        le=MAX_COUNT,
+        description="Tokens per minute (prompt + completion; reserved up front).",
     )
-    concurrent: int | None = Field(None, ge=0, description="Requests in flight at once.")
+    concurrent: int | None = Field(
+        None, ge=0, le=MAX_COUNT, description="Requests in flight at once."
+    )
     budget_day: float | None = Field(
-        None, ge=0, description="Spend per UTC day, in the price book's currency."
+        None,
+        ge=0,
+        le=MAX_AMOUNT,
+        allow_inf_nan=False,
+        description="Spend per UTC day, in the price book's currency.",
     )
     budget_month: float | None = Field(
-        None, ge=0, description="Spend per UTC calendar month, in the price book's currency."
+        None,
+        ge=0,
+        le=MAX_AMOUNT,
+        allow_inf_nan=False,
+        description="Spend per UTC calendar month, in the price book's currency.",
     )
 
     def is_empty(self) -> bool:

@@ -19,13 +19,21 @@ def check_caps(settings: Settings, req: ParsedRequest) -> None:
         )
     if req.choices > limits.max_n:
         raise InvalidRequest(
-            f"'n' is {req.choices}; the limit is {limits.max_n} (limits.max_n).",
-            param="n",
+            f"'{req.choices_param}' is {req.choices}; the limit is {limits.max_n} (limits.max_n).",
+            param=req.choices_param,
             code="n_too_large",
+        )
+    model = settings.models[req.model]
+    if refused := req.fields & model.engine_fields.refused():
+        name = sorted(refused)[0]
+        raise InvalidRequest(
+            f"The field '{name}' steers the engine and is not allowed for model "
+            f"'{req.model}' (models.{req.model}.engine_fields).",
+            param=name,
+            code="field_not_allowed",
         )
     if not req.generates:
         return
-    model = settings.models[req.model]
     if req.max_output is None:
         # The model's default cap, sent to the engine too: what was reserved is what may be
         # generated, so budgets and token limits hold even when clients set no limit.

@@ -9,6 +9,40 @@ from pydantic import Field
 from bastion.core.settings import NAME, LimitSettings, Strict, section
 from bastion.engines.settings import DeploymentSettings
 
+#: Body fields that steer the engine itself rather than the answer: refused unless a model
+#: allows them. `kv_transfer_params` names hosts the engine connects to under disaggregated
+#: serving (an SSRF channel), `priority` jumps the engine's queue, `chat_template` and
+#: `chat_template_kwargs` replace the prompt format the model was validated with,
+#: `vllm_xargs` passes arbitrary engine arguments, `request_id` can collide with another
+#: request's engine-side id.
+ENGINE_CONTROL_FIELDS = (
+    "kv_transfer_params",
+    "priority",
+    "chat_template",
+    "chat_template_kwargs",
+    "vllm_xargs",
+    "request_id",
+)
+
+
+class EngineFieldPolicy(Strict):
+    """Which body fields reach the engine. Everything else passes through untouched."""
+
+    deny: list[str] = Field(
+        default_factory=lambda: list(ENGINE_CONTROL_FIELDS),
+        description="Top-level body fields refused with 400 `field_not_allowed` (default: the "
+        "engine-control fields kv_transfer_params, priority, chat_template, "
+        "chat_template_kwargs, vllm_xargs, request_id).",
+    )
+    allow: list[str] = Field(
+        default_factory=list,
+        description="Fields of `deny` this model accepts anyway, for operators who use them "
+        "deliberately (e.g. `priority` with the engine's priority scheduling).",
+    )
+
+    def refused(self) -> frozenset[str]:
+        return frozenset(self.deny) - frozenset(self.allow)
+
 
 class ModelSettings(Strict):
     deployments: list[DeploymentSettings] = Field(
@@ -35,6 +69,10 @@ class ModelSettings(Strict):
     )
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Limits for the model as a whole."
+    )
+    engine_fields: EngineFieldPolicy = Field(
+        default_factory=EngineFieldPolicy,
+        description="Body fields that steer the engine: refused unless allowed here.",
     )
 
 

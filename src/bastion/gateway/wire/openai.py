@@ -71,7 +71,9 @@ def _check_text_input(param: str, value: object) -> None:
     raise _type_error(param, "a string, an array of strings or an array of token arrays")
 
 
-_INT_FIELDS = {"max_tokens": 0, "max_completion_tokens": 0, "n": 1, "best_of": 1, "seed": None}
+#: Integer fields and their minimum. An output ceiling of 0 reads as "no limit" on some engines:
+#: Bastion never forwards one (every request reaches the engine with a positive ceiling).
+_INT_FIELDS = {"max_tokens": 1, "max_completion_tokens": 1, "n": 1, "best_of": 1, "seed": None}
 _NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 
@@ -178,7 +180,10 @@ class _OpenAI(WireAdapter):
             generates=self.generates,
             choices=body.get("n") or 1,
             session=_session(headers, body, user),
+            fields=frozenset(body),
         )
+        if (best_of := body.get("best_of") or 1) > req.choices:  # generated, then discarded
+            req.choices, req.choices_param = best_of, "best_of"
         if self.generates:
             req.output_fields = [
                 (name, body[name])
@@ -210,6 +215,11 @@ class _OpenAI(WireAdapter):
     def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
         body = req.body
         body["model"] = served_name
+        if req.max_output is not None:
+            # The ceiling Bastion reserved, in every field an engine may read it from.
+            body["max_tokens"] = req.max_output
+            if "max_completion_tokens" in body:
+                body["max_completion_tokens"] = req.max_output
         if req.stream:
             # Always ask for usage, so every stream is metered; hidden again if not requested.
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
