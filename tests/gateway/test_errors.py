@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from bastion.app import build_app
+from bastion.audit.wal import read_entries
 from bastion.config import parse_settings
 from bastion.identity.keys import create_key, revoke_key
 from bastion.local.launcher import free_port
@@ -56,8 +57,10 @@ def app_env(stub: StubEngine, tmp_path_factory: pytest.TempPathFactory):  # type
                     ],
                     "engine_fields": {"allow": ["priority"]},
                 },
-                "down": {
-                    "deployments": [{"url": f"http://127.0.0.1:{free_port()}", "served_name": "x"}]
+                "down": {  # credentials in the URL must never be shown to anyone
+                    "deployments": [
+                        {"url": f"http://ops:s3cret@127.0.0.1:{free_port()}", "served_name": "x"}
+                    ]
                 },
                 "vectors": {
                     "kind": "embedding",
@@ -228,3 +231,29 @@ def test_engine_control_fields_and_output_ceilings(app_env, stub: StubEngine) ->
     err = _error(_post(c, keys["all"], {**CHAT, "best_of": 9}), 400, "n_too_large")
     assert err["param"] == "best_of"
     assert len(stub.requests) == sent + 3  # nothing refused reached the engine
+
+
+def test_engine_credentials_are_never_shown(app_env, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    with caplog.at_level("INFO"):
+        err = _error(_post(c, keys["all"], {**CHAT, "model": "down"}), 503, "engine_unavailable")
+        time.sleep(0.6)  # the health checker logs deployments going down
+    assert "127.0.0.1" in err["message"] and "s3cret" not in err["message"]
+    assert "ops:" not in err["message"]
+    assert all("s3cret" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_body_too_deep_to_record_is_refused_and_still_recorded(app_env) -> None:  # type: ignore[no-untyped-def]
+    c, keys = app_env
+    deep = b"[" * 300 + b'"x"' + b"]" * 300
+    raw = orjson.dumps(CHAT)[:-1] + b', "metadata": ' + deep + b"}"
+    resp = _post(c, keys["all"], None, raw=raw)
+    _error(resp, 400, "too_deep")
+    rid = resp.headers["x-request-id"]
+    trail = c.app.state.audit
+    deadline = time.monotonic() + 5
+    found: list[dict] = []
+    while not found and time.monotonic() < deadline:
+        time.sleep(0.1)
+        found = [e for e in read_entries(trail.wal.directory) if e.get("request_id") == rid]
+    assert found and found[0]["kind"] == "rejected" and found[0]["error_code"] == "too_deep"

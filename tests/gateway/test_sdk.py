@@ -200,6 +200,38 @@ def test_client_disconnect_cancels_upstream(gateway: Gateway, api_key: str, chat
     row = usage_rows(_db(gateway), client_user="quitter")[0]
     assert row.outcome == "cancelled" and row.status == 499
     assert 0 < row.completion_tokens < 1900
+    # No usage chunk came: the prompt is still charged, from Bastion's own count, and said so.
+    assert row.prompt_tokens >= 8 and row.tokens_estimated
+
+
+def test_client_disconnect_cancels_a_whole_answer_too(
+    gateway: Gateway, api_key: str, chat_engine
+) -> None:  # type: ignore[no-untyped-def]
+    """Not streamed: a client that gives up must not leave the engine generating for nobody."""
+    body = {
+        "model": "tiny",
+        "messages": HELLO,
+        "max_tokens": 1900,
+        "ignore_eos": True,
+        "user": "impatient",
+    }
+    with httpx.Client(timeout=1.0) as h, pytest.raises(httpx.ReadTimeout):
+        h.post(
+            gateway.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
+    deadline = time.monotonic() + 5
+    rows = usage_rows(_db(gateway), client_user="impatient")
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = usage_rows(_db(gateway), client_user="impatient")
+    assert rows and rows[0].outcome == "cancelled" and rows[0].status == 499, rows
+    assert rows[0].prompt_tokens >= 8 and rows[0].tokens_estimated
+    deadline = time.monotonic() + 5
+    while _running(chat_engine.url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(chat_engine.url) == 0
 
 
 def test_metrics(client: openai.OpenAI, gateway: Gateway) -> None:

@@ -263,7 +263,10 @@ class AuditTrail:
         if kind == "rejected":
             entry["cost_center"] = rec.cost_center
         if rec.team is not None and (content is not None or error is not None):
-            await self._seal(entry, {"response": content, "error": error})
+            try:
+                await self._seal(entry, {"response": content, "error": error})
+            except (TypeError, orjson.JSONEncodeError) as exc:  # the entry itself still counts
+                entry["content_unavailable"] = f"could not be serialised: {exc}"
         # Written before the answer completes, synced with the next flush (see wal.py).
         await self.wal.append(entry, durable=False)  # type: ignore[union-attr]
 

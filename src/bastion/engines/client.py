@@ -85,6 +85,9 @@ class EngineResponse:
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.close()
             raise _broken(exc, "reading the answer") from exc
+        except BaseException:  # cancelled: the engine must not go on for nobody
+            self.close()
+            raise
         self.finished = True
         self._resp.release()
         return raw
@@ -160,7 +163,9 @@ class EngineClient:
                     dep.url + path, data=body, headers=headers, timeout=timeout
                 )
         except aiohttp.ClientConnectorError as exc:
-            raise EngineConnectError(f"engine at {dep.url} is unreachable: {exc.os_error}") from exc
+            raise EngineConnectError(
+                f"engine at {dep.display_url} is unreachable: {exc.os_error}"
+            ) from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"the engine did not answer within {dep.first_byte_timeout:g}s"

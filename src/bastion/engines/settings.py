@@ -36,6 +36,13 @@ class DeploymentSettings(Strict):
         None, ge=1, description="Requests this deployment accepts at once (none: unlimited)."
     )
 
+    @property
+    def display_url(self) -> str:
+        """The URL without user or password: the only form shown in messages and logs."""
+        parts = urlsplit(self.url)
+        host = parts.netloc.rpartition("@")[2]
+        return parts._replace(netloc=host).geturl()
+
     @field_validator("url")
     @classmethod
     def _is_url(cls, v: str) -> str:

@@ -37,7 +37,7 @@ from bastion.core.errors import (
 )
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
-from bastion.gateway.relay import SSERelay
+from bastion.gateway.relay import Receive, SSERelay, wait_disconnect
 from bastion.gateway.wire import StreamTranslator, WireAdapter
 from bastion.identity.keys import KeyStore
 from bastion.identity.principal import Principal
@@ -45,6 +45,7 @@ from bastion.identity.roles import CALLERS
 from bastion.limits.admission import Admission, Ticket
 from bastion.limits.caps import check_caps
 from bastion.limits.fairshare import FairQueue
+from bastion.limits.tokens import prompt_upper_bound
 from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
@@ -61,6 +62,7 @@ class Call:
     ticket: Ticket | None = None
     queue: FairQueue | None = None
     body: dict[str, Any] | None = None
+    req: ParsedRequest | None = None
     #: The request entry is durable: the call ends with a completion entry, not a rejection.
     audited: bool = False
     #: The closing audit entry is written (or on its way).
@@ -113,7 +115,7 @@ class Gateway:
             principal = await self.keys.authenticate(request.headers.get("authorization"))
             self._attribute(call.rec, principal)
             req = wire.parse(await self._read_body(request), request.headers)
-            call.body = req.body
+            call.body, call.req = req.body, req
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
             route = self._authorize(principal, req, wire)
@@ -125,12 +127,14 @@ class Gateway:
             if self.audit is not None:
                 req.body = await self.audit.request(call.rec, principal, req.body, call.source)
                 call.audited = True
-            return await self._relay(call, route, req, wire)
+            return await self._relay(call, route, req, wire, request.receive)
         except BastionError as exc:
             self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
             exc.headers = {**call.headers, **exc.headers}
             return wire.error_response(exc, call.rec.request_id)
         except ClientDisconnect:
+            if call.rec.deployment is not None:  # the engine had the prompt: it is charged
+                self._estimate_prompt(call)
             self._finish(call, 499, "cancelled", "client_disconnected")
             return Response(status_code=499)
         except asyncio.CancelledError:  # e.g. shutdown: still recorded, slots still freed
@@ -184,16 +188,21 @@ class Gateway:
         return route
 
     async def _relay(
-        self, call: Call, route: ModelRoute, req: ParsedRequest, wire: WireAdapter
+        self,
+        call: Call,
+        route: ModelRoute,
+        req: ParsedRequest,
+        wire: WireAdapter,
+        receive: Receive,
     ) -> Response | SSERelay:
-        lease, upstream = await self._connect(call, route, req, wire)
         if req.stream:
+            lease, upstream = await self._connect(call, route, req, wire)
 
             def on_end(tr: StreamTranslator, cancelled: bool) -> None:
                 self._end_stream(call, tr, cancelled)
 
             async def before_done(tr: StreamTranslator) -> BastionError | None:
-                self._count_stream(call.rec, tr)
+                self._count_stream(call, tr)
                 return await self._record_answer(call, tr.assembled(), tr.state.engine_model)
 
             translator = wire.stream(req, route.alias, collect=self.audit is not None)
@@ -205,8 +214,7 @@ class Gateway:
                 on_end,
                 before_done if self.audit is not None else None,
             )
-        with lease:
-            raw = await upstream.read()
+        raw = await self._whole_answer(call, route, req, wire, receive)
         answer = wire.answer(raw, route.alias)
         self._count(call.rec, answer.usage)
         if self.audit is not None:
@@ -215,6 +223,36 @@ class Gateway:
                 raise failure
         self._finish(call, 200, "ok", None)
         return Response(answer.body, media_type="application/json", headers=call.headers)
+
+    async def _whole_answer(
+        self,
+        call: Call,
+        route: ModelRoute,
+        req: ParsedRequest,
+        wire: WireAdapter,
+        receive: Receive,
+    ) -> bytes:
+        """The engine's whole answer. A client that leaves meanwhile (an engine sends the
+        headers of a whole answer only once it is generated) cancels the engine call, which
+        drops the connection: the engine aborts instead of generating for nobody."""
+        task = asyncio.current_task()
+        assert task is not None
+        waiting = True
+        gone = asyncio.ensure_future(wait_disconnect(receive))
+        gone.add_done_callback(lambda t: waiting and not t.cancelled() and task.cancel())
+        try:
+            lease, upstream = await self._connect(call, route, req, wire)
+            with lease:
+                raw = await upstream.read()
+            waiting = False  # no await since the read: a later disconnect cancels nothing
+            return raw
+        except asyncio.CancelledError:
+            if gone.done() and not gone.cancelled() and task.uncancel() == 0:
+                raise ClientDisconnect() from None
+            raise
+        finally:
+            waiting = False
+            gone.cancel()
 
     async def _connect(
         self, call: Call, route: ModelRoute, req: ParsedRequest, wire: WireAdapter
@@ -254,11 +292,22 @@ class Gateway:
             rec.cached_tokens = usage.cached_tokens
             rec.completion_tokens = usage.completion_tokens
 
-    def _count_stream(self, rec: UsageRecord, tr: StreamTranslator) -> None:
-        self._count(rec, tr.state.usage)
+    def _count_stream(self, call: Call, tr: StreamTranslator) -> None:
+        self._count(call.rec, tr.state.usage)
         if tr.state.usage is None:
             # No usage chunk (cancelled, or the engine broke off): each chunk is about one token.
-            rec.completion_tokens = tr.state.chunks
+            call.rec.completion_tokens = tr.state.chunks
+            self._estimate_prompt(call)
+
+    @staticmethod
+    def _estimate_prompt(call: Call) -> None:
+        """The engine read the prompt but reported no usage: charge Bastion's own count."""
+        rec = call.rec
+        if call.ticket is not None and call.ticket.prompt_tokens:
+            rec.prompt_tokens = call.ticket.prompt_tokens
+        elif call.req is not None:
+            rec.prompt_tokens = prompt_upper_bound(call.req)
+        rec.tokens_estimated = True
 
     async def _record_answer(
         self, call: Call, content: Any, engine_model: str | None
@@ -277,7 +326,7 @@ class Gateway:
 
     def _end_stream(self, call: Call, tr: StreamTranslator, cancelled: bool) -> None:
         rec, state = call.rec, tr.state
-        self._count_stream(rec, tr)
+        self._count_stream(call, tr)
         if state.first_token_at is not None:
             rec.ttft_ms = (state.first_token_at - call.started) * 1000
             self.metrics.ttft.labels(rec.model).observe(state.first_token_at - call.started)

@@ -61,7 +61,7 @@ class SSERelay:
             with self.lease:
                 await send({"type": "http.response.start", "status": 200, "headers": self.headers})
                 pump = asyncio.ensure_future(self._pump(send))
-                watch = asyncio.ensure_future(_wait_disconnect(receive))
+                watch = asyncio.ensure_future(wait_disconnect(receive))
                 done, _ = await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
                 if pump in done:
                     watch.cancel()
@@ -107,7 +107,7 @@ class SSERelay:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _wait_disconnect(receive: Receive) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -59,6 +59,8 @@ class Ticket:
     backend: CounterBackend
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    #: The prompt tokens reserved (the model's tokenizer's count, else an upper bound).
+    prompt_tokens: int = 0
 
 
 def _duration(seconds: float) -> str:
@@ -123,6 +125,7 @@ class Admission:
             currency = price.currency if price else "USD"
             self._refuse(checks[verdict.index], verdict.values[0], tokens, micros, currency, now)
         ticket = Ticket(checks, tokens, micros, backend)
+        ticket.prompt_tokens = prompt
         ticket.headers = ratelimit_headers(checks, verdict.values, now)
         return ticket
 

@@ -48,7 +48,8 @@ def engine_spec(dep: DeploymentSettings, embedding: bool) -> EngineSpec:
     parts = urlsplit(dep.url)
     if parts.hostname not in LOOPBACK or parts.port is None:
         raise QuickstartError(
-            f"{dep.url}: `bastion up` launches engines on a loopback URL with an explicit port only"
+            f"{dep.display_url}: `bastion up` launches engines on a loopback URL with an "
+            "explicit port only"
         )
     return EngineSpec(
         model=resolve_model(dep.launch),
@@ -113,7 +114,8 @@ def run_quickstart(settings: Settings) -> int:
                 spec = engine_spec(dep, model.kind == "embedding")
                 proc = VllmProcess(spec, log_path=Path(f"var/engine-{spec.port}.log"))
                 sys.stderr.write(
-                    f"starting engine for {alias} on {dep.url} (log: var/engine-{spec.port}.log)\n"
+                    f"starting engine for {alias} on {dep.display_url} "
+                    f"(log: var/engine-{spec.port}.log)\n"
                 )
                 proc.start()
                 engines.append(proc)

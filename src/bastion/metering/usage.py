@@ -56,6 +56,9 @@ class UsageRecord:
     error_code: str | None = None
     latency_ms: float = 0.0
     ttft_ms: float | None = None
+    #: No usage came from the engine: the prompt is Bastion's own count, the completion a chunk
+    #: count (a cancelled or broken answer).
+    tokens_estimated: bool = False
 
     def price(self, p: PriceSettings | None) -> None:
         if p is None:

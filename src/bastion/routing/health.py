@@ -32,7 +32,7 @@ class HealthChecker:
                     logging.INFO if ok else logging.WARNING,
                     "deployment %s (%s) is %s",
                     dep.name,
-                    dep.settings.url,
+                    dep.settings.display_url,
                     "up" if ok else "DOWN",
                 )
             dep.healthy = ok

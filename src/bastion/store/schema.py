@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData(
@@ -96,6 +97,9 @@ usage = Table(
     Column("error_code", String(64), nullable=True),
     Column("latency_ms", Float, nullable=False),
     Column("ttft_ms", Float, nullable=True),
+    # The engine reported no usage (a cancelled or broken answer): the prompt was charged from
+    # Bastion's own count (the tokenizer's, else an upper bound), the completion from chunks.
+    Column("tokens_estimated", Boolean, nullable=False, default=False, server_default=false()),
 )
 Index("ix_usage_team_ts", usage.c.team, usage.c.ts)
 

@@ -181,3 +181,13 @@ def test_prompt_parts_for_counting() -> None:
     )
     texts, extra = req.prompt()
     assert texts == ["be brief", "hi"] and extra == 8 + 2 * 8 + 1024
+
+
+def test_nesting_the_trail_could_not_store_is_refused() -> None:
+    """orjson reads 1,024 levels but writes 255: deeper bodies could not be recorded."""
+    deep = b"[" * 300 + b"1" + b"]" * 300
+    with pytest.raises(InvalidRequest) as info:
+        parse_request("chat", b'{"model": "m", "messages": [{"role": "user"}], "x": ' + deep + b"}")
+    assert info.value.code == "too_deep"
+    ok = b"[" * 200 + b"1" + b"]" * 200
+    parse_request("chat", b'{"model": "m", "messages": [{"role": "user"}], "x": ' + ok + b"}")

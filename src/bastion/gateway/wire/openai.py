@@ -87,6 +87,12 @@ def _read_body(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    try:  # nesting the audit trail and the engine body could not serialise: refused here
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(
+            "The request body is nested too deeply (at most 255 levels).", code="too_deep"
+        ) from None
     return body
 
 
