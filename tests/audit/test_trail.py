@@ -393,3 +393,16 @@ def test_admin_changes_are_recorded_before_they_are_made(env) -> None:  # type: 
             for r in entries(c, kind="admin")
         ]
     assert ("team.create", "erin") in acts and ("team.create.failed", "erin") in acts
+
+
+def test_a_read_that_cannot_be_recorded_returns_nothing(env) -> None:  # type: ignore[no-untyped-def]
+    from bastion.audit.wal import AuditLogError
+
+    c, keys, _settings = env
+    trail = c.app.state.audit  # type: ignore[attr-defined]
+    trail.wal.broken = AuditLogError("disk gone")
+    try:
+        r = c.get("/audit/entries", headers=_auth(keys["auditor"]))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
+    finally:
+        trail.wal.broken = None

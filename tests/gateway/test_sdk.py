@@ -208,19 +208,28 @@ def test_client_disconnect_cancels_a_whole_answer_too(
     gateway: Gateway, api_key: str, chat_engine
 ) -> None:  # type: ignore[no-untyped-def]
     """Not streamed: a client that gives up must not leave the engine generating for nobody."""
-    body = {
-        "model": "tiny",
-        "messages": HELLO,
-        "max_tokens": 1900,
-        "ignore_eos": True,
-        "user": "impatient",
-    }
-    with httpx.Client(timeout=1.0) as h, pytest.raises(httpx.ReadTimeout):
-        h.post(
-            gateway.url + "/v1/chat/completions",
-            json=body,
-            headers={"Authorization": f"Bearer {api_key}"},
-        )
+    import json
+    import socket
+
+    body = json.dumps(
+        {"model": "tiny", "messages": HELLO, "max_tokens": 1900, "ignore_eos": True,
+         "user": "impatient"}
+    ).encode()  # fmt: skip
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port)) as conn:
+        conn.sendall(head + body)
+        deadline = time.monotonic() + 10
+        while _running(chat_engine.url) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _running(chat_engine.url) >= 1  # the engine is generating; the client leaves
+    deadline = time.monotonic() + 5
+    while _running(chat_engine.url) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(chat_engine.url) == 0
     deadline = time.monotonic() + 5
     rows = usage_rows(_db(gateway), client_user="impatient")
     while not rows and time.monotonic() < deadline:
@@ -228,10 +237,6 @@ def test_client_disconnect_cancels_a_whole_answer_too(
         rows = usage_rows(_db(gateway), client_user="impatient")
     assert rows and rows[0].outcome == "cancelled" and rows[0].status == 499, rows
     assert rows[0].prompt_tokens >= 8 and rows[0].tokens_estimated
-    deadline = time.monotonic() + 5
-    while _running(chat_engine.url) > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _running(chat_engine.url) == 0
 
 
 def test_metrics(client: openai.OpenAI, gateway: Gateway) -> None:

@@ -22,7 +22,7 @@ from bastion.audit.chain import Verdict
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
 from bastion.core.changes import recorded_change
-from bastion.core.errors import InvalidRequest, NotFound, PermissionDenied
+from bastion.core.errors import AuditUnavailable, InvalidRequest, NotFound, PermissionDenied
 from bastion.core.timeutil import parse_time
 from bastion.identity.access import Access, Admin
 from bastion.identity.principal import Principal
@@ -61,14 +61,19 @@ def _time(value: str | None, name: str) -> datetime | None:
 
 async def _read(trail: AuditTrail, who: Principal, action: str, query: dict[str, Any]) -> None:
     """Recorded before the data leaves: a read that cannot be recorded does not happen."""
-    await trail.event(
-        "read",
-        actor=who.user or who.key_id,
-        action=action,
-        key_id=who.key_id,
-        team=None,
-        query={k: v for k, v in query.items() if v is not None},
-    )
+    try:
+        await trail.event(
+            "read",
+            actor=who.user or who.key_id,
+            action=action,
+            key_id=who.key_id,
+            team=None,
+            query={k: v for k, v in query.items() if v is not None},
+        )
+    except Exception as exc:
+        raise AuditUnavailable(
+            "The audit trail cannot record this read, so nothing is returned. Try again shortly."
+        ) from exc
 
 
 @router.get("/entries")
