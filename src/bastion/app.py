@@ -94,7 +94,8 @@ def build_app(
             yield
 
     admin = control_plane(
-        [admin_router, audit_api.router, audit_api.admin_router, identity_api.router]
+        [admin_router, audit_api.router, audit_api.admin_router, identity_api.router],
+        openapi_public=settings.admin.openapi_public,
     )
     app = Starlette(lifespan=lifespan, routes=[*gateway_routes(gateway), Mount("", app=admin)])
     for state in (app.state, admin.state):

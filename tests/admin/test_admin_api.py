@@ -120,3 +120,33 @@ def test_out_of_range_limits_are_refused_and_the_key_stays_revocable(admin: Test
     assert too_big.status_code == 400
     assert admin.get(f"/admin/keys/{key_id}").json()["limits"] is None
     assert admin.post(f"/admin/keys/{key_id}/revoke").json()["status"] == "revoked"
+
+
+def test_metrics_and_openapi_can_be_closed(tmp_path: Path) -> None:
+    settings = parse_settings(
+        {
+            "server": {"metrics_key": "metrics-key-0123456789"},
+            "database": {"url": f"sqlite:///{tmp_path}/a.db"},
+            "admin": {"key": ADMIN, "openapi_public": False},
+            "audit": audit_config(tmp_path),
+            "cost_centers": {"cc": {}},
+            "teams": {"t": {"cost_center": "cc"}},
+            "models": {"m": {"deployments": [{"url": "http://127.0.0.1:9", "served_name": "m"}]}},
+        }
+    )
+    with TestClient(build_app(settings)) as c:
+        for wrong in ({}, {"Authorization": "Bearer metrics-key-wrong-0000"}):
+            r = c.get("/metrics", headers=wrong)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_metrics_key"
+        ok = c.get("/metrics", headers={"Authorization": "Bearer metrics-key-0123456789"})
+        assert ok.status_code == 200 and "bastion_requests_total" in ok.text
+        assert c.get("/admin/openapi.json").status_code == 401
+        member = c.post(
+            "/admin/keys", json={"team": "t"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        ).json()["key"]
+        assert (
+            c.get("/admin/openapi.json", headers={"Authorization": f"Bearer {member}"}).status_code
+            == 403
+        )
+        spec = c.get("/admin/openapi.json", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert spec.status_code == 200 and "/admin/keys" in spec.json()["paths"]

@@ -7,6 +7,8 @@ key store, admission, audit trail) from `request.app.state`, set once by the app
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -21,18 +23,25 @@ from bastion.core.errors import (
     NotFound,
     error_response,
 )
+from bastion.identity.access import Reader
 
 
-def control_plane(routers: list[APIRouter]) -> FastAPI:
+def control_plane(routers: list[APIRouter], openapi_public: bool = True) -> FastAPI:
     app = FastAPI(
         title="Bastion admin API",
         version=__version__,
         docs_url=None,
         redoc_url=None,
-        openapi_url="/admin/openapi.json",
+        openapi_url="/admin/openapi.json" if openapi_public else None,
     )
     for router in routers:
         app.include_router(router)
+    if not openapi_public:
+
+        @app.get("/admin/openapi.json", include_in_schema=False)
+        async def openapi(_reader: Reader) -> dict[str, Any]:
+            return app.openapi()
+
     _install_error_handlers(app)
     return app
 

@@ -15,6 +15,11 @@ class AdminSettings(Strict):
         description="Bearer key for the /admin API (at least 16 characters). "
         "Env override: BASTION_ADMIN_KEY. Without it the admin API answers 401 to everyone.",
     )
+    openapi_public: bool = Field(
+        True,
+        description="Serve `/admin/openapi.json` to anyone; false: only to the admin key or a "
+        "credential with a control-plane role (admin, team-admin, auditor).",
+    )
 
 
 section("admin", AdminSettings, "The /admin API.", env={"key": "BASTION_ADMIN_KEY"})

@@ -5,6 +5,7 @@ These are plain Starlette routes: the request path pays for nothing it does not 
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion.core.errors import BastionError, NotFound, error_response
+from bastion.core.errors import AuthenticationFailed, BastionError, NotFound, error_response
 from bastion.gateway.pipeline import Gateway
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.routing.balancer import ModelRoute
@@ -74,7 +75,13 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
             media_type="application/json",
         )
 
-    async def prometheus(_request: Request) -> Response:
+    metrics_key = gateway.settings.server.metrics_key
+
+    async def prometheus(request: Request) -> Response:
+        if metrics_key is not None and not _bearer_is(request, metrics_key):
+            return error_response(
+                AuthenticationFailed("/metrics needs its bearer key.", code="invalid_metrics_key")
+            )
         for d in deployments:
             metrics.deployment_up.labels(d.name).set(1 if d.healthy else 0)
         for alias, queue in gateway.queues.items():
@@ -89,3 +96,10 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+
+
+def _bearer_is(request: Request, expected: str) -> bool:
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    )

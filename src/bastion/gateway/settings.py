@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from bastion.core.settings import Strict, section
+from bastion.core.settings import SECRET, Strict, section
 
 
 class ServerSettings(Strict):
@@ -16,6 +16,18 @@ class ServerSettings(Strict):
     public_url: str | None = Field(
         None, description="URL clients use to reach the gateway (shown by `bastion up`)."
     )
+    metrics_key: str | None = Field(
+        None,
+        min_length=16,
+        json_schema_extra=SECRET,
+        description="Bearer key `/metrics` requires (at least 16 characters); none: open, as "
+        "is usual on an internal network. Env override: BASTION_METRICS_KEY.",
+    )
 
 
-section("server", ServerSettings, "Where and how the gateway listens.")
+section(
+    "server",
+    ServerSettings,
+    "Where and how the gateway listens.",
+    env={"metrics_key": "BASTION_METRICS_KEY"},
+)
