@@ -150,3 +150,19 @@ def test_metrics_and_openapi_can_be_closed(tmp_path: Path) -> None:
         )
         spec = c.get("/admin/openapi.json", headers={"Authorization": f"Bearer {ADMIN}"})
         assert spec.status_code == 200 and "/admin/keys" in spec.json()["paths"]
+
+
+def test_the_control_plane_authenticates_before_reading_a_body(admin: TestClient) -> None:
+    """An anonymous caller gets 401 before its body is parsed; every route has a size limit."""
+    anonymous = {"Authorization": "", "Content-Type": "application/json"}
+    r = admin.post("/admin/keys", content=b"{not json", headers=anonymous)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_key"
+    r = admin.post("/audit/entries", content=b"x" * 10, headers=anonymous)
+    assert r.status_code == 401
+    big = b'{"username": "u", "password": "' + b"p" * (2 * 1024 * 1024) + b'"}'
+    r = admin.post("/auth/login", content=big, headers=anonymous)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = admin.put("/admin/keys/key_x/limits", content=b'{"rpm": 1' + b" " * (2 << 20) + b"}")
+    assert r.status_code == 413
+    assert admin.get("/no-such-url", headers=anonymous).status_code == 404
+    assert admin.post("/admin/keys", json={"team": "t"}).status_code == 201  # the body replayed

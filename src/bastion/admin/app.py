@@ -14,16 +14,74 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import __version__
 from bastion.core.errors import (
     AuthenticationFailed,
     BastionError,
+    BodyTooLarge,
     InvalidRequest,
     NotFound,
     error_response,
 )
-from bastion.identity.access import Reader
+from bastion.identity.access import Reader, acting
+
+#: The largest body any control-plane route accepts (keys, teams, limits, holds, sign-ins).
+MAX_BODY = 1024 * 1024
+#: The control plane's own prefixes: anything else (an unknown URL) is a plain 404.
+PROTECTED = ("/admin", "/audit", "/auth")
+#: Routes that take no credential: sign-in carries its credentials in the body.
+OPEN_PATHS = frozenset({"/auth/login"})
+
+
+class Guard:
+    """Runs before FastAPI reads a body: a credential that authenticates (roles are checked by
+    each route), then a size limit, so an anonymous caller can make the gateway read nothing."""
+
+    def __init__(self, app: ASGIApp, public: frozenset[str] = OPEN_PATHS):
+        self.app = app
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            path = scope["path"]
+            if path.startswith(PROTECTED) and path not in self.public:
+                await acting(request, request.headers.get("authorization"))
+            receive = await _bounded(request, receive)
+        except BastionError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _bounded(request: Request, receive: Receive) -> Receive:
+    """The body, read here up to MAX_BODY (413 beyond), replayed to the route."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise BodyTooLarge(f"Request body is {declared} bytes; the limit is {MAX_BODY} bytes.")
+    if request.method in ("GET", "HEAD"):
+        return receive
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            return receive  # the client left: let the route see it
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY:
+            raise BodyTooLarge(f"Request body exceeds the limit of {MAX_BODY} bytes.")
+        more = message.get("more_body", False)
+    replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks)}]
+
+    async def replayed() -> Message:
+        return replay.pop() if replay else await receive()
+
+    return replayed
 
 
 def control_plane(routers: list[APIRouter], openapi_public: bool = True) -> FastAPI:
@@ -43,6 +101,8 @@ def control_plane(routers: list[APIRouter], openapi_public: bool = True) -> Fast
             return app.openapi()
 
     _install_error_handlers(app)
+    public = OPEN_PATHS | ({"/admin/openapi.json"} if openapi_public else frozenset())
+    app.add_middleware(Guard, public=frozenset(public))
     return app
 
 
