@@ -49,9 +49,11 @@ class Guard:
             return
         request = Request(scope)
         try:
-            path = scope["path"]
-            if path.startswith(PROTECTED) and path not in self.public:
-                await acting(request, request.headers.get("authorization"))
+            path, authorization = scope["path"], request.headers.get("authorization")
+            if path.startswith("/admin") and path not in self.public:
+                await acting(request, authorization)  # the admin key, or a role's credential
+            elif path.startswith(PROTECTED) and path not in self.public:
+                await request.app.state.keys.authenticate(authorization)
             receive = await _bounded(request, receive)
         except BastionError as exc:
             await error_response(exc)(scope, receive, send)
