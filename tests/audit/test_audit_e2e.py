@@ -55,9 +55,15 @@ def test_streams_are_recorded_as_assembled_answers(gateway: Gateway, api_key: st
             messages=[{"role": "user", "content": "Tell me about audit trails."}],
             max_tokens=40,
             stream=True,
+            logprobs=True,
+            top_logprobs=2,
         )
         rid = raw.headers["x-request-id"]
         chunks = list(raw.parse())
+    received = [
+        t.token for c in chunks if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or ()
+    ]  # fmt: skip
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = next(
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
@@ -67,6 +73,8 @@ def test_streams_are_recorded_as_assembled_answers(gateway: Gateway, api_key: st
     assert req["content"]["messages"][0]["content"] == "Tell me about audit trails."
     (choice,) = done["content"]["response"]
     assert choice["text"] == text and text and choice["finish_reason"] == finish
+    # Whatever the client received is in the trail, logprobs included, not only the text.
+    assert [t["token"] for t in choice["logprobs"]["content"]] == received and received
     assert done["outcome"] == "ok" and done["aborted"] is False
     assert 0 < done["completion_tokens"] <= 40
     assert finish != "length" or done["completion_tokens"] == 40

@@ -20,7 +20,7 @@ def test_chat_stream_is_assembled_per_choice() -> None:
     for choices in chunks:
         state.collect(choices)
     assert state.assembled() == [
-        {"index": 0, "text": "Hello", "finish_reason": "stop"},
+        {"index": 0, "role": "assistant", "text": "Hello", "finish_reason": "stop"},
         {"index": 1, "text": "Bonjour", "finish_reason": "length"},
     ]
 
@@ -75,3 +75,23 @@ def test_events_are_relayed_with_the_alias_and_usage_hidden() -> None:
     assert tr.event(b"data: [DONE]") is None and tr.state.done
     assert tr.state.engine_model == "served"
     assert tr.assembled() == []  # nothing is collected unless the trail needs it
+
+
+def test_every_field_the_client_received_is_kept() -> None:
+    """Reasoning, logprobs and fields no adapter knows are recorded, not only the text."""
+    state = OpenAIStream("m", wants_usage=False, collect=True)
+
+    def lp(tok: str) -> dict:
+        return {"content": [{"token": tok, "logprob": -0.1, "top_logprobs": []}]}
+
+    state.collect([{"index": 0, "delta": {"role": "assistant", "reasoning_content": "Let"}}])
+    state.collect([{"index": 0, "delta": {"reasoning_content": " me think"}}])
+    state.collect([{"index": 0, "delta": {"content": "4"}, "logprobs": lp("4")}])
+    chunk = {"index": 0, "delta": {"content": "2", "x_vendor": {"n": 1}}, "logprobs": lp("2")}
+    state.collect([chunk])
+    state.collect([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": None}])
+    (choice,) = state.assembled()
+    assert choice["text"] == "42" and choice["reasoning_content"] == "Let me think"
+    assert [t["token"] for t in choice["logprobs"]["content"]] == ["4", "2"]
+    assert choice["x_vendor"] == {"n": 1} and choice["role"] == "assistant"
+    assert "stop_reason" in choice and choice["finish_reason"] == "stop"

@@ -347,29 +347,39 @@ class OpenAIStream(StreamTranslator):
         return exc.sse()
 
     def collect(self, choices: list[Any]) -> None:
+        """Adds one chunk's choices to the answer. Every field the client received is kept:
+        the text and tool calls, and any other field of the delta or the choice (reasoning,
+        logprobs, an engine's own), strings joined, lists extended, the rest last-wins."""
         out = self.output
         for ch in choices:
             if not isinstance(ch, dict):
                 continue
-            acc = out.setdefault(ch.get("index", 0), {"parts": [], "tools": {}})
+            acc = out.setdefault(ch.get("index", 0), {"parts": [], "tools": {}, "fields": {}})
             delta = ch.get("delta")
             if isinstance(delta, dict):
-                if isinstance(c := delta.get("content"), str):
-                    acc["parts"].append(c)
-                if isinstance(r := delta.get("role"), str):
-                    acc["role"] = r
-                for tc in delta.get("tool_calls") or ():
-                    _merge_tool_call(acc["tools"], tc)
+                for key, value in delta.items():
+                    if key == "content" and isinstance(value, str):
+                        acc["parts"].append(value)
+                    elif key == "tool_calls":
+                        for tc in value or ():
+                            _merge_tool_call(acc["tools"], tc)
+                    elif key != "content":
+                        _merge_field(acc["fields"], key, value)
             elif isinstance(t := ch.get("text"), str):
                 acc["parts"].append(t)
+            for key, value in ch.items():
+                if key not in ("index", "delta", "text", "finish_reason"):
+                    _merge_field(acc["fields"], key, value)
             if ch.get("finish_reason") is not None:
                 acc["finish_reason"] = ch["finish_reason"]
 
     def assembled(self) -> list[dict[str, Any]]:
-        """The streamed answer put back together: text, tool calls, finish reason per choice."""
+        """The streamed answer put back together, per choice: text, tool calls, finish reason
+        and every other field the client received."""
         result = []
         for index, acc in sorted(self.output.items(), key=_by_index):
             choice: dict[str, Any] = {
+                **acc["fields"],
                 "index": index,
                 "text": "".join(acc["parts"]),
                 "finish_reason": acc.get("finish_reason"),
@@ -383,6 +393,27 @@ class OpenAIStream(StreamTranslator):
                     del tc["args"]
             result.append(choice)
         return result
+
+
+def _merge_field(fields: dict[str, Any], key: str, value: Any) -> None:
+    """Streams send pieces: text to join, lists (logprobs.content) to extend, dicts by key."""
+    if value is None:
+        fields.setdefault(key, None)
+        return
+    have = fields.get(key)
+    if isinstance(value, str) and isinstance(have, str):
+        fields[key] = have + value
+    elif isinstance(value, list) and isinstance(have, list):
+        have.extend(value)
+    elif isinstance(value, dict) and isinstance(have, dict):
+        for k, v in value.items():
+            _merge_field(have, k, v)
+    elif isinstance(value, dict):  # a copy: later pieces extend it, never the sent chunk
+        fields[key] = {}
+        for k, v in value.items():
+            _merge_field(fields[key], k, v)
+    else:
+        fields[key] = list(value) if isinstance(value, list) else value
 
 
 def _by_index(item: tuple[Any, Any]) -> tuple[int, Any]:
