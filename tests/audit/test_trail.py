@@ -406,3 +406,13 @@ def test_a_read_that_cannot_be_recorded_returns_nothing(env) -> None:  # type: i
         assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
     finally:
         trail.wal.broken = None
+
+
+def test_each_start_entry_records_the_audit_policy_in_force(env) -> None:  # type: ignore[no-untyped-def]
+    c, _keys, _settings = env
+    trail = c.app.state.audit  # type: ignore[attr-defined]
+    from bastion.audit.wal import read_entries
+
+    (start,) = [e for e in read_entries(trail.wal.directory) if e["kind"] == "start"]
+    assert start["audit"]["on_failure"] == "closed" and start["audit"]["redact"] == ["card"]
+    assert "retention_days" in start["audit"] and "teams" in start

@@ -94,8 +94,22 @@ class AuditTrail:
             "group_mappings": [m.model_dump() for m in settings.identity.group_mappings],
             "oidc_issuers": [(i.issuer, i.audience) for i in settings.identity.oidc],
             "teams": {
-                name: {"cost_center": t.cost_center, "models": t.models}
+                name: {
+                    "cost_center": t.cost_center,
+                    "models": t.models,
+                    "audit_retention_days": t.audit_retention_days,
+                }
                 for name, t in settings.teams.items()
+            },
+            # How this replica records: an auditor sees from the trail itself whether it was
+            # failing closed, what it redacted and how long contents are kept.
+            "audit": {
+                "on_failure": a.on_failure,
+                "redact": list(a.redact),
+                "redact_upstream": a.redact_upstream,
+                "retention_days": a.retention_days,
+                "checkpoint_entries": a.checkpoint_entries,
+                "checkpoint_seconds": a.checkpoint_seconds,
             },
         }
         self.db, self.metrics = db, metrics
