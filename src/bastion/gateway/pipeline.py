@@ -61,7 +61,6 @@ class Call:
     source: str | None = None
     ticket: Ticket | None = None
     queue: FairQueue | None = None
-    body: dict[str, Any] | None = None
     req: ParsedRequest | None = None
     #: The request entry is durable: the call ends with a completion entry, not a rejection.
     audited: bool = False
@@ -115,7 +114,7 @@ class Gateway:
             principal = await self.keys.authenticate(request.headers.get("authorization"))
             self._attribute(call.rec, principal)
             req = wire.parse(await self._read_body(request), request.headers)
-            call.body, call.req = req.body, req
+            call.req = req
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
             route = self._authorize(principal, req, wire)
@@ -243,9 +242,7 @@ class Gateway:
         try:
             lease, upstream = await self._connect(call, route, req, wire)
             with lease:
-                raw = await upstream.read()
-            waiting = False  # no await since the read: a later disconnect cancels nothing
-            return raw
+                return await upstream.read()
         except asyncio.CancelledError:
             if gone.done() and not gone.cancelled() and task.uncancel() == 0:
                 raise ClientDisconnect() from None
@@ -377,5 +374,8 @@ class Gateway:
                 self.audit.completion_later(rec, content=content, aborted=True, error=error)
             else:
                 self.audit.completion_later(
-                    rec, kind="rejected", content={"request": call.body}, error=error
+                    rec,
+                    kind="rejected",
+                    content={"request": call.req.body if call.req else None},
+                    error=error,
                 )

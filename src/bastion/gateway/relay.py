@@ -17,7 +17,7 @@ from typing import Any
 
 from bastion.core.errors import BastionError, UpstreamError
 from bastion.engines.client import EngineResponse
-from bastion.gateway.wire import StreamState, StreamTranslator
+from bastion.gateway.wire import StreamTranslator
 from bastion.routing.balancer import Lease
 
 log = logging.getLogger("bastion.gateway")
@@ -50,10 +50,6 @@ class SSERelay:
         #: Runs when the engine has finished, before the client gets the end of the stream (the
         #: audit trail's completion entry); an error it returns is sent instead.
         self.before_done = before_done
-
-    @property
-    def state(self) -> StreamState:
-        return self.translator.state
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
         cancelled = False

@@ -5,7 +5,6 @@ These are plain Starlette routes: the request path pays for nothing it does not 
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
@@ -17,6 +16,7 @@ from starlette.routing import Route
 from bastion.core.errors import AuthenticationFailed, BastionError, NotFound, error_response
 from bastion.gateway.pipeline import Gateway
 from bastion.gateway.wire import ADAPTERS, WireAdapter
+from bastion.identity.access import bearer_is
 from bastion.routing.balancer import ModelRoute
 
 
@@ -78,7 +78,9 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
     metrics_key = gateway.settings.server.metrics_key
 
     async def prometheus(request: Request) -> Response:
-        if metrics_key is not None and not _bearer_is(request, metrics_key):
+        if metrics_key is not None and not bearer_is(
+            request.headers.get("authorization"), metrics_key
+        ):
             return error_response(
                 AuthenticationFailed("/metrics needs its bearer key.", code="invalid_metrics_key")
             )
@@ -96,10 +98,3 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
-
-
-def _bearer_is(request: Request, expected: str) -> bool:
-    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), expected.encode()
-    )

@@ -46,17 +46,20 @@ class Access:
         return self.request.app.state
 
 
+def bearer_is(authorization: str | None, expected: str) -> bool:
+    """`Authorization: Bearer <expected>`, compared in constant time."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    )
+
+
 async def acting(request: Request, authorization: str | None) -> Actor:
     state = request.app.state
     expected = state.settings.admin.key
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if (
-        expected is not None
-        and scheme.lower() == "bearer"
-        and hmac.compare_digest(token.encode(), expected.encode())
-    ):
+    if expected is not None and bearer_is(authorization, expected):
         return Actor("admin", None, "admin-key")
+    token = (authorization or "").partition(" ")[2].strip()
     if not token.startswith(("bst-", "bss-")) and not looks_like_jwt(token):
         raise AuthenticationFailed(
             "A valid admin key or a signed-in administrator is required for /admin.",

@@ -24,7 +24,7 @@ def check_caps(settings: Settings, req: ParsedRequest) -> None:
             code="n_too_large",
         )
     model = settings.models[req.model]
-    if refused := req.fields & model.engine_fields.refused():
+    if refused := req.fields & model.engine_fields.refused:
         name = sorted(refused)[0]
         raise InvalidRequest(
             f"The field '{name}' steers the engine and is not allowed for model "

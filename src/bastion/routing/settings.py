@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import Field
@@ -40,7 +41,9 @@ class EngineFieldPolicy(Strict):
         "deliberately (e.g. `priority` with the engine's priority scheduling).",
     )
 
+    @cached_property
     def refused(self) -> frozenset[str]:
+        """Computed once: every generating request is checked against it."""
         return frozenset(self.deny) - frozenset(self.allow)
 
 
