@@ -181,6 +181,19 @@ class Gateway:
         assert out and out[-1].startswith("bst-"), out
         return out[-1]
 
+    def create_auditor_key(self, team: str = "alpha", user: str | None = None) -> str:
+        """Set-up only: an auditor key written straight to the database. Bastion itself makes
+        auditors only from the IdP's groups or with a second administrator's approval."""
+        from bastion.identity.keys import create_key
+        from bastion.store.db import make_engine
+
+        engine = make_engine(self.config["database"]["url"])
+        try:
+            known = set(self.config.get("models", {}))
+            return create_key(engine, team=team, user=user, known_models=known, role="auditor")[1]
+        finally:
+            engine.dispose()
+
     def start(self, timeout: float = 30) -> Gateway:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -377,6 +390,11 @@ OIDC_USERS: dict[str, dict[str, Any]] = {
     },
     "bob-cli": {"preferred_username": "bob", "groups": ["trading"]},
     "carol-cli": {"preferred_username": "carol", "groups": ["bastion-auditors"]},
+    "frank-cli": {"preferred_username": "frank", "groups": ["bastion-admins"]},
+    "gina-cli": {"preferred_username": "gina", "groups": ["bastion-admins"]},
+    # The same user before and after moving out of a mapped group (tokens issued later).
+    "erin-cli": {"preferred_username": "erin", "groups": ["risk-analysts"]},
+    "erin-moved-cli": {"preferred_username": "erin", "groups": ["trading"]},
 }
 
 

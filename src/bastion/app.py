@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -21,6 +22,7 @@ from starlette.routing import Mount
 from bastion import __version__
 from bastion.admin.api import router as admin_router
 from bastion.admin.app import control_plane
+from bastion.admin.approvals import router as approvals_router
 from bastion.audit import api as audit_api
 from bastion.audit.trail import AuditTrail
 from bastion.config import Settings
@@ -29,7 +31,7 @@ from bastion.engines.client import EngineClient
 from bastion.gateway.pipeline import Gateway
 from bastion.gateway.routes import gateway_routes
 from bastion.identity import api as identity_api
-from bastion.identity.keys import KeyStore
+from bastion.identity.keystore import KeyStore
 from bastion.identity.sso import SsoAuthenticator
 from bastion.identity.teams import open_store
 from bastion.limits.admission import Admission
@@ -58,7 +60,13 @@ def build_app(
     routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
-    keys = KeyStore(db, settings.identity.key_refresh_seconds, sso)
+    keys = KeyStore(
+        db,
+        settings.identity.key_refresh_seconds,
+        sso,
+        self_service_max=timedelta(days=settings.identity.self_service_key_max_days),
+        trail=audit,
+    )
     if settings.identity.ldap is not None:
         from bastion.identity.ldap_login import DirectoryLogin  # needs the `ldap` extra
 
@@ -94,7 +102,13 @@ def build_app(
             yield
 
     admin = control_plane(
-        [admin_router, audit_api.router, audit_api.admin_router, identity_api.router],
+        [
+            admin_router,
+            approvals_router,
+            audit_api.router,
+            audit_api.admin_router,
+            identity_api.router,
+        ],
         openapi_public=settings.admin.openapi_public,
     )
     app = Starlette(lifespan=lifespan, routes=[*gateway_routes(gateway), Mount("", app=admin)])

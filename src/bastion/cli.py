@@ -47,6 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        # X-Forwarded-For is believed only from the configured load balancers (uvicorn would
+        # otherwise trust it from 127.0.0.1, or from $FORWARDED_ALLOW_IPS).
+        proxy_headers=bool(settings.server.trusted_proxies),
+        forwarded_allow_ips=settings.server.trusted_proxies or [],
         log_level=args.log_level,
         timeout_graceful_shutdown=30,
     )
@@ -61,11 +65,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 # -- keys ---------------------------------------------------------------------------------------
 def cmd_keys_create(args: argparse.Namespace) -> int:
+    from bastion.audit.offline import cli_actor
     from bastion.core.timeutil import parse_duration
     from bastion.identity.keys import new_key
     from bastion.identity.teams import IdentityError
 
     settings = _settings(args)
+    if args.role == "auditor":
+        # Whoever holds the config and the database is no proof of anyone: auditors come from
+        # the identity provider, or from two administrators through the admin API.
+        return _fail(
+            ValueError(
+                "auditor keys are not made from the command line: map an IdP/directory group "
+                "to role auditor (identity.group_mappings), or, with admin.four_eyes, ask "
+                "through POST /admin/keys and have a second administrator approve"
+            )
+        )
     try:
         expires = parse_duration(args.expires) if args.expires else None
         models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
@@ -79,6 +94,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             name=args.name or "",
             known_models=set(settings.models),
             role=args.role,
+            created_by=cli_actor(),
         )
         pub = made.record.public()
         with _change(settings, "key.create", team=pub["team"], after=pub):

@@ -78,7 +78,7 @@ def _sections(
         if field.default is not PydanticUndefined:
             default = f"`{field.default!r}`" if field.default is not None else "none"
         elif field.default_factory is not None:
-            default = "(see below)" if nested else "`{}`"
+            default = "(see below)" if nested else f"`{field.default_factory()!r}`"  # type: ignore[call-arg]
         else:
             default = "**required**"
         kind = "section" if nested and nested[0] == "" else _type_name(field.annotation)

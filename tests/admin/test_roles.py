@@ -87,8 +87,9 @@ def test_a_team_admin_sees_and_manages_only_their_team(env: Any) -> None:
     usage = c.get("/admin/usage", params={"by": "team"}, headers=lead).json()
     assert [row["team"] for row in usage] == ["alpha"]
     assert c.get(f"/admin/keys/{ids['alpha']}", headers=lead).status_code == 200
-    made = c.post("/admin/keys", json={"team": "alpha", "user": "new"}, headers=lead)
+    made = c.post("/admin/keys", json={"team": "alpha"}, headers=lead)
     assert made.status_code == 201 and made.json()["team"] == "alpha"
+    assert made.json()["created_by"] == ids["lead"]  # the key that made it, as authenticated
     escalate = c.post("/admin/keys", json={"team": "alpha", "role": "admin"}, headers=lead)
     assert escalate.status_code == 403
     for method, path in (
@@ -101,6 +102,56 @@ def test_a_team_admin_sees_and_manages_only_their_team(env: Any) -> None:
     ):
         r = getattr(c, method)(path, headers=lead, **({"json": {}} if method == "post" else {}))
         assert r.status_code == 403, (path, r.text)
+
+
+def test_a_team_admin_acts_only_on_member_keys_for_users_they_speak_for(env: Any) -> None:
+    """Red team: a team-admin created keys attributed to another team's user, and changed
+    limits on and revoked the team's own admin-role key."""
+    c, keys, ids, _db = env
+    lead, admin = _auth(keys["lead"]), _auth(ADMIN)
+    for user in ("ben", "lee"):  # another team's user; even their own key's `user` label
+        r = c.post("/admin/keys", json={"team": "alpha", "user": user}, headers=lead)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "user_not_allowed", r.text
+    senior = {"team": "alpha", "role": "team-admin", "user": "sam"}
+    boss = c.post("/admin/keys", json=senior, headers=admin).json()
+    for key_id in (boss["id"], ids["lead"]):  # keys with a role: an admin's business
+        _not_found(c.post(f"/admin/keys/{key_id}/revoke", headers=lead))
+        _not_found(c.put(f"/admin/keys/{key_id}/limits", json={"rpm": 100}, headers=lead))
+        _not_found(c.get(f"/admin/keys/{key_id}", headers=lead))
+    assert c.get(f"/admin/keys/{boss['id']}", headers=admin).json()["status"] == "active"
+    member = c.post("/admin/keys", json={"team": "alpha"}, headers=lead).json()
+    assert c.post(f"/admin/keys/{member['id']}/revoke", headers=lead).status_code == 200
+
+
+def test_per_key_limits_only_tighten_the_defaults(stub: StubEngine, tmp_path: Path) -> None:
+    """Red team: with an organisation default of `rpm: 2`, a team-admin set `tpm` on a key and
+    the key lost its rpm limit (its own limits replaced the default instead of adding to it)."""
+    settings = parse_settings(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/l.db"},
+            "admin": {"key": ADMIN},
+            "limits": {"defaults": {"key": {"rpm": 2, "tpm": 100_000}}},
+            "cost_centers": {"cc": {}},
+            "teams": {"alpha": {"cost_center": "cc"}},
+            "models": {"stub": {"deployments": [{"url": stub.url, "served_name": "s"}]}},
+            "audit": {"enabled": False},
+        }
+    )
+    with TestClient(build_app(settings)) as c:
+        db = c.app.state.db  # type: ignore[attr-defined]
+        lead = create_key(db, team="alpha", known_models={"stub"}, role="team-admin")[1]
+        rec, token = create_key(db, team="alpha", known_models={"stub"})
+        loosen = {"tpm": 1_000_000, "rpm": 50, "concurrent": 4}
+        r = c.put(f"/admin/keys/{rec.id}/limits", json=loosen, headers=_auth(lead))
+        assert r.status_code == 200, r.text
+        codes = [
+            c.post("/v1/chat/completions", json=CHAT, headers=_auth(token)).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]  # still the default's rpm: 2, not the key's 50
+        status = c.get("/admin/limits", params={"team": "alpha"}, headers=_auth(ADMIN)).json()
+        mine = {row["limit_kind"]: row["limit"] for row in status if rec.id in row["level"]}
+        assert mine == {"rpm": 2, "tpm": 100_000, "concurrent": 4}, status
 
 
 def test_members_and_auditors_get_only_what_their_role_allows(env: Any) -> None:

@@ -48,7 +48,7 @@ def _show(gw: Gateway, auditor: str, rid: str, want: int = 2) -> list[dict[str, 
 def test_streams_are_recorded_as_assembled_answers(gateway: Gateway, api_key: str) -> None:
     import openai
 
-    auditor = gateway.create_key("alpha", "--role", "auditor", "--user", "carol")
+    auditor = gateway.create_auditor_key("alpha", "carol")
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(
             model="tiny",
@@ -84,7 +84,7 @@ def test_streams_are_recorded_as_assembled_answers(gateway: Gateway, api_key: st
 def test_a_cancelled_stream_is_marked_aborted_with_what_was_sent(
     gateway: Gateway, api_key: str
 ) -> None:
-    auditor = gateway.create_key("alpha", "--role", "auditor")
+    auditor = gateway.create_auditor_key("alpha")
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "Write a long story."}],
@@ -226,7 +226,7 @@ def test_cli_reads_export_and_offline_verification(
 ) -> None:
     import openai
 
-    auditor = gateway.create_key("alpha", "--role", "auditor", "--user", "dora")
+    auditor = gateway.create_auditor_key("alpha", "dora")
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(
             model="tiny",
@@ -255,8 +255,11 @@ def test_cli_reads_export_and_offline_verification(
     export.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
     bad = gateway.cli("audit", "verify", "--file", str(export), check=False)
     assert bad.returncode == 1 and "(edited)" in bad.stdout
-    # The reads above are in the trail, attributed to the auditor.
-    reads = [e for e in _entries(_db_url(gateway), kind="read") if e.get("actor") == "dora"]
+    # The reads above are in the trail, attributed to the auditor as authenticated: the key's
+    # id, never the `user` label its creator typed.
+    keys = orjson.loads(gateway.cli("keys", "list", "--format", "json").stdout)
+    key_id = next(k["id"] for k in keys if k["prefix"] == auditor[:12])
+    reads = [e for e in _entries(_db_url(gateway), kind="read") if e.get("actor") == key_id]
     assert {"search", "show", "export"} <= {e["action"] for e in reads}
 
 

@@ -15,7 +15,8 @@ import yaml
 
 from bastion.config import parse_settings
 from bastion.core.errors import AuthenticationFailed
-from bastion.identity.keys import KeyStore, create_key, list_keys, revoke_key
+from bastion.identity.keys import create_key, list_keys, revoke_key
+from bastion.identity.keystore import KeyStore
 from bastion.identity.teams import IdentityError, sync_config
 from bastion.store.db import make_engine, upgrade
 from bastion.store.schema import api_keys
@@ -141,6 +142,102 @@ def test_expired_key(db: sa.Engine) -> None:
         await asyncio.sleep(0.4)
         with pytest.raises(AuthenticationFailed, match="expired"):
             await store.authenticate(f"Bearer {token}")
+        await store.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_revocation_from_a_host_whose_clock_is_behind_reaches_the_cache(
+    db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red team: the cache polled `updated_at >= newest seen - 1 s`, so a revocation written by
+    a host whose clock ran 3 s behind was skipped for good. Now the database numbers changes."""
+    from datetime import datetime
+
+    import bastion.identity.keys as keys_module
+
+    class Behind(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def,override]
+            return datetime.now(tz) - timedelta(seconds=3)
+
+    async def scenario() -> None:
+        store = KeyStore(db, refresh_seconds=3600)  # polled by hand below
+        await store.start()
+        victim, token = create_key(db, team="t", known_models=set())
+        create_key(db, team="t", known_models=set())  # a later change, with a right clock
+        store.refresh_now()
+        await store.authenticate(f"Bearer {token}")
+        with monkeypatch.context() as m:
+            m.setattr(keys_module, "datetime", Behind)
+            revoke_key(db, victim.id)  # on the host whose clock is behind
+        store.refresh_now()
+        with pytest.raises(AuthenticationFailed, match="revoked"):
+            await store.authenticate(f"Bearer {token}")
+        await store.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+def test_change_numbers_follow_commit_order(pg_url: str) -> None:
+    """A writer that took number N blocks the next writer until it commits, so no reader can see
+    N+1 before N (which would let a poll skip N for good)."""
+    import threading
+    import time
+
+    from bastion.store.changes import next_change
+
+    engine = make_engine(pg_url)
+    upgrade(engine)
+    got: dict[str, tuple[int, float]] = {}
+    first_has_number = threading.Event()
+
+    def first() -> None:
+        with engine.begin() as conn:
+            number = next_change(conn, "api_keys")
+            first_has_number.set()
+            time.sleep(0.5)  # still uncommitted
+            got["first"] = (number, time.monotonic())
+
+    def second() -> None:
+        first_has_number.wait()
+        with engine.begin() as conn:
+            got["second"] = (next_change(conn, "api_keys"), time.monotonic())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.dispose()
+    assert got["second"][0] == got["first"][0] + 1
+    assert got["second"][1] >= got["first"][1]  # numbered only once the first had committed
+
+
+def test_self_service_keys_never_outlive_the_maximum(db: sa.Engine) -> None:
+    """Keys users mint for themselves stop at `identity.self_service_key_max_days`, even ones
+    stored with no expiry before that limit existed; keys an admin made are not affected."""
+
+    from datetime import UTC, datetime
+
+    async def scenario() -> None:
+        old_self, self_token = create_key(db, team="t", user="u", known_models=set(),
+                                          source="self-service")  # fmt: skip
+        old_sso, sso_token = create_key(db, team="t", user="u", known_models=set(), source="sso")
+        old_admin, admin_token = create_key(db, team="t", known_models=set())
+        with db.begin() as conn:
+            conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id.in_([old_self.id, old_sso.id, old_admin.id]))
+                .values(created_at=datetime.now(UTC) - timedelta(days=91))
+            )
+        store = KeyStore(db, refresh_seconds=3600, self_service_max=timedelta(days=90))
+        await store.start()
+        for token in (self_token, sso_token):
+            with pytest.raises(AuthenticationFailed, match="expired"):
+                await store.authenticate(f"Bearer {token}")
+        await store.authenticate(f"Bearer {admin_token}")
         await store.stop()
 
     asyncio.run(scenario())

@@ -12,7 +12,7 @@ import ldap
 import pytest
 
 from bastion.identity.ldap import DirectoryUnavailable, DirectoryUser, LdapDirectory, LoginFailed
-from bastion.identity.settings import LdapSettings
+from bastion.identity.settings import DISABLED_FILTER, LdapSettings
 
 from .slapd import EVE, PASSWORDS, Slapd, group_dn, user_dn
 
@@ -276,6 +276,7 @@ class _FakeAd:
     """Answers like AD for one user in two groups, recording every filter it is sent."""
 
     filters: list[str] = []
+    disabled = False
 
     def set_option(self, *_: Any) -> None: ...
 
@@ -287,6 +288,8 @@ class _FakeAd:
 
     def search_ext_s(self, base: str, _scope: int, flt: str, **_: Any) -> list[Any]:
         self.filters.append(flt)
+        if flt == DISABLED_FILTER:  # the base search on the user's own entry
+            return [(base, {})] if self.disabled else []
         if flt.startswith("(sAMAccountName="):
             return [("CN=J\\, Doe (ops),OU=Users,DC=ad", {"sAMAccountName": [b"jdoe"]})]
         return [
@@ -308,8 +311,25 @@ def test_in_chain_sends_one_matching_rule_filter(
     assert user.username == "jdoe"
     assert _FakeAd.filters == [
         "(sAMAccountName=jdoe)",
+        DISABLED_FILTER,
         "(member:1.2.840.113556.1.4.1941:=CN=J\\5c, Doe \\28ops\\29,OU=Users,DC=ad)",
     ]
+
+
+def test_a_disabled_ad_account_cannot_sign_in_and_has_no_groups(
+    cfg: LdapSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AD's ACCOUNTDISABLE bit, as the default `disabled_filter` asks for it."""
+    monkeypatch.setattr(_FakeAd, "filters", [])
+    monkeypatch.setattr(_FakeAd, "disabled", True)
+    monkeypatch.setattr(ldap, "initialize", lambda _url: _FakeAd())
+    ad = replace(cfg, user_filter="(sAMAccountName={username})", nested_groups="in_chain")
+    ad = replace(ad, username_attribute="sAMAccountName")
+    with pytest.raises(LoginFailed):
+        login(ad, "jdoe", "pw")
+    looked_up = asyncio.run(LdapDirectory(ad).groups_of("jdoe"))
+    assert looked_up is not None and looked_up.disabled and looked_up.groups == ()
+    assert "userAccountControl:1.2.840.113556.1.4.803:=2" in DISABLED_FILTER
 
 
 def test_login_throttle_window() -> None:
@@ -318,15 +338,23 @@ def test_login_throttle_window() -> None:
 
     throttle = LoginThrottle(max_failures=2, window=0.3)
     who = ("user:eve", "source:10.0.0.9")
-    throttle.check(who)
-    throttle.failed(who)
-    throttle.failed(who)
+    throttle.reserve(who)
+    throttle.reserve(who)  # two attempts in flight count as two failures already
     with pytest.raises(RateLimited):
-        throttle.check(who)
-    throttle.check(("user:ann", "source:10.0.0.9"))  # the address has room for more names
+        throttle.reserve(who)
+    throttle.reserve(("user:ann", "source:10.0.0.9"))  # the address has room for more names
     time.sleep(0.35)
-    throttle.check(who)  # the failures aged out
-    throttle.failed(who)
+    first = throttle.reserve(who)  # the failures aged out
+    throttle.release(who, first)  # ... and this one proved right
     throttle.succeeded("user:eve")
-    throttle.failed(who)
-    throttle.check(who)  # a success starts the user's count afresh
+    throttle.reserve(who)
+    throttle.reserve(who)  # a success started the user's count afresh
+    with pytest.raises(RateLimited):
+        throttle.reserve(who)
+
+
+def test_user_names_are_counted_as_the_directory_compares_them() -> None:
+    from bastion.identity.ldap_login import normalised
+
+    assert {normalised(n) for n in ("Alice", " alice", "ALICE ", "\uff21lice")} == {"alice"}
+    assert normalised("Mary  Ann") == normalised("mary ann")

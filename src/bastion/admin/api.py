@@ -1,14 +1,16 @@
-"""The admin HTTP API (`/admin/…`): teams, cost centers, keys and usage.
+"""The admin HTTP API (`/admin/…`): teams, cost centers, keys, approvals, offboarding, usage.
 
-Protected by the admin key (`admin.key` / BASTION_ADMIN_KEY). Handlers are sync functions, so
-FastAPI runs their database work in its thread pool, off the event loop. The OpenAPI document
-is served at `/admin/openapi.json`.
+Protected by the admin key (`admin.key` / BASTION_ADMIN_KEY) or a credential with the role an
+endpoint accepts. A team-admin manages only the member keys of their own team, attributed to
+themselves or to no one. An auditor key is never one administrator's doing: auditors come from
+the identity provider's group mappings, or (with `admin.four_eyes`) a second administrator
+approves the key before it works. The OpenAPI document is served at `/admin/openapi.json`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -23,10 +25,11 @@ from bastion.core.errors import (
 )
 from bastion.core.settings import NAME, LimitSettings
 from bastion.core.timeutil import parse_duration, parse_time
-from bastion.identity import teams
+from bastion.identity import approvals, teams
 from bastion.identity.access import Access, Admin, Manager, Reader
 from bastion.identity.keys import (
     KeyRecord,
+    activate_key,
     get_key,
     list_keys,
     new_key,
@@ -34,6 +37,7 @@ from bastion.identity.keys import (
     set_key_limits,
 )
 from bastion.identity.roles import ROLE_HELP, Role
+from bastion.identity.sessions import revoke_sessions
 from bastion.limits.admission import BACKEND_ERRORS
 from bastion.limits.status import limit_status
 from bastion.metering.reports import summarize
@@ -74,9 +78,12 @@ class KeyOut(BaseModel):
     created_at: str
     expires_at: str | None
     revoked_at: str | None
-    status: Literal["active", "expired", "revoked"]
+    status: Literal["active", "expired", "revoked", "pending"]
     limits: dict[str, float] | None
     role: str
+    source: str
+    created_by: str | None = Field(description="The authenticated principal that made it.")
+    approval: str | None = Field(description="The approval it waits for (status `pending`).")
 
 
 class NewKeyOut(KeyOut):
@@ -146,9 +153,9 @@ def get_keys(ctx: Manager, team: str | None = None) -> list[KeyOut]:
 
 @router.post("/keys", status_code=201)
 async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
+    """A key; an auditor key (with `admin.four_eyes`) is `pending` until another admin approves."""
     ctx.actor.team_scope(body.team)
-    if ctx.actor.role != "admin" and body.role != "member":
-        raise PermissionDenied("Only an admin creates keys with roles.", code="role_not_allowed")
+    _may_create(ctx, body)
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
         made = await asyncio.to_thread(
@@ -162,6 +169,8 @@ async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
                 known_models=set(ctx.settings.models),
                 limits=body.limits,
                 role=body.role,
+                created_by=ctx.actor.name,
+                approval=approvals.new_id() if body.role == "auditor" else None,
             )
         )
     except (teams.IdentityError, ValueError) as exc:
@@ -169,7 +178,53 @@ async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
     rec = made.record
     async with _change(ctx, "key.create", team=rec.team, after=rec.public()):
         await asyncio.to_thread(made.save, ctx.db)
+    if rec.approval is not None:
+        await _ask_approval(ctx, "key.create", rec.team, {"key_id": rec.id}, rec.approval)
     return NewKeyOut(key=made.token, **rec.public())  # type: ignore[arg-type]
+
+
+def _may_create(ctx: Access, body: KeyIn) -> None:
+    actor = ctx.actor
+    if body.role == "auditor" and not ctx.settings.admin.four_eyes:
+        raise PermissionDenied(
+            "Auditors come from the identity provider (identity.group_mappings with role "
+            "auditor); with admin.four_eyes, an auditor key needs a second admin's approval.",
+            code="auditor_needs_second_admin",
+        )
+    if actor.role == "admin":
+        return
+    if body.role != "member":
+        raise PermissionDenied("Only an admin creates keys with roles.", code="role_not_allowed")
+    if body.user is not None and not (actor.person and body.user == actor.name):
+        raise PermissionDenied(
+            "A team-admin attributes keys only to themselves or to no one.",
+            code="user_not_allowed",
+        )
+
+
+async def _ask_approval(
+    ctx: Access, action: str, team: str | None, subject: dict[str, Any], approval_id: str
+) -> dict[str, Any]:
+    ttl = timedelta(hours=ctx.settings.admin.approval_ttl_hours)
+    async with _change(ctx, "approval.request", team=team, after={"id": approval_id,
+                       "action": action, **subject}):  # fmt: skip
+        return await asyncio.to_thread(
+            approvals.request, ctx.db, action, subject, ctx.actor.name, ttl, team, approval_id
+        )
+
+
+@approvals.executes("key.create")
+async def _activate(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
+    rec = await asyncio.to_thread(activate_key, state.db, approval["subject"]["key_id"])
+    state.keys.update(rec)
+    return {"key": rec.public()}
+
+
+@approvals.executes("key.create", "rejected")
+async def _discard(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
+    rec = await asyncio.to_thread(revoke_key, state.db, approval["subject"]["key_id"])
+    state.keys.update(rec)
+    return {"key": rec.public()}
 
 
 @router.get("/keys/{key_id}")
@@ -180,7 +235,7 @@ def get_one_key(key_id: str, ctx: Manager) -> KeyOut:
 def _managed_key(ctx: Access, key_id: str) -> KeyRecord:
     """The key, if the actor may manage it; otherwise 404, as if it did not exist."""
     rec = get_key(ctx.db, key_id)
-    if rec is None or not ctx.actor.may_manage(rec.team):
+    if rec is None or not ctx.actor.may_manage(rec.team, rec.role):
         raise NotFound(f"No key with id '{key_id}'.", code="key_not_found")
     return rec
 
@@ -201,7 +256,8 @@ async def post_revoke(key_id: str, ctx: Manager) -> KeyOut:
 
 @router.put("/keys/{key_id}/limits")
 async def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager) -> KeyOut:
-    """Replaces the key's own limits; an empty object returns it to `limits.defaults.key`."""
+    """Replaces the key's own limits, which only tighten `limits.defaults.key` (each field the
+    smaller of the two); an empty object leaves the defaults alone."""
     before = await asyncio.to_thread(_managed_key, ctx, key_id)
     after = {"limits": body.model_dump(exclude_none=True) or None}
     try:
@@ -240,3 +296,20 @@ def get_usage(
     except ValueError as exc:
         raise _bad(exc) from None
     return summarize(ctx.db, by, start, end, ctx.actor.team_scope(team))
+
+
+@router.post("/users/{user}/offboard")
+async def offboard(user: str, ctx: Admin) -> dict[str, Any]:
+    """Ends every session of `user` and revokes every live key attributed to them, on every
+    replica within `identity.key_refresh_seconds` (at once on this one)."""
+    async with _change(ctx, "user.offboard", user=user, takes_access_away=True):
+        ended = await asyncio.to_thread(revoke_sessions, ctx.db, ctx.actor.name, user=user)
+        revoked = []
+        for rec in await asyncio.to_thread(list_keys, ctx.db):
+            if rec.user == user and rec.revoked_at is None:
+                rec = await asyncio.to_thread(revoke_key, ctx.db, rec.id)
+                ctx.keys.update(rec)
+                revoked.append(rec.id)
+    for jti, expires in ended:
+        ctx.keys.revoked_sessions.add(jti, expires)
+    return {"user": user, "sessions_ended": len(ended), "keys_revoked": revoked}

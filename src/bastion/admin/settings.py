@@ -1,4 +1,4 @@
-"""Settings of `admin:`: the key of the /admin API."""
+"""Settings of `admin:`: the key of the /admin API, and four-eyes approvals."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ class AdminSettings(Strict):
         True,
         description="Serve `/admin/openapi.json` to anyone; false: only to the admin key or a "
         "credential with a control-plane role (admin, team-admin, auditor).",
+    )
+    four_eyes: bool = Field(
+        False,
+        description="Let an admin ask for an auditor key, made usable only when a second, "
+        "distinct administrator approves (`/admin/approvals`). Off: auditors come only from "
+        "`identity.group_mappings`. Releasing a legal hold and shredding always need a second "
+        "administrator.",
+    )
+    approval_ttl_hours: float = Field(
+        24, gt=0, le=720, description="How long a request waits for its second administrator."
     )
 
 

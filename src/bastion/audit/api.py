@@ -64,7 +64,7 @@ async def _read(trail: AuditTrail, who: Principal, action: str, query: dict[str,
     try:
         await trail.event(
             "read",
-            actor=who.user or who.key_id,
+            actor=who.name,
             action=action,
             key_id=who.key_id,
             team=None,

@@ -7,6 +7,7 @@
     ├── AuthenticationFailed             401    authentication_error   invalid_api_key
     ├── PermissionDenied                 403    permission_error       model_not_allowed
     ├── NotFound                         404    invalid_request_error  model_not_found
+    ├── Conflict                         409    invalid_request_error  conflict
     ├── RateLimited                      429    rate_limit_error       rate_limit_exceeded
     │   └── BudgetExceeded               429    rate_limit_error       budget_exceeded
     ├── LimitsUnavailable                503    service_unavailable    limits_unavailable
@@ -27,8 +28,8 @@ Who raises what: the wire adapters `InvalidRequest`/`BodyTooLarge`; identity
 that escapes a request becomes `InternalError`.
 
 The statuses are the ones that make the official `openai` SDK raise its matching class
-(BadRequestError, AuthenticationError, PermissionDeniedError, NotFoundError, RateLimitError,
-InternalServerError). `outcome` is how the request appears in the usage records.
+(BadRequestError, AuthenticationError, PermissionDeniedError, NotFoundError, ConflictError,
+RateLimitError, InternalServerError). `outcome` is how the request appears in the usage records.
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ class NotFound(BastionError):
     status = 404
     type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class Conflict(BastionError):
+    """The object is not in a state that allows this (e.g. an approval already decided)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class RateLimited(BastionError):

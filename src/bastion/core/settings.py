@@ -70,6 +70,17 @@ class LimitSettings(Strict):
     def is_empty(self) -> bool:
         return all(v is None for v in self.model_dump().values())
 
+    def tightened(self, other: LimitSettings | None) -> LimitSettings:
+        """These limits with `other`'s where they are stricter: each the smaller of the two."""
+        if other is None:
+            return self
+        merged = {
+            name: min((v for v in (getattr(self, name), getattr(other, name)) if v is not None),
+                      default=None)
+            for name in type(self).model_fields
+        }  # fmt: skip
+        return type(self).model_validate(merged)
+
 
 #: Cross-reference check of a section: given the whole settings tree, one message per problem.
 Check = Callable[[Any], list[str]]

@@ -39,7 +39,7 @@ from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
 from bastion.gateway.relay import Receive, SSERelay, wait_disconnect
 from bastion.gateway.wire import StreamTranslator, WireAdapter
-from bastion.identity.keys import KeyStore
+from bastion.identity.keystore import KeyStore
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
 from bastion.limits.admission import Admission, Ticket

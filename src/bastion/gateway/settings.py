@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import ipaddress
+
+from pydantic import Field, field_validator
 
 from bastion.core.settings import SECRET, Strict, section
 
@@ -23,6 +25,20 @@ class ServerSettings(Strict):
         description="Bearer key `/metrics` requires (at least 16 characters); none: open, as "
         "is usual on an internal network. Env override: BASTION_METRICS_KEY.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of the load balancers in front of the "
+        "gateway. Only from these is `X-Forwarded-For` believed (its right-most untrusted "
+        "address is the client, for sign-in throttling and the audit trail); from anyone else, "
+        "and by default, the client is the socket peer.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
 
 
 section(

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from bastion.config import Settings
 from bastion.core.errors import AuthenticationFailed, PermissionDenied
-from bastion.identity.keys import KeyStore
+from bastion.identity.keystore import KeyStore
 from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.roles import Actor
 
@@ -58,7 +58,7 @@ async def acting(request: Request, authorization: str | None) -> Actor:
     state = request.app.state
     expected = state.settings.admin.key
     if expected is not None and bearer_is(authorization, expected):
-        return Actor("admin", None, "admin-key")
+        return Actor("admin", None, "admin-key", person=True)
     token = (authorization or "").partition(" ")[2].strip()
     if not token.startswith(("bst-", "bss-")) and not looks_like_jwt(token):
         raise AuthenticationFailed(
@@ -66,7 +66,7 @@ async def acting(request: Request, authorization: str | None) -> Actor:
             code="invalid_admin_key",
         )
     who = await state.keys.authenticate(authorization)
-    return Actor(who.role, who.team, who.user or who.key_id)
+    return Actor(who.role, who.team, who.name, person=who.signed_in)
 
 
 def requires(*roles: str) -> Any:

@@ -1,15 +1,17 @@
 """`/auth/…`: directory sign-in and self-service keys.
 
-`POST /auth/login` turns directory credentials into a session token (`bastion login` calls it).
-A signed-in user (session token or SSO JWT) may mint API keys for their own team and see and
-revoke their own keys — never anyone else's (404, as if it did not exist). Logins, failed ones
-included, and key changes are written to the audit trail.
+`POST /auth/login` turns directory credentials into a session token (`bastion login` calls it);
+`POST /auth/logout` ends it (or, with `everywhere`, every session of the user) on every replica.
+A signed-in user (session token or SSO JWT) may mint API keys for their own team, living at most
+`identity.self_service_key_max_days`, and see and revoke their own keys — never anyone else's
+(404, as if it did not exist). Logins, failed ones included, sign-outs and key changes are
+written to the audit trail.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -21,6 +23,7 @@ from bastion.core.timeutil import parse_duration
 from bastion.identity.keys import get_key, list_keys, new_key, revoke_key
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
+from bastion.identity.sessions import SESSION_PREFIX, revoke_sessions
 from bastion.identity.teams import IdentityError
 
 if TYPE_CHECKING:  # python-ldap is an optional extra
@@ -36,7 +39,16 @@ class LoginIn(BaseModel):
 
 class SelfKeyIn(BaseModel):
     name: str = Field("", max_length=256, description="A label, e.g. the application.")
-    expires_in: str | None = Field("90d", description="Lifetime, e.g. 30d; null: never.")
+    expires_in: str | None = Field(
+        None,
+        max_length=32,
+        description="Lifetime, e.g. 30d; at most (and by default) "
+        "`identity.self_service_key_max_days`.",
+    )
+
+
+class LogoutIn(BaseModel):
+    everywhere: bool = Field(False, description="End every session of this user, not only this.")
 
 
 async def _record(request: Request, kind: str, **fields: Any) -> None:
@@ -71,11 +83,41 @@ async def login(body: LoginIn, request: Request) -> dict[str, Any]:
     return result
 
 
+@router.post("/logout")
+async def logout(
+    request: Request,
+    body: LogoutIn | None = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Ends this session token (from `bastion login`), or every session of its user."""
+    state = request.app.state
+    who: Principal = await state.keys.authenticate(authorization)
+    token = (authorization or "").partition(" ")[2].strip()
+    if not token.startswith(SESSION_PREFIX) or state.keys.login is None:
+        raise InvalidRequest(
+            "Only a session token from `bastion login` can sign out; an SSO token ends at its "
+            "identity provider, an API key is revoked.",
+            code="not_a_session",
+        )
+    everywhere = body is not None and body.everywhere
+    jti = None if everywhere else state.keys.login.sessions.verify(token)["jti"]
+    async with recorded_change(
+        state.audit, who.name, "session.revoke", takes_access_away=True, team=who.team,
+        user=who.user, reason="signed out everywhere" if everywhere else "signed out",
+    ):  # fmt: skip
+        ended = await asyncio.to_thread(
+            revoke_sessions, state.db, who.name, jti=jti, user=who.user if everywhere else None
+        )
+    for ended_jti, expires in ended:
+        state.keys.revoked_sessions.add(ended_jti, expires)
+    return {"sessions_ended": len(ended)}
+
+
 async def signed_in(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
     who: Principal = await request.app.state.keys.authenticate(authorization)
-    if not who.key_id.startswith(("ses_", "sso_")) or who.user is None:
+    if not who.signed_in or who.user is None:
         raise PermissionDenied(
             "Self-service keys need a signed-in user (bastion login, or your SSO token).",
             code="sign_in_required",
@@ -105,19 +147,26 @@ async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, An
     if who.role not in CALLERS:
         raise PermissionDenied("Auditors create no keys to call models.", code="role_not_allowed")
     state = request.app.state
+    longest = timedelta(days=state.settings.identity.self_service_key_max_days)
     try:
-        expires = parse_duration(body.expires_in) if body.expires_in else None
+        expires = parse_duration(body.expires_in) if body.expires_in else longest
+        if expires > longest:
+            raise ValueError(
+                f"expires_in is longer than the {longest.days} days self-service keys may live "
+                "(identity.self_service_key_max_days)"
+            )
         made = await asyncio.to_thread(
             lambda: new_key(
                 state.db, team=who.team, user=who.user, name=body.name, expires_in=expires,
-                known_models=set(state.settings.models), source="self-service",
+                known_models=set(state.settings.models), created_by=who.name,
+                source="sso" if who.key_id.startswith("sso_") else "self-service",
             )
         )  # fmt: skip
     except (IdentityError, ValueError) as exc:
         raise InvalidRequest(str(exc), code="invalid_value") from None
     rec = made.record
     async with recorded_change(
-        state.audit, str(who.user), "key.create", team=who.team, after=rec.public()
+        state.audit, who.name, "key.create", team=who.team, after=rec.public()
     ):
         await asyncio.to_thread(made.save, state.db)
     return {**rec.public(), "key": made.token}
@@ -129,7 +178,7 @@ async def revoke_my_key(key_id: str, request: Request, who: User) -> dict[str, A
     before = await asyncio.to_thread(_mine, request, who, key_id)
     async with recorded_change(
         state.audit,
-        str(who.user),
+        who.name,
         "key.revoke",
         takes_access_away=True,
         team=who.team,

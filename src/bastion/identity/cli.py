@@ -1,4 +1,5 @@
-"""`bastion login` and `bastion keys mint`: sign in with directory credentials, then mint keys.
+"""`bastion login`, `bastion logout` and `bastion keys mint`: sign in with directory credentials,
+mint keys, sign out.
 
 The session token is kept in `$XDG_CONFIG_HOME/bastion/session` (mode 0600) for later commands,
 and printed so it can be exported as `OPENAI_API_KEY` for a quick try.
@@ -68,6 +69,24 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logout(args: argparse.Namespace) -> int:
+    path = session_file()
+    if not path.is_file():
+        sys.stderr.write("not signed in\n")
+        return 0
+    body = {"everywhere": bool(args.everywhere)}
+    try:
+        done = _post(_base(args) + "/auth/logout", body, path.read_text().strip())
+    except ValueError as exc:
+        if not str(exc).startswith("401"):  # an ended session is as good as signed out
+            sys.stderr.write(f"error: sign-out failed: {exc}\n")
+            return 2
+        done = {"sessions_ended": 0}
+    path.unlink(missing_ok=True)
+    sys.stderr.write(f"Signed out ({done['sessions_ended']} session(s) ended).\n")
+    return 0
+
+
 def cmd_mint(args: argparse.Namespace) -> int:
     path = session_file()
     if not path.is_file():
@@ -90,8 +109,14 @@ def add_parsers(sub: Any, keys: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--user")
     s.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     s.set_defaults(func=cmd_login)
+    s = sub.add_parser("logout", parents=[common], help="end your session (bastion login)")
+    s.add_argument("--url", help="gateway URL (default: from the config)")
+    s.add_argument("--everywhere", action="store_true", help="end all your sessions")
+    s.set_defaults(func=cmd_logout)
     s = keys.add_parser("mint", parents=[common], help="create a key for yourself (after login)")
     s.add_argument("--url", help="gateway URL (default: from the config)")
     s.add_argument("--name")
-    s.add_argument("--expires", default="90d", help="lifetime (default 90d)")
+    s.add_argument(
+        "--expires", help="lifetime, e.g. 30d (default and longest: the gateway's limit)"
+    )
     s.set_defaults(func=cmd_mint)

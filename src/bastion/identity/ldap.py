@@ -64,6 +64,8 @@ class DirectoryUser:
     display_name: str | None
     email: str | None
     groups: tuple[str, ...]
+    #: The directory marks the account disabled or locked (`disabled_filter`): no groups count.
+    disabled: bool = False
 
 
 class LdapDirectory:
@@ -127,6 +129,11 @@ class LdapDirectory:
                 raise LoginFailed() from None
             self._bind_service(conn)  # groups are read with the service account's rights
             user = self._user(conn, username, found)
+            if user.disabled:
+                log.info(
+                    "LDAP login refused for %r (%s): the account is disabled", username, user.dn
+                )
+                raise LoginFailed()
             log.info("LDAP login ok for %r (%s): %d groups", username, user.dn, len(user.groups))
             return user
 
@@ -193,13 +200,27 @@ class LdapDirectory:
     def _user(self, conn: Any, username: str, entry: Entry) -> DirectoryUser:
         cfg, (dn, attrs) = self.config, entry
         names = (_first(attrs, a) for a in cfg.display_name_attributes)
+        disabled = self._disabled(conn, dn)
         return DirectoryUser(
             username=_first(attrs, cfg.username_attribute) or username,
             dn=dn,
             display_name=next((n for n in names if n), None),
             email=_first(attrs, cfg.email_attribute),
-            groups=self._groups(conn, dn),
+            groups=() if disabled else self._groups(conn, dn),
+            disabled=disabled,
         )
+
+    def _disabled(self, conn: Any, user_dn: str) -> bool:
+        """Whether the user's own entry matches `disabled_filter` (a base search on it)."""
+        flt = self.config.disabled_filter
+        if not flt:
+            return False
+        kw = {"attrlist": ["1.1"], "timeout": self.config.timeout_seconds}
+        try:
+            found = conn.search_ext_s(user_dn, ldap.SCOPE_BASE, flt, **kw)
+        except ldap.NO_SUCH_OBJECT:
+            return True  # deleted between the two searches
+        return any(dn is not None for dn, _ in found)
 
     def _groups(self, conn: Any, user_dn: str) -> tuple[str, ...]:
         cfg = self.config

@@ -3,9 +3,14 @@
 `login` checks the password against the directory (search-then-bind, ldap.py), maps the user's
 groups to a team and role (`identity.group_mappings`, first match wins) and issues a session
 token (sessions.py). Every use of a session re-reads the user's groups once they are older than
-`identity.group_cache_seconds`; a user no longer mapped to the same team and role loses the
-session at once. A sweep on the same period revokes self-service keys whose owner the directory
-no longer maps to the key's team, so leaving a group ends every access within that period.
+`identity.group_cache_seconds`; a user no longer mapped to the same team and role (a disabled
+account maps to nothing) loses the session at once. A sweep on the same period revokes
+self-service keys and sessions of users the directory no longer maps to the key's team, so
+leaving a group or being disabled ends every access within that period.
+
+Sign-in attempts are throttled per user name (normalised as the directory compares names) and
+per client address. An attempt is reserved as a failure before the directory is asked and only
+released when the password proves right, so concurrent guesses cannot outrun the counter.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import unicodedata
 from collections import deque
 from typing import Any
 
@@ -25,12 +31,18 @@ from bastion.identity.keys import revoke_key, self_service_keys, self_service_ow
 from bastion.identity.ldap import DirectoryUnavailable, LdapDirectory, LoginFailed
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
-from bastion.identity.sessions import Sessions
+from bastion.identity.sessions import SessionRevocations, Sessions, revoke_sessions
 from bastion.identity.settings import GroupMapping, IdentitySettings
 from bastion.identity.sso import first_mapping, mapped_principal, not_mapped
 from bastion.identity.teams import Team
 
 log = logging.getLogger("bastion.identity")
+
+
+def normalised(username: str) -> str:
+    """A user name as LDAP's caseIgnoreMatch compares it: compatibility-normalised, case-folded,
+    surrounding space dropped and inner runs of space collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", username).casefold().split())
 
 
 class LoginThrottle:
@@ -48,7 +60,9 @@ class LoginThrottle:
             seen.popleft()
         return seen
 
-    def check(self, keys: tuple[str, ...]) -> None:
+    def reserve(self, keys: tuple[str, ...]) -> float:
+        """Counts an attempt as failed before it is made (429 if any key is at its limit); no
+        await separates the check from the count, so concurrent attempts all see each other."""
         now = time.monotonic()
         for key in keys:
             seen = self._recent(key, now)
@@ -59,9 +73,6 @@ class LoginThrottle:
                     code="login_throttled",
                     headers={"retry-after": str(wait)},
                 )
-
-    def failed(self, keys: tuple[str, ...]) -> None:
-        now = time.monotonic()
         for key in keys:
             seen = self._recent(key, now)
             seen.append(now)
@@ -69,6 +80,15 @@ class LoginThrottle:
         if len(self.failures) > 100_000:  # a spray of names: forget the oldest
             for key in list(self.failures)[:50_000]:
                 del self.failures[key]
+        return now
+
+    def release(self, keys: tuple[str, ...], reserved: float) -> None:
+        """The attempt did not fail (right password, or the directory was down): uncount it; a
+        right password also clears the user name's failures."""
+        for key in keys:
+            seen = self.failures.get(key)
+            if seen is not None and reserved in seen:
+                seen.remove(reserved)
 
     def succeeded(self, key: str) -> None:
         self.failures.pop(key, None)
@@ -79,7 +99,7 @@ class DirectoryLogin:
         assert identity.ldap is not None
         assert identity.ldap is not None, "directory sign-in needs identity.ldap"
         self.directory = LdapDirectory(identity.ldap)
-        self.sessions = Sessions(identity)
+        self.sessions = Sessions(identity, db)
         self.mappings = identity.group_mappings
         self.period = identity.group_cache_seconds
         self.db = db
@@ -93,24 +113,27 @@ class DirectoryLogin:
         return first_mapping(self.mappings, groups)
 
     async def login(self, username: str, password: str, source: str | None) -> dict[str, Any]:
-        who = (f"user:{username.casefold()}", f"source:{source}")
-        self.throttle.check(who)
+        who = (f"user:{normalised(username)}", f"source:{source}")
+        reserved = self.throttle.reserve(who)
         try:
             user = await self.directory.authenticate(username, password)
         except LoginFailed:
-            self.throttle.failed(who)
             raise AuthenticationFailed(
                 "Invalid username or password.", code="invalid_credentials"
             ) from None
         except DirectoryUnavailable as exc:
+            self.throttle.release(who, reserved)
             log.error("directory unavailable for a login: %s", exc.reason)
             raise DirectoryDown("The directory cannot be reached; try again shortly.") from None
+        self.throttle.release(who, reserved)
         self.throttle.succeeded(who[0])
         mapping = self.map(user.groups)
         if mapping is None:
             raise not_mapped(user.username)
         self.checked[user.username] = (time.monotonic(), mapping)
-        token, expires = self.sessions.issue(user.username, mapping.team, mapping.role)
+        token, expires = await asyncio.to_thread(
+            self.sessions.issue, user.username, mapping.team, mapping.role
+        )
         return {
             "token": token,
             "expires_at": expires,
@@ -119,8 +142,15 @@ class DirectoryLogin:
             "role": mapping.role,
         }
 
-    async def principal(self, token: str, teams: dict[str, Team]) -> Principal:
+    async def principal(
+        self, token: str, teams: dict[str, Team], revoked: SessionRevocations
+    ) -> Principal:
         claims = self.sessions.verify(token)
+        if claims.get("jti") in revoked:
+            raise AuthenticationFailed(
+                "This session was ended (signed out or revoked): sign in again.",
+                code="session_revoked",
+            )
         user = str(claims["sub"])
         mapping = await self._current(user)
         if mapping is None or (mapping.team, mapping.role) != (claims["team"], claims["role"]):
@@ -162,7 +192,8 @@ class DirectoryLogin:
                 log.exception("self-service key sweep failed; retrying next period")
 
     async def sweep(self) -> int:
-        """Revokes self-service keys of users the directory no longer maps to their team."""
+        """Revokes self-service keys (and sessions) of users the directory no longer maps to
+        their team; returns how many keys it revoked."""
         revoked = 0
         owners = await asyncio.to_thread(self_service_owners, self.db)
         for user, key_teams in owners.items():
@@ -172,6 +203,8 @@ class DirectoryLogin:
             keep = mapping.team if mapping is not None and mapping.role in CALLERS else None
             if keep is not None and key_teams == {keep}:
                 continue
+            if mapping is None:
+                await self._end_sessions(user)
             for rec in await asyncio.to_thread(self_service_keys, self.db, user, keep):
                 async with recorded_change(
                     self.trail,
@@ -188,3 +221,10 @@ class DirectoryLogin:
                     "revoked self-service key %s of %s: group membership ended", rec.id, user
                 )
         return revoked
+
+    async def _end_sessions(self, user: str) -> None:
+        async with recorded_change(
+            self.trail, "directory-sweep", "session.revoke", takes_access_away=True,
+            user=user, reason=f"{user} is no longer mapped to any team (left, or disabled)",
+        ):  # fmt: skip
+            await asyncio.to_thread(revoke_sessions, self.db, "directory-sweep", user=user)

@@ -15,9 +15,20 @@ class Principal:
     user: str | None
     #: Model aliases this caller may use; None means every model.
     models: frozenset[str] | None
-    #: This key's own limits, replacing `limits.defaults.key`; None: the defaults apply.
+    #: This key's own limits, tightening `limits.defaults.key`; None: the defaults apply.
     limits: LimitSettings | None = None
     role: str = "member"
+
+    @property
+    def signed_in(self) -> bool:
+        """A person the directory or the IdP vouched for (not an API key)."""
+        return self.key_id.startswith(("ses_", "sso_"))
+
+    @property
+    def name(self) -> str:
+        """Who acts, as authenticated: the signed-in user, else the key's id. A key's `user`
+        is an attribution its creator typed, not proof of anyone, so it never names an actor."""
+        return self.user if self.signed_in and self.user else self.key_id
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models

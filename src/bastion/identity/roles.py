@@ -32,7 +32,10 @@ CALLERS = frozenset({"member", "team-admin", "admin"})
 class Actor:
     role: str
     team: str | None
+    #: As authenticated: "admin-key", a signed-in user's name, or an API key's id.
     name: str
+    #: A person vouched for (signed in, or the admin key's holder), not an API key.
+    person: bool = False
 
     def team_scope(self, team: str | None) -> str | None:
         """The team a query may cover: as asked for admins and auditors; a team-admin's own."""
@@ -42,5 +45,8 @@ class Actor:
             raise NotFound(f"No team '{team}'.", code="team_not_found")
         return self.team
 
-    def may_manage(self, team: str) -> bool:
-        return self.role == "admin" or (self.role == "team-admin" and team == self.team)
+    def may_manage(self, team: str, role: str = "member") -> bool:
+        """An admin manages every key; a team-admin only the member keys of their own team."""
+        if self.role == "admin":
+            return True
+        return self.role == "team-admin" and team == self.team and role == "member"

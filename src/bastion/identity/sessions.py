@@ -5,6 +5,11 @@ user, the team and role their groups mapped to at login, and an expiry. The secr
 $BASTION_SESSION_KEY or `identity.session_key_file` (created on first start, mode 0600); every
 replica needs the same one. Tokens are short-lived, and the directory is asked again every
 `identity.group_cache_seconds` whether the user still belongs (see ldap_login.py).
+
+Every issued session is recorded (`sessions` table) so it can be revoked before it expires:
+by `POST /auth/logout`, by an administrator offboarding the user, or when the directory no
+longer maps the user. Revocations take a number of the `sessions` change sequence and reach
+every replica's `SessionRevocations` within `identity.key_refresh_seconds`.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import logging
 import os
 import secrets
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jwt
+from sqlalchemy import Engine, select
 
 from bastion.core.errors import AuthenticationFailed
 from bastion.identity.settings import IdentitySettings
+from bastion.store.changes import next_change
+from bastion.store.schema import sessions
 
 log = logging.getLogger("bastion.identity")
 SESSION_PREFIX = "bss-"
@@ -41,14 +50,37 @@ def load_session_key(identity: IdentitySettings) -> bytes:
     return base64.b64decode(path.read_text().strip())
 
 
+class SessionRevocations:
+    """Ids of revoked sessions that have not expired yet (expired ones are refused anyway)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def add(self, jti: str, expires: datetime | float) -> None:
+        if isinstance(expires, datetime):  # SQLite hands back naive datetimes: all UTC
+            expires = (expires if expires.tzinfo else expires.replace(tzinfo=UTC)).timestamp()
+        until = expires
+        self._until[jti] = until
+
+    def __contains__(self, jti: object) -> bool:
+        return jti in self._until
+
+    def prune(self) -> None:
+        now = time.time()
+        for jti in [j for j, until in self._until.items() if until < now]:
+            del self._until[jti]
+
+
 class Sessions:
-    def __init__(self, identity: IdentitySettings):
+    def __init__(self, identity: IdentitySettings, db: Engine):
         self._key = load_session_key(identity)
         if len(self._key) < 32:
             raise ValueError("the session key must be at least 32 bytes (base64)")
         self.ttl = identity.session_ttl_seconds
+        self.db = db
 
     def issue(self, user: str, team: str, role: str) -> tuple[str, int]:
+        """A signed session token, recorded so that it can be revoked (blocking: a thread)."""
         now = int(time.time())
         claims = {
             "iss": ISSUER,
@@ -57,8 +89,17 @@ class Sessions:
             "role": role,
             "iat": now,
             "exp": now + self.ttl,
-            "jti": secrets.token_hex(8),
+            "jti": secrets.token_hex(16),
         }
+        with self.db.begin() as conn:
+            conn.execute(
+                sessions.insert().values(
+                    jti=claims["jti"], user=user, team=team, role=role,
+                    issued_at=datetime.fromtimestamp(now, UTC),
+                    expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+                    change_seq=next_change(conn, "sessions"),
+                )
+            )  # fmt: skip
         return SESSION_PREFIX + jwt.encode(claims, self._key, algorithm="HS256"), claims["exp"]
 
     def verify(self, token: str) -> dict[str, Any]:
@@ -76,3 +117,21 @@ class Sessions:
             ) from None
         except jwt.PyJWTError:
             raise AuthenticationFailed("Invalid session token.", code="invalid_token") from None
+
+
+def revoke_sessions(
+    db: Engine, by: str, *, jti: str | None = None, user: str | None = None
+) -> list[tuple[str, datetime]]:
+    """Revokes one session, or every live session of a user; returns (id, expiry) of each."""
+    assert (jti is None) != (user is None)
+    now = datetime.now(UTC)
+    where = sessions.c.revoked_at.is_(None) & (sessions.c.expires_at > now)
+    where &= (sessions.c.jti == jti) if jti is not None else (sessions.c.user == user)
+    with db.begin() as conn:
+        found = conn.execute(select(sessions.c.jti, sessions.c.expires_at).where(where)).all()
+        if found:
+            conn.execute(
+                sessions.update().where(sessions.c.jti.in_([r.jti for r in found])),
+                {"revoked_at": now, "revoked_by": by, "change_seq": next_change(conn, "sessions")},
+            )
+    return [(r.jti, r.expires_at) for r in found]

@@ -15,6 +15,9 @@ from bastion.identity.roles import ROLE_HELP, Role
 KTY_BY_PREFIX = {"HS": "oct", "RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 #: AD's LDAP_MATCHING_RULE_IN_CHAIN: every group a user is in, nesting resolved by the server.
 IN_CHAIN_FILTER = "(member:1.2.840.113556.1.4.1941:={user_dn})"
+#: AD: userAccountControl has ACCOUNTDISABLE (0x2), tested with LDAP_MATCHING_RULE_BIT_AND;
+#: OpenLDAP's ppolicy: pwdAccountLockedTime is set. An attribute a server lacks matches nothing.
+DISABLED_FILTER = "(|(userAccountControl:1.2.840.113556.1.4.803:=2)(pwdAccountLockedTime=*))"
 
 
 class OidcIssuer(Strict):
@@ -102,6 +105,12 @@ class LdapSettings(Strict):
         description="Attributes tried, in order, for the display name.",
     )
     email_attribute: str = Field("mail", description="The attribute holding the e-mail address.")
+    disabled_filter: str | None = Field(
+        DISABLED_FILTER,
+        description="Matches a disabled or locked account (its groups then count for nothing: "
+        "sessions end and self-service keys are revoked within `group_cache_seconds`). The "
+        "default covers AD's ACCOUNTDISABLE bit and OpenLDAP ppolicy's lock; null: no check.",
+    )
 
     @model_validator(mode="after")
     def _safe(self) -> LdapSettings:
@@ -163,6 +172,13 @@ class IdentitySettings(Strict):
     )
     login_lockout_seconds: float = Field(
         900, gt=0, description="The window failed sign-ins are counted in."
+    )
+    self_service_key_max_days: int = Field(
+        90,
+        ge=1,
+        le=3650,
+        description="Longest lifetime of a key a user mints for themselves (after `bastion "
+        "login` or with an SSO token); never unlimited. Keys older than this stop working.",
     )
     session_key_file: str = Field(
         "var/session.key",

@@ -9,6 +9,7 @@ stable synthetic key id per (issuer, subject), so per-key limits and usage repor
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from bastion.core.errors import AuthenticationFailed, PermissionDenied
 from bastion.identity.oidc import InvalidToken, OidcValidator
@@ -21,6 +22,9 @@ class SsoAuthenticator:
     def __init__(self, settings: IdentitySettings):
         self.validator = OidcValidator(settings.oidc)
         self.mappings = settings.group_mappings
+        #: Told what every valid token maps its user to (the key store revokes SSO-minted keys
+        #: of a team the user has left).
+        self.membership: Callable[[str, GroupMapping | None], None] | None = None
 
     async def authenticate(self, token: str, teams: dict[str, Team]) -> Principal:
         try:
@@ -30,6 +34,8 @@ class SsoAuthenticator:
                 f"The bearer token was rejected: {exc.reason}.", code="invalid_token"
             ) from None
         mapping = first_mapping(self.mappings, who.groups)
+        if self.membership is not None:
+            self.membership(who.user, mapping)
         if mapping is None:
             raise not_mapped(who.user)
         return mapped_principal(mapping, teams, who.user, "sso", f"{who.issuer}\0{who.subject}")

@@ -26,7 +26,8 @@ class Level:
 
 
 def key_level(settings: Settings, key_id: str, own: LimitSettings | None) -> Level:
-    return Level("key", key_id, f"key '{key_id}'", own or settings.limits.defaults.key)
+    # A key's own limits only ever tighten `limits.defaults.key`, field by field.
+    return Level("key", key_id, f"key '{key_id}'", settings.limits.defaults.key.tightened(own))
 
 
 def team_level(settings: Settings, team: str) -> Level:

@@ -68,8 +68,56 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
-    # Bumped on every change so replicas can poll for what changed since their last look.
-    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Assigned by the database on every change (`store.changes`): replicas poll for rows past
+    # the last number they saw, whatever the writers' clocks say.
+    Column("change_seq", BigInteger, nullable=False, server_default="0", index=True),
+    # The authenticated principal that made the key (admin key, signed-in user, key id).
+    Column("created_by", String(256), nullable=True),
+    # Waiting for a second administrator's approval (its id): the key does not work until then.
+    Column("approval", String(32), nullable=True),
+)
+
+# One counter per stream of changes, advanced inside each writing transaction: the row lock
+# orders writers, so a reader never sees a number before every smaller one is committed.
+change_counters = Table(
+    "change_counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+# Session tokens issued by `bastion login`: revoked ones (logout, offboarding, a disabled
+# account) are refused on every replica within `identity.key_refresh_seconds`.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("jti", String(32), primary_key=True),
+    Column("user", String(256), nullable=False, index=True),
+    Column("team", String(128), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("revoked_by", String(256), nullable=True),
+    Column("change_seq", BigInteger, nullable=False, server_default="0", index=True),
+)
+
+# Changes one administrator may only ask for: a second, distinct one approves (four eyes).
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("action", String(64), nullable=False),
+    Column("team", String(128), nullable=True),
+    Column("subject", JSON, nullable=False),
+    Column("requested_by", String(256), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    # pending | approved | rejected | expired
+    Column("status", String(16), nullable=False),
+    Column("decided_by", String(256), nullable=True),
+    Column("decided_at", DateTime(timezone=True), nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
 usage = Table(
