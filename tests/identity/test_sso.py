@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from bastion.local.launcher import VllmProcess
-from tests.conftest import Gateway, base_config, engine_models, usage_rows
+from tests.conftest import ADMIN_KEY, Gateway, base_config, engine_models, usage_rows
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
 
 pytestmark = pytest.mark.engine
@@ -125,3 +125,28 @@ def test_sso_roles_apply_on_the_admin_api(sso_gateway: Gateway, oidc_provider: A
     assert httpx.get(f"{sso_gateway.url}/admin/usage", headers=alice).status_code == 403
     minted = httpx.post(f"{sso_gateway.url}/auth/keys", json={"name": "sso"}, headers=alice)
     assert minted.status_code == 201 and minted.json()["user"] == "alice"
+
+
+def test_sso_minted_keys_follow_the_users_groups(sso_gateway: Gateway, oidc_provider: Any) -> None:
+    """Red team: keys minted with an SSO token were never swept. A later token showing the user
+    out of the group now revokes them (and they never outlive self_service_key_max_days)."""
+    url = sso_gateway.url
+    before = oidc_provider.token("erin-cli")  # erin, in risk-analysts → team alpha
+    minted = httpx.post(
+        url + "/auth/keys", json={"name": "laptop"}, headers={"Authorization": f"Bearer {before}"}
+    )
+    assert minted.status_code == 201, minted.text
+    key = minted.json()
+    assert key["source"] == "sso" and key["user"] == "erin" and key["expires_at"] is not None
+    headers = {"Authorization": f"Bearer {key['key']}"}
+    assert httpx.get(url + "/v1/models", headers=headers).status_code == 200
+    after = oidc_provider.token("erin-moved-cli")  # erin again, now only in `trading`
+    moved = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {after}"})
+    assert moved.status_code == 403 and moved.json()["error"]["code"] == "no_mapped_group"
+    r = httpx.get(url + "/v1/models", headers=headers)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked", r.text
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    deadline = time.monotonic() + 5  # stored, not only refused on this replica
+    while httpx.get(f"{url}/admin/keys/{key['id']}", headers=admin).json()["status"] != "revoked":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
