@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import redis.exceptions
@@ -123,7 +123,7 @@ class Admission:
         now = time.time()
         if not verdict.ok:
             currency = price.currency if price else "USD"
-            self._refuse(checks[verdict.index], verdict.values[0], tokens, micros, currency, now)
+            self._refuse(checks[verdict.index], verdict, tokens, micros, currency, now)
         ticket = Ticket(checks, tokens, micros, backend)
         ticket.prompt_tokens = prompt
         ticket.headers = ratelimit_headers(checks, verdict.values, now)
@@ -185,9 +185,10 @@ class Admission:
             return math.ceil(float(conn.execute(q).scalar_one()) * 1_000_000)
 
     def _refuse(
-        self, check: Check, value: int, tokens: int, micros: int, currency: str, now: float
+        self, check: Check, verdict: Verdict, tokens: int, micros: int, currency: str, now: float
     ) -> None:
         self.metrics.limit_rejections.labels(check.kind).inc()
+        value = verdict.values[0]
         wait = max(1, math.ceil(check.reset_at - now))
         if check.kind in ("budget_day", "budget_month"):
             period = "daily" if check.kind == "budget_day" else "monthly"
@@ -202,12 +203,16 @@ class Admission:
                 f"Too many requests in flight for {check.level} (limit {check.limit}).",
                 headers={"retry-after": "1"},
             )
+        # A sliding window: retry when enough of its entries have left it for this request,
+        # reset (x-ratelimit-reset-*) when all of them have.
+        wait = max(1, math.ceil(verdict.retry_after or 0))
+        emptied = replace(check, reset_at=now + (verdict.empty_after or 0))
         what = "requests" if check.kind == "rpm" else "tokens"
         asked = "" if check.kind == "rpm" else f" This request reserves {tokens} tokens."
         raise RateLimited(
-            f"Rate limit reached for {check.level}: {check.limit} {what} per minute, "
-            f"{value} used.{asked} Retry after {wait}s.",
-            headers={"retry-after": str(wait), **ratelimit_headers([check], (value,), now)},
+            f"Rate limit reached for {check.level}: {check.limit} {what} per minute "
+            f"(any 60 s), {value} used.{asked} Retry after {wait}s.",
+            headers={"retry-after": str(wait), **ratelimit_headers([emptied], (value,), now)},
         )
 
     def settle(self, ticket: Ticket, rec: UsageRecord) -> None:

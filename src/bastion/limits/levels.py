@@ -14,7 +14,7 @@ from bastion.core.settings import LimitSettings
 from bastion.identity.principal import Principal
 from bastion.limits.counters import SLOT_LEASE_SECONDS, Check, Kind, Op
 
-WINDOW = 60  # seconds: rpm and tpm count per calendar minute
+WINDOW = 60  # seconds: rpm and tpm count what was admitted in the last minute (sliding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +99,8 @@ class Plan:
         for lv in levels:
             base, lim = f"bst:{lv.scope}:{lv.ident}", lv.limits
             for kind, op, value in (
-                ("rpm", "counter", lim.rpm),
-                ("tpm", "counter", lim.tpm),
+                ("rpm", "window", lim.rpm),
+                ("tpm", "window", lim.tpm),
                 ("concurrent", "slots", lim.concurrent),
                 ("budget_day", "budget", lim.budget_day),
                 ("budget_month", "budget", lim.budget_month),
@@ -121,26 +121,13 @@ def _period_of_day(kind: str, day: int) -> tuple[str, float]:
 def checks_for(plan: Plan, tokens: int, cost_micros: int, now: float | None = None) -> list[Check]:
     """The counters this request must fit into, at every level, for this instant."""
     now = time.time() if now is None else now
-    window = int(now // WINDOW)
-    window_end = (window + 1) * WINDOW
     day = int(now // 86_400)
     out: list[Check] = []
     for t in plan.templates:
-        if t.kind == "rpm":
-            c = Check(
-                t.level, t.kind, f"{t.prefix}:{window}", t.op, t.limit, 1, 2 * WINDOW, window_end
-            )
-        elif t.kind == "tpm":
-            c = Check(
-                t.level,
-                t.kind,
-                f"{t.prefix}:{window}",
-                t.op,
-                t.limit,
-                tokens,
-                2 * WINDOW,
-                window_end,
-            )
+        if t.kind in ("rpm", "tpm"):
+            # Admitted now, the entry is the last to leave: the window is empty again then.
+            amount = 1 if t.kind == "rpm" else tokens
+            c = Check(t.level, t.kind, t.prefix, t.op, t.limit, amount, WINDOW, now + WINDOW)
         elif t.kind == "concurrent":
             c = Check(t.level, t.kind, t.prefix, t.op, t.limit, 1, SLOT_LEASE_SECONDS, now + 1)
         else:

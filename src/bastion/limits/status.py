@@ -58,8 +58,8 @@ async def limit_status(
                 "used": used / scale,
                 "remaining": max(0, c.limit - used) / scale,
                 "resets_in_seconds": max(0, round(c.reset_at - now))
-                if c.kind != "concurrent"
-                else None,
+                if c.kind in BUDGETS
+                else None,  # a sliding window has no reset instant; a slot count neither
             }
         )
     return rows
