@@ -85,7 +85,7 @@ def test_sliding_window_refuses_the_boundary_burst(kind: str) -> None:
     retry-after the refusal gives is when room really returns."""
     team = "boundary-" + secrets.token_hex(4)
     levels = [Level("team", team, f"team '{team}'", LimitSettings(rpm=5, tpm=100))]
-    plan = Plan.compile(levels)
+    plan = Plan.compile(levels, "USD")
     start = 60 * 29_000_000 + 59.9  # 0.1 s before a calendar minute ends
     clock = Clock(start)
 

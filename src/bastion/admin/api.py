@@ -75,7 +75,7 @@ class KeyOut(BaseModel):
     expires_at: str | None
     revoked_at: str | None
     status: Literal["active", "expired", "revoked"]
-    limits: dict[str, float] | None
+    limits: dict[str, int | str] | None  # budgets as exact decimal strings
     role: str
 
 
@@ -203,7 +203,7 @@ async def post_revoke(key_id: str, ctx: Manager) -> KeyOut:
 async def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager) -> KeyOut:
     """Replaces the key's own limits; an empty object returns it to `limits.defaults.key`."""
     before = await asyncio.to_thread(_managed_key, ctx, key_id)
-    after = {"limits": body.model_dump(exclude_none=True) or None}
+    after = {"limits": body.model_dump(mode="json", exclude_none=True) or None}
     try:
         async with _change(
             ctx, "key.limits", team=before.team, before=before.public(), after=after

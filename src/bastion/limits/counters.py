@@ -39,6 +39,7 @@ class Check:
     amount: int
     ttl: int
     reset_at: float  # epoch seconds when this window or period starts afresh
+    currency: str | None = None  # a budget's: only amounts in it count
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,10 +4,10 @@ team x model that has any limit set, each with the counters it needs for this in
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from bastion.config import Settings
 from bastion.core.settings import LimitSettings
@@ -84,6 +84,7 @@ class _Template:
     prefix: str  # the counter key without its window or period
     op: Op
     limit: int
+    currency: str | None = None  # a budget's
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,8 @@ class Plan:
     templates: tuple[_Template, ...]
 
     @classmethod
-    def compile(cls, levels: list[Level]) -> Plan:
+    def compile(cls, levels: list[Level], currency: str) -> Plan:
+        """`currency`: the default of budgets that name none (`metering.currency`)."""
         out = []
         for lv in levels:
             base, lim = f"bst:{lv.scope}:{lv.ident}", lv.limits
@@ -107,9 +109,19 @@ class Plan:
             ):
                 if value is None:
                     continue
-                limit = math.floor(value * 1_000_000) if op == "budget" else int(value)
-                out.append(_Template(lv.label, kind, f"{base}:{kind}", op, limit))  # type: ignore[arg-type]
+                if op == "budget":
+                    # Exact: a budget has at most 6 decimal places (LimitSettings).
+                    cur = lim.currency or currency
+                    limit = int(Decimal(value).scaleb(6))
+                    prefix = f"{base}:{kind}:{cur}"  # a counter per currency, never mixed
+                    out.append(_Template(lv.label, kind, prefix, op, limit, cur))  # type: ignore[arg-type]
+                else:
+                    out.append(_Template(lv.label, kind, f"{base}:{kind}", op, int(value)))  # type: ignore[arg-type]
         return cls(tuple(levels), tuple(out))
+
+    def budgets(self) -> list[tuple[str, str]]:
+        """(level, currency) of every budget in the plan."""
+        return [(t.level, t.currency) for t in self.templates if t.currency is not None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,6 +154,7 @@ def checks_for(plan: Plan, tokens: int, cost_micros: int, now: float | None = No
                 cost_micros,
                 int(end - now) + 86_400,
                 end,
+                t.currency,
             )
         out.append(c)
     return out
