@@ -54,8 +54,9 @@ def test_budgeted_callers_reach_only_models_priced_in_their_currency() -> None:
     )
     # Team u reaches every model: 'free' has no price, 'euro' is priced in EUR.
     msg = _error(_config(teams={"u": {"cost_center": "cc2", "limits": {"budget_day": 5}}}))
-    assert "teams.u.limits: has a budget in USD but can reach model 'free' has no price" in msg
-    assert "teams.u.limits: has a budget in USD but can reach model 'euro' is priced in EUR" in msg
+    reach = "teams.u.limits: a budget in USD, but its callers can reach model"
+    assert f"{reach} 'free', which has no price" in msg
+    assert f"{reach} 'euro', which is priced in EUR" in msg
     # Every other place a budget can be set in the file.
     for where, extra in [
         ("limits.defaults.key", {"limits": {"defaults": {"key": {"budget_month": 1}}}}),
@@ -68,15 +69,15 @@ def test_budgeted_callers_reach_only_models_priced_in_their_currency() -> None:
             {"models": {**MODELS, "free": {**MODELS["free"], "limits": {"budget_day": 1}}}},
         ),
     ]:
-        assert f"{where}: has a budget in USD but can reach model 'free'" in _error(
+        assert f"{where}: a budget in USD, but its callers can reach model 'free'" in _error(
             _config(**extra)
         )
     bad = {"t": {"cost_center": "cc", "model_limits": {"free": {"budget_day": 1}}}}
-    assert "teams.t.model_limits.free: has a budget" in _error(_config(teams=bad))
+    assert "teams.t.model_limits.free: a budget in USD" in _error(_config(teams=bad))
     # A budget kept in EUR may reach the EUR model, and only that one.
     eur = {"cost_center": "cc2", "models": ["euro"], "limits": {"budget_day": 1, "currency": "EUR"}}
     parse_settings(_config(teams={"u": eur}))
-    assert "can reach model 'priced' is priced in USD" in _error(
+    assert "can reach model 'priced', which is priced in USD" in _error(
         _config(teams={"u": {**eur, "models": ["euro", "priced"]}})
     )
     # The default currency is a setting; rate limits alone need no price.

@@ -63,9 +63,9 @@ def unpriced(settings: Any, model: str, currency: str) -> str | None:
     """Why `model` cannot be charged to a budget in `currency`, or None when it can."""
     price = settings.prices.get(model)
     if price is None:
-        return f"model '{model}' has no price (prices.{model})"
+        return f"has no price (prices.{model})"
     if (price.currency or settings.metering.currency) != currency:
-        return f"model '{model}' is priced in {price.currency or settings.metering.currency}"
+        return f"is priced in {price.currency or settings.metering.currency}"
     return None
 
 
@@ -109,9 +109,9 @@ def _budgets_priced(settings: Any) -> list[str]:
         for m in reach:
             if m in settings.models and (why := unpriced(settings, m, currency)):
                 errors.append(
-                    f"{where}: has a budget in {currency} but can reach {why}; "
-                    f"its spend would escape the budget (price it, in {currency}, or take the "
-                    "model away)"
+                    f"{where}: a budget in {currency}, but its callers can reach model '{m}', "
+                    f"which {why}: that spend would escape the budget (price the model in "
+                    f"{currency}, or take it away)"
                 )
     return errors
 
