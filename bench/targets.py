@@ -133,7 +133,10 @@ models:
   $model_stream:
     deployments:
       - {kind: vllm, url: "$sse_url", served_name: $served_name}
-prices: {}
+# Priced: with `--limits`, budgets apply, and a budgeted team may not reach an unpriced model.
+prices:
+  $model_json: {prompt: 0.10, completion: 0.40}
+  $model_stream: {prompt: 0.10, completion: 0.40}
 """
 
 #: `--limits memory|redis`: limits at the key, team and cost-center levels that never refuse

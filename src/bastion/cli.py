@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -135,6 +136,7 @@ def _limit_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         concurrent=args.concurrent,
         budget_day=args.budget_day,
         budget_month=args.budget_month,
+        currency=args.budget_currency,
     )
 
 
@@ -153,7 +155,7 @@ def cmd_keys_limits(args: argparse.Namespace) -> int:
             rec = set_key_limits(_db(settings), args.key_id, limits)
     except (IdentityError, ValueError, BastionError) as exc:
         return _fail(exc)
-    shown = rec.limits.model_dump(exclude_none=True) if rec.limits else "the defaults"
+    shown = rec.limits.model_dump(mode="json", exclude_none=True) if rec.limits else "the defaults"
     sys.stdout.write(f"{rec.id}: limits now {shown}\n")
     return 0
 
@@ -308,8 +310,17 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--tpm", type=int, help="tokens per minute")
     p.add_argument("--concurrent", type=int, help="requests in flight at once")
-    p.add_argument("--budget-day", type=float, help="spend per UTC day")
-    p.add_argument("--budget-month", type=float, help="spend per UTC month")
+    p.add_argument("--budget-day", type=_amount, help="spend per UTC day (exact decimal)")
+    p.add_argument("--budget-month", type=_amount, help="spend per UTC month")
+    p.add_argument("--budget-currency", help="ISO 4217 code of the budgets (metering.currency)")
+
+
+def _amount(text: str) -> Decimal:
+    """Money from the command line, exactly as written (never through a float)."""
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount: {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

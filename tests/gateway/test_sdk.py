@@ -33,8 +33,9 @@ def test_chat(client: openai.OpenAI, gateway: Gateway) -> None:
     assert row.prompt_tokens == r.usage.prompt_tokens
     assert row.completion_tokens == r.usage.completion_tokens
     assert row.status == 200 and row.outcome == "ok" and row.deployment == "tiny[0]"
-    expected = (r.usage.prompt_tokens * 1.0 + r.usage.completion_tokens * 2.0) / 1e6
-    assert row.cost == pytest.approx(expected)
+    # Micro-units, exactly: tokens x price per 1M tokens.
+    assert row.cost_micros == r.usage.prompt_tokens * 1 + r.usage.completion_tokens * 2
+    assert row.currency == "USD"
 
 
 def test_unknown_fields_pass_through(client: openai.OpenAI) -> None:

@@ -4,6 +4,7 @@ speed; the same paths run against real vLLM across two replicas in test_limits_e
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -142,7 +143,9 @@ def test_budget_exhausts_without_overshoot(stub: StubEngine, tmp_path: Path) -> 
             headers={"Authorization": f"Bearer {ADMIN}"},
         ).json()
         budget = next(s for s in status if s["limit_kind"] == "budget_day")
-        assert budget["used"] <= budget["limit"] == 0.05
+        # Exact decimal strings, in the budget's currency.
+        assert budget["limit"] == "0.050000" and budget["currency"] == "USD"
+        assert Decimal(budget["used"]) <= Decimal(budget["limit"])
 
 
 def test_budget_is_seeded_from_usage_records(stub: StubEngine, tmp_path: Path) -> None:

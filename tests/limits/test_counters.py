@@ -8,12 +8,14 @@ import time
 
 import pytest
 
+from bastion.core.settings import LimitSettings
 from bastion.limits.counters import Check, CounterBackend, MemoryCounters
+from bastion.limits.levels import Level, Plan, checks_for
 from bastion.limits.redis_counters import RedisCounters
 from tests.conftest import REDIS_URL
 
 
-def _check(kind: str, key: str, limit: int, amount: int, op: str = "counter") -> Check:
+def _check(kind: str, key: str, limit: int, amount: int, op: str = "window") -> Check:
     return Check("team 't'", kind, key, op, limit, amount, 60, time.time() + 60)  # type: ignore[arg-type]
 
 
@@ -64,6 +66,64 @@ def test_slots_and_budget_seeding(kind: str) -> None:
         await backend.seed(budget.key, 0, 60)  # a second seeder does not overwrite
         assert (await backend.admit([budget], "x")).values == (900,)
         assert not (await backend.admit([budget], "y")).ok
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sliding_window_refuses_the_boundary_burst(kind: str) -> None:
+    """A full minute's allowance at xx:59.9 and again at xx:00.1 (2x within 0.2 s with fixed
+    calendar minutes) is refused: no 60 s interval admits more than the limit, and the
+    retry-after the refusal gives is when room really returns."""
+    team = "boundary-" + secrets.token_hex(4)
+    levels = [Level("team", team, f"team '{team}'", LimitSettings(rpm=5, tpm=100))]
+    plan = Plan.compile(levels, "USD")
+    start = 60 * 29_000_000 + 59.9  # 0.1 s before a calendar minute ends
+    clock = Clock(start)
+
+    async def scenario() -> None:
+        backend = (
+            MemoryCounters(clock) if kind == "memory" else RedisCounters(REDIS_URL, clock=clock)
+        )
+
+        async def admit(tokens: int, rid: str):  # type: ignore[no-untyped-def]
+            return await backend.admit(checks_for(plan, tokens, 0, clock.now), rid)
+
+        for i in range(5):
+            assert (await admit(10, f"a{i}")).ok
+        clock.now = start + 0.2  # the next calendar minute
+        late = await admit(10, "b0")
+        assert not late.ok and late.index == 0 and late.values == (5,)
+        assert late.retry_after == pytest.approx(59.8, abs=0.01)
+        assert late.empty_after == pytest.approx(59.8, abs=0.01)
+        clock.now = start + 59.99
+        assert not (await admit(10, "b1")).ok
+        clock.now = start + 60.0  # the first five have left the window
+        assert (await admit(10, "b2")).values == (1, 10)
+
+        # tpm: a refund corrects the request's own entry, so it leaves the window with the
+        # amount actually used.
+        rpm, tpm = checks_for(plan, 60, 0, clock.now)
+        await backend.adjust([(tpm, -4, "b2")])  # b2 used 6 of its 10
+        clock.now += 1
+        assert (await admit(90, "c0")).values == (2, 96)
+        clock.now += 1
+        refused = await admit(10, "c1")  # 96 + 10 > 100: 6 must leave, b2 leaves first
+        assert not refused.ok and refused.index == 1 and refused.values == (96,)
+        assert refused.retry_after == pytest.approx(58.0, abs=0.01)
+        assert refused.empty_after == pytest.approx(59.0, abs=0.01)
+        never = await admit(101, "c2")  # more than the window holds: never fits
+        assert not never.ok and never.retry_after == 60
+        clock.now = start + 120.0  # b2 gone with its 6 tokens, c0's 90 remain
+        assert await backend.peek([rpm, tpm]) == [1, 90]
         await backend.close()
 
     asyncio.run(scenario())

@@ -13,6 +13,7 @@ def test_cli(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
     cfg = base_config(
         f"sqlite:///{tmp_path}/cli.db",
         {"m": {"deployments": [{"url": "http://127.0.0.1:9", "served_name": "m"}]}},
+        prices={"m": {"prompt": 1}},  # a budgeted team may only reach priced models
     )
     cfg["teams"]["alpha"]["limits"] = {"rpm": 100, "budget_day": 5.0}
     gw = make_gateway(cfg)
@@ -36,7 +37,7 @@ def test_cli(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
     rows = json.loads(gw.cli("limits", "status", "--team", "alpha", "--format", "json").stdout)
     kinds = {(r["level"], r["limit_kind"]): r for r in rows}
     assert kinds[("team 'alpha'", "rpm")]["limit"] == 100
-    assert kinds[("team 'alpha'", "budget_day")]["limit"] == 5.0
+    assert kinds[("team 'alpha'", "budget_day")]["limit"] == "5.000000"
     assert kinds[(f"key '{key_id}'", "concurrent")]["remaining"] == 2
     table = gw.cli("limits", "status").stdout
     assert "team 'alpha'" in table and "remaining" in table

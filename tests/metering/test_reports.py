@@ -42,7 +42,7 @@ def _records(now: datetime) -> list[UsageRecord]:
             outcome=outcome,
             ts=now - timedelta(days=i % 2),
         )
-        r.price(PriceSettings(prompt=1.0, cached_prompt=0.5, completion=2.0))
+        r.price(PriceSettings(currency="USD", prompt=1.0, cached_prompt=0.5, completion=2.0))
         recs.append(r)
     return recs
 
@@ -69,8 +69,9 @@ def test_writer_and_summaries(db_url: str) -> None:
     by_team = {r["team"]: r for r in summarize(engine, "team")}
     assert by_team["alpha"]["requests"] == 2 and by_team["alpha"]["prompt_tokens"] == 150
     assert by_team["alpha"]["cached_tokens"] == 75 and by_team["beta"]["errors"] == 1
-    # 150 prompt (75 cached at half price) + 15 completion at 2.0 per 1M tokens
-    assert by_team["alpha"]["cost"] == pytest.approx((75 * 1 + 75 * 0.5 + 15 * 2) / 1e6)
+    # Per record, in micro-units: 50 + 50 x 0.5 + 10 x 2 = 95, and 25 + 25 x 0.5 + 5 x 2 = 47.5,
+    # charged as 48 (half up): an exact decimal string, the same in every format.
+    assert by_team["alpha"]["cost"] == "0.000143" and by_team["alpha"]["currency"] == "USD"
     by_cc = summarize(engine, "cost-center")
     assert [r["cost-center"] for r in by_cc] == ["cc-1", "cc-2"]
     days = summarize(engine, "day")

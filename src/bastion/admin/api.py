@@ -79,7 +79,7 @@ class KeyOut(BaseModel):
     expires_at: str | None
     revoked_at: str | None
     status: Literal["active", "expired", "revoked", "pending"]
-    limits: dict[str, float] | None
+    limits: dict[str, int | str] | None  # budgets as exact decimal strings
     role: str
     source: str
     created_by: str | None = Field(description="The authenticated principal that made it.")
@@ -157,6 +157,7 @@ async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
     ctx.actor.team_scope(body.team)
     _may_create(ctx, body)
     try:
+        ctx.settings.limits.defaults.key.tightened(body.limits)
         expires = parse_duration(body.expires_in) if body.expires_in else None
         made = await asyncio.to_thread(
             lambda: new_key(
@@ -259,7 +260,11 @@ async def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager) -> KeyO
     """Replaces the key's own limits, which only tighten `limits.defaults.key` (each field the
     smaller of the two); an empty object leaves the defaults alone."""
     before = await asyncio.to_thread(_managed_key, ctx, key_id)
-    after = {"limits": body.model_dump(exclude_none=True) or None}
+    try:
+        ctx.settings.limits.defaults.key.tightened(body)
+    except ValueError as exc:
+        raise _bad(exc) from None
+    after = {"limits": body.model_dump(mode="json", exclude_none=True) or None}
     try:
         async with _change(
             ctx, "key.limits", team=before.team, before=before.public(), after=after

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,7 @@ def is_secret(field: Any) -> bool:
 #: millionths of the currency), so anything larger could be stored but never counted.
 MAX_COUNT = 10**12
 MAX_AMOUNT = 10**9
+CURRENCY = r"^[A-Z]{3}$"
 
 
 class LimitSettings(Strict):
@@ -52,33 +54,53 @@ class LimitSettings(Strict):
     concurrent: int | None = Field(
         None, ge=0, le=MAX_COUNT, description="Requests in flight at once."
     )
-    budget_day: float | None = Field(
+    budget_day: Decimal | None = Field(
         None,
         ge=0,
         le=MAX_AMOUNT,
+        decimal_places=6,
         allow_inf_nan=False,
-        description="Spend per UTC day, in the price book's currency.",
+        description="Spend per UTC day, in `currency` (exact decimal, to the millionth).",
     )
-    budget_month: float | None = Field(
+    budget_month: Decimal | None = Field(
         None,
         ge=0,
         le=MAX_AMOUNT,
+        decimal_places=6,
         allow_inf_nan=False,
-        description="Spend per UTC calendar month, in the price book's currency.",
+        description="Spend per UTC calendar month, in `currency`.",
+    )
+    currency: str | None = Field(
+        None,
+        pattern=CURRENCY,
+        description="ISO 4217 code the budgets are kept in (default: `metering.currency`); "
+        "only amounts in this currency count against them.",
     )
 
     def is_empty(self) -> bool:
-        return all(v is None for v in self.model_dump().values())
+        """No limit set (a currency alone limits nothing)."""
+        return all(v is None for k, v in self.model_dump().items() if k != "currency")
+
+    def has_budget(self) -> bool:
+        return self.budget_day is not None or self.budget_month is not None
 
     def tightened(self, other: LimitSettings | None) -> LimitSettings:
-        """These limits with `other`'s where they are stricter: each the smaller of the two."""
+        """These limits with `other`'s where they are stricter: each the smaller of the two.
+        Budgets are compared only in one currency (ValueError otherwise)."""
         if other is None:
             return self
-        merged = {
+        if self.has_budget() and other.has_budget() and self.currency != other.currency:
+            raise ValueError(
+                f"budgets in {other.currency or 'the default currency'} cannot tighten budgets "
+                f"in {self.currency or 'the default currency'}: use the same currency"
+            )
+        merged: dict[str, Any] = {
             name: min((v for v in (getattr(self, name), getattr(other, name)) if v is not None),
                       default=None)
             for name in type(self).model_fields
+            if name != "currency"
         }  # fmt: skip
+        merged["currency"] = other.currency if other.has_budget() else self.currency
         return type(self).model_validate(merged)
 
 

@@ -46,7 +46,7 @@ from bastion.limits.admission import Admission, Ticket
 from bastion.limits.caps import check_caps
 from bastion.limits.fairshare import FairQueue
 from bastion.limits.tokens import prompt_upper_bound
-from bastion.metering.settings import PriceSettings
+from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.routing.balancer import Lease, ModelRoute
@@ -94,7 +94,7 @@ class Gateway:
         self.metrics = metrics
         self.routes = routes
         self.max_body = settings.server.max_body_bytes
-        self.prices: dict[str, PriceSettings] = dict(settings.prices)
+        self.prices: dict[str, PriceSettings] = resolved_prices(settings)
         self.admission = admission
         self.audit = audit
         self.queues = {

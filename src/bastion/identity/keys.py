@@ -101,7 +101,10 @@ class KeyRecord:
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
             "status": self.status(now),
-            "limits": self.limits.model_dump(exclude_none=True) if self.limits else None,
+            # Budgets as exact decimal strings ("0.05"), never floats.
+            "limits": self.limits.model_dump(mode="json", exclude_none=True)
+            if self.limits
+            else None,
             "role": self.role,
             "source": self.source,
             "created_by": self.created_by,
@@ -187,7 +190,7 @@ def create_key(engine: Engine, **kw: Any) -> tuple[KeyRecord, str]:
 def _limits_json(limits: LimitSettings | None) -> dict[str, object] | None:
     if limits is None or limits.is_empty():
         return None
-    return limits.model_dump(exclude_none=True)
+    return limits.model_dump(mode="json", exclude_none=True)
 
 
 def _change_key(engine: Engine, key_id: str, only_if: Any = None, **values: Any) -> KeyRecord:

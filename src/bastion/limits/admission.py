@@ -15,21 +15,22 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import ROUND_CEILING
 
 import redis.exceptions
 from sqlalchemy import Engine, func, select
 
 from bastion.config import Settings
-from bastion.core.errors import BudgetExceeded, LimitsUnavailable, RateLimited
+from bastion.core.errors import BudgetExceeded, LimitsUnavailable, PermissionDenied, RateLimited
 from bastion.core.request import ParsedRequest
 from bastion.identity.principal import Principal
 from bastion.limits.counters import Check, CounterBackend, MemoryCounters, Verdict
 from bastion.limits.levels import Level, Plan, applicable_levels, budget_period, checks_for
 from bastion.limits.tokens import PromptCounter
-from bastion.metering.settings import PriceSettings
-from bastion.metering.usage import UsageRecord, cost_of
+from bastion.metering.settings import PriceSettings, resolved_prices
+from bastion.metering.usage import UsageRecord, cost_micros, money
 from bastion.observability.metrics import Metrics
 from bastion.store.schema import usage
 
@@ -44,9 +45,23 @@ def completion_reserve(req: ParsedRequest) -> int:
     return (req.max_output or 0) * req.choices
 
 
-def cost_micros(prompt: int, completion: int, price: PriceSettings | None) -> int:
-    """What a reservation may cost, in millionths of the currency (counters are integers)."""
-    return 0 if price is None else math.ceil(cost_of(prompt, 0, completion, price) * 1_000_000)
+def reserve_micros(prompt: int, completion: int, price: PriceSettings | None) -> int:
+    """The most a request may cost, in micro-units (rounded up: never below what is charged)."""
+    return 0 if price is None else cost_micros(prompt, 0, completion, price, ROUND_CEILING)
+
+
+def check_priced(plan: Plan, model: str, price: PriceSettings | None) -> None:
+    """A caller with a budget is never served a model its budget cannot count (no price, or a
+    price in another currency): its spend would escape the budget. The configuration check
+    refuses such a file; this catches budgets set later (keys, through the admin API)."""
+    for level, currency in plan.budgets():
+        if price is None or price.currency != currency:
+            why = "has no price" if price is None else f"is priced in {price.currency}"
+            raise PermissionDenied(
+                f"Model '{model}' {why}, so it cannot be charged to the {currency} budget of "
+                f"{level}; ask an administrator to price it (prices.{model}).",
+                code="model_not_priced",
+            )
 
 
 @dataclass(slots=True)
@@ -95,6 +110,7 @@ class Admission:
         self.fail_open_locally = settings.limits.on_backend_failure == "local"
         self._plans: dict[tuple[object, ...], Plan] = {}
         self.prompts = PromptCounter(settings)
+        self.prices = resolved_prices(settings)
         # Settlements for a remote backend are sent in batches, one pipeline per loop turn.
         self._pending: list[tuple[Check, int, str]] = []
         self._wake = asyncio.Event()
@@ -106,24 +122,25 @@ class Admission:
         if plan is None:
             if len(self._plans) > 50_000:
                 self._plans.clear()
-            plan = self._plans[key] = Plan.compile(applicable_levels(self.settings, p, model))
+            levels = applicable_levels(self.settings, p, model)
+            plan = self._plans[key] = Plan.compile(levels, self.settings.metering.currency)
         return plan
 
     async def admit(self, p: Principal, req: ParsedRequest, request_id: str) -> Ticket | None:
         plan = self.plan(p, req.model)
         if not plan.templates:
             return None  # nothing to count: no round trip at all
+        price = self.prices.get(req.model)
+        check_priced(plan, req.model, price)
         prompt = await self.prompts.count(req)
         completion = completion_reserve(req)
-        price = self.settings.prices.get(req.model)
-        micros = cost_micros(prompt, completion, price)
+        micros = reserve_micros(prompt, completion, price)
         tokens = prompt + completion
         checks = checks_for(plan, tokens, micros)
         backend, verdict = await self._ask(checks, request_id, plan.levels)
         now = time.time()
         if not verdict.ok:
-            currency = price.currency if price else "USD"
-            self._refuse(checks[verdict.index], verdict.values[0], tokens, micros, currency, now)
+            self._refuse(checks[verdict.index], verdict, tokens, micros, now)
         ticket = Ticket(checks, tokens, micros, backend)
         ticket.prompt_tokens = prompt
         ticket.headers = ratelimit_headers(checks, verdict.values, now)
@@ -173,8 +190,8 @@ class Admission:
             "cost_center": usage.c.cost_center,
             "model": usage.c.model,
         }
-        q = select(func.coalesce(func.sum(usage.c.cost), 0.0)).where(
-            usage.c.ts >= start, usage.c.ts < end
+        q = select(func.coalesce(func.sum(usage.c.cost_micros), 0)).where(
+            usage.c.ts >= start, usage.c.ts < end, usage.c.currency == check.currency
         )
         if level.scope == "team_model":
             team, model = level.ident.split("|", 1)
@@ -182,19 +199,18 @@ class Admission:
         else:
             q = q.where(col[level.scope] == level.ident)
         with self.db.connect() as conn:
-            return math.ceil(float(conn.execute(q).scalar_one()) * 1_000_000)
+            return int(conn.execute(q).scalar_one())
 
-    def _refuse(
-        self, check: Check, value: int, tokens: int, micros: int, currency: str, now: float
-    ) -> None:
+    def _refuse(self, check: Check, verdict: Verdict, tokens: int, micros: int, now: float) -> None:
         self.metrics.limit_rejections.labels(check.kind).inc()
+        value = verdict.values[0]
         wait = max(1, math.ceil(check.reset_at - now))
         if check.kind in ("budget_day", "budget_month"):
             period = "daily" if check.kind == "budget_day" else "monthly"
             raise BudgetExceeded(
                 f"The {period} budget of {check.level} is exhausted "
-                f"({value / 1e6:.4f} of {check.limit / 1e6:.2f} {currency} spent or reserved; "
-                f"this request may cost up to {micros / 1e6:.4f}).",
+                f"({money(value)} of {money(check.limit)} {check.currency} spent or reserved; "
+                f"this request may cost up to {money(micros)}).",
                 headers={"retry-after": str(wait), "x-should-retry": "false"},
             )
         if check.kind == "concurrent":
@@ -202,12 +218,16 @@ class Admission:
                 f"Too many requests in flight for {check.level} (limit {check.limit}).",
                 headers={"retry-after": "1"},
             )
+        # A sliding window: retry when enough of its entries have left it for this request,
+        # reset (x-ratelimit-reset-*) when all of them have.
+        wait = max(1, math.ceil(verdict.retry_after or 0))
+        emptied = replace(check, reset_at=now + (verdict.empty_after or 0))
         what = "requests" if check.kind == "rpm" else "tokens"
         asked = "" if check.kind == "rpm" else f" This request reserves {tokens} tokens."
         raise RateLimited(
-            f"Rate limit reached for {check.level}: {check.limit} {what} per minute, "
-            f"{value} used.{asked} Retry after {wait}s.",
-            headers={"retry-after": str(wait), **ratelimit_headers([check], (value,), now)},
+            f"Rate limit reached for {check.level}: {check.limit} {what} per minute "
+            f"(any 60 s), {value} used.{asked} Retry after {wait}s.",
+            headers={"retry-after": str(wait), **ratelimit_headers([emptied], (value,), now)},
         )
 
     def settle(self, ticket: Ticket, rec: UsageRecord) -> None:
@@ -216,12 +236,13 @@ class Admission:
             return
         ticket.settled = True
         used = rec.prompt_tokens + rec.completion_tokens
-        spent = math.ceil(rec.cost * 1_000_000)
         items = []
         for c in ticket.checks:
             if c.kind == "tpm":
                 items.append((c, used - ticket.tokens, rec.request_id))
             elif c.kind in ("budget_day", "budget_month"):
+                # Only an amount in the budget's own currency counts against it.
+                spent = rec.cost_micros if rec.currency == c.currency else 0
                 items.append((c, spent - ticket.cost_micros, rec.request_id))
             elif c.kind == "concurrent":
                 items.append((c, -1, rec.request_id))

@@ -4,17 +4,17 @@ team x model that has any limit set, each with the counters it needs for this in
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from bastion.config import Settings
 from bastion.core.settings import LimitSettings
 from bastion.identity.principal import Principal
 from bastion.limits.counters import SLOT_LEASE_SECONDS, Check, Kind, Op
 
-WINDOW = 60  # seconds: rpm and tpm count per calendar minute
+WINDOW = 60  # seconds: rpm and tpm count what was admitted in the last minute (sliding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +85,7 @@ class _Template:
     prefix: str  # the counter key without its window or period
     op: Op
     limit: int
+    currency: str | None = None  # a budget's
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,22 +96,33 @@ class Plan:
     templates: tuple[_Template, ...]
 
     @classmethod
-    def compile(cls, levels: list[Level]) -> Plan:
+    def compile(cls, levels: list[Level], currency: str) -> Plan:
+        """`currency`: the default of budgets that name none (`metering.currency`)."""
         out = []
         for lv in levels:
             base, lim = f"bst:{lv.scope}:{lv.ident}", lv.limits
             for kind, op, value in (
-                ("rpm", "counter", lim.rpm),
-                ("tpm", "counter", lim.tpm),
+                ("rpm", "window", lim.rpm),
+                ("tpm", "window", lim.tpm),
                 ("concurrent", "slots", lim.concurrent),
                 ("budget_day", "budget", lim.budget_day),
                 ("budget_month", "budget", lim.budget_month),
             ):
                 if value is None:
                     continue
-                limit = math.floor(value * 1_000_000) if op == "budget" else int(value)
-                out.append(_Template(lv.label, kind, f"{base}:{kind}", op, limit))  # type: ignore[arg-type]
+                if op == "budget":
+                    # Exact: a budget has at most 6 decimal places (LimitSettings).
+                    cur = lim.currency or currency
+                    limit = int(Decimal(value).scaleb(6))
+                    prefix = f"{base}:{kind}:{cur}"  # a counter per currency, never mixed
+                    out.append(_Template(lv.label, kind, prefix, op, limit, cur))  # type: ignore[arg-type]
+                else:
+                    out.append(_Template(lv.label, kind, f"{base}:{kind}", op, int(value)))  # type: ignore[arg-type]
         return cls(tuple(levels), tuple(out))
+
+    def budgets(self) -> list[tuple[str, str]]:
+        """(level, currency) of every budget in the plan."""
+        return [(t.level, t.currency) for t in self.templates if t.currency is not None]
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,26 +134,13 @@ def _period_of_day(kind: str, day: int) -> tuple[str, float]:
 def checks_for(plan: Plan, tokens: int, cost_micros: int, now: float | None = None) -> list[Check]:
     """The counters this request must fit into, at every level, for this instant."""
     now = time.time() if now is None else now
-    window = int(now // WINDOW)
-    window_end = (window + 1) * WINDOW
     day = int(now // 86_400)
     out: list[Check] = []
     for t in plan.templates:
-        if t.kind == "rpm":
-            c = Check(
-                t.level, t.kind, f"{t.prefix}:{window}", t.op, t.limit, 1, 2 * WINDOW, window_end
-            )
-        elif t.kind == "tpm":
-            c = Check(
-                t.level,
-                t.kind,
-                f"{t.prefix}:{window}",
-                t.op,
-                t.limit,
-                tokens,
-                2 * WINDOW,
-                window_end,
-            )
+        if t.kind in ("rpm", "tpm"):
+            # Admitted now, the entry is the last to leave: the window is empty again then.
+            amount = 1 if t.kind == "rpm" else tokens
+            c = Check(t.level, t.kind, t.prefix, t.op, t.limit, amount, WINDOW, now + WINDOW)
         elif t.kind == "concurrent":
             c = Check(t.level, t.kind, t.prefix, t.op, t.limit, 1, SLOT_LEASE_SECONDS, now + 1)
         else:
@@ -156,6 +155,7 @@ def checks_for(plan: Plan, tokens: int, cost_micros: int, now: float | None = No
                 cost_micros,
                 int(end - now) + 86_400,
                 end,
+                t.currency,
             )
         out.append(c)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -13,19 +14,51 @@ from redis.asyncio.connection import Connection
 
 from bastion.limits.counters import Check, Verdict
 
-# KEYS: the counters. ARGV: now, request id, then per key: op (1 counter, 2 budget, 3 slots),
-# limit, amount, ttl. All checks first, then all increments: all-or-nothing.
-_ADMIT = """
-local now = tonumber(ARGV[1])
+# A sliding window (rpm, tpm) is a sorted set KEY (request id scored by admission time) and a
+# hash KEY..'|a' (request id -> amount, '#sum' -> their total). Entries at or before the edge
+# are dropped in chunks (Lua's unpack has a stack limit), each once: O(1) amortized.
+_WINDOW = """
+local function prune(key, edge)
+  local hkey = key .. '|a'
+  while true do
+    local gone = redis.call('ZRANGEBYSCORE', key, '-inf', edge, 'LIMIT', 0, 500)
+    if #gone == 0 then break end
+    local amounts = redis.call('HMGET', hkey, unpack(gone))
+    local s = 0
+    for j = 1, #amounts do s = s + (tonumber(amounts[j]) or 0) end
+    redis.call('HINCRBY', hkey, '#sum', -s)
+    redis.call('HDEL', hkey, unpack(gone))
+    redis.call('ZREM', key, unpack(gone))
+  end
+  return tonumber(redis.call('HGET', hkey, '#sum') or '0')
+end
+local function clock()
+  local n = tonumber(ARGV[1])
+  if n then return n end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+"""
+# KEYS: the counters. ARGV: now ('' = the Redis server's clock, one clock for all replicas),
+# request id, then per key: op (1 window, 2 budget, 3 slots), limit, amount, ttl. All checks
+# first, then all increments: all-or-nothing. A refused window also answers, in milliseconds,
+# when this request would fit and when the window will be empty (see counters.py).
+_ADMIT = (
+    _WINDOW
+    + """
+local now = clock()
 local rid = ARGV[2]
 local cur = {}
 for i = 1, #KEYS do
   local b = 2 + (i - 1) * 4
-  local op, limit, amount = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local op, limit = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local amount, ttl = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local v
   if op == 3 then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     v = redis.call('ZCARD', KEYS[i])
+  elseif op == 1 then
+    v = prune(KEYS[i], now - ttl)
   else
     v = redis.call('GET', KEYS[i])
     if not v then
@@ -35,7 +68,34 @@ for i = 1, #KEYS do
       v = tonumber(v)
     end
   end
-  if v + amount > limit then return {-1, i - 1, v} end
+  if v + amount > limit then
+    if op ~= 1 then return {-1, i - 1, v} end
+    local last = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
+    local empty = 0
+    if #last > 0 then empty = tonumber(last[2]) + ttl - now end
+    local retry = empty
+    if amount > limit then
+      retry = ttl
+    else
+      local need, freed, start, found = v + amount - limit, 0, 0, false
+      while not found do
+        local page = redis.call('ZRANGE', KEYS[i], start, start + 99, 'WITHSCORES')
+        if #page == 0 then break end
+        local ids = {}
+        for j = 1, #page, 2 do ids[#ids + 1] = page[j] end
+        local amounts = redis.call('HMGET', KEYS[i] .. '|a', unpack(ids))
+        for j = 1, #ids do
+          freed = freed + (tonumber(amounts[j]) or 0)
+          if freed >= need then
+            retry, found = tonumber(page[2 * j]) + ttl - now, true
+            break
+          end
+        end
+        start = start + 100
+      end
+    end
+    return {-1, i - 1, v, math.floor(retry * 1000), math.floor(empty * 1000)}
+  end
   cur[i] = v
 end
 local out = {0}
@@ -45,6 +105,13 @@ for i = 1, #KEYS do
   if op == 3 then
     redis.call('ZADD', KEYS[i], now + ttl, rid)
     redis.call('EXPIRE', KEYS[i], ttl)
+  elseif op == 1 then
+    local hkey = KEYS[i] .. '|a'
+    redis.call('ZADD', KEYS[i], now, rid)
+    redis.call('HSET', hkey, rid, amount)
+    redis.call('HINCRBY', hkey, '#sum', amount)
+    redis.call('EXPIRE', KEYS[i], ttl + 1)
+    redis.call('EXPIRE', hkey, ttl + 1)
   else
     redis.call('INCRBY', KEYS[i], amount)
     redis.call('EXPIRE', KEYS[i], ttl, 'NX')
@@ -53,16 +120,32 @@ for i = 1, #KEYS do
 end
 return out
 """
+)
+# A settlement corrects the request's own entry, if it is still in the window.
+_SETTLE_WINDOW = """
+local hkey = KEYS[1] .. '|a'
+if redis.call('HEXISTS', hkey, ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', hkey, ARGV[1], ARGV[2])
+return redis.call('HINCRBY', hkey, '#sum', ARGV[2])
+"""
+# What `limits status` shows: the window's total now (dropping what has left it changes no
+# outcome, so the read may prune).
+_PEEK_WINDOW = _WINDOW + "return prune(KEYS[1], clock() - tonumber(ARGV[2]))"
 # Corrections apply only where the window still exists: never resurrect an expired one.
 _INCR_EXISTING = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
 return 0
 """
-_OPS = {"counter": 1, "budget": 2, "slots": 3}
+_OPS = {"window": 1, "budget": 2, "slots": 3}
 
 
 class RedisCounters:
-    def __init__(self, url: str, timeout: float = 0.5):
+    def __init__(
+        self, url: str, timeout: float = 0.5, clock: Callable[[], float] | None = None
+    ) -> None:
+        # None: windows and leases run on the Redis server's clock, the same for every
+        # replica whatever their own clocks say (tests pass one to move time).
+        self._clock = clock
         self._redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -71,6 +154,8 @@ class RedisCounters:
         )
         self._admit = self._redis.register_script(_ADMIT)
         self._incr_existing = self._redis.register_script(_INCR_EXISTING)
+        self._settle_window = self._redis.register_script(_SETTLE_WINDOW)
+        self._peek_window = self._redis.register_script(_PEEK_WINDOW)
         # Admissions (and settlements) that arrive in the same event-loop turn go out as one
         # pipeline on a dedicated connection: one round trip for all of them, each script
         # still atomic. redis-py's pool costs more per call than the round trip itself.
@@ -82,7 +167,7 @@ class RedisCounters:
     async def admit(self, checks: list[Check], request_id: str) -> Verdict:
         args: list[object] = ["EVALSHA", self._admit.sha, len(checks)]
         args += [c.key for c in checks]
-        args += [time.time(), request_id]
+        args += ["" if self._clock is None else self._clock(), request_id]
         for c in checks:
             args += [_OPS[c.op], c.limit, c.amount, c.ttl]
         res = await self._call(args)
@@ -90,6 +175,14 @@ class RedisCounters:
             return Verdict(True, tuple(int(v) for v in res[1:]))
         if res[0] == -2:
             return Verdict(False, (), int(res[1]), needs_seed=True)
+        if len(res) > 3:  # a window: when it has room, when it is empty
+            return Verdict(
+                False,
+                (int(res[2]),),
+                int(res[1]),
+                retry_after=res[3] / 1000,
+                empty_after=res[4] / 1000,
+            )
         return Verdict(False, (int(res[2]),), int(res[1]))
 
     def _call(self, command: list[object]) -> asyncio.Future[Any]:
@@ -106,7 +199,7 @@ class RedisCounters:
         if self._conn is None:
             conn = self._redis.connection_pool.make_connection()
             await conn.connect()
-            for script in (_ADMIT, _INCR_EXISTING):
+            for script in (_ADMIT, _INCR_EXISTING, _SETTLE_WINDOW):
                 await conn.send_command("SCRIPT", "LOAD", script)
                 await conn.read_response()
             self._conn = conn
@@ -154,6 +247,8 @@ class RedisCounters:
         for c, delta, request_id in items:
             if c.op == "slots":
                 commands.append(["ZREM", c.key, request_id])
+            elif c.op == "window" and delta:
+                commands.append(["EVALSHA", self._settle_window.sha, 1, c.key, request_id, delta])
             elif delta:
                 commands.append(["EVALSHA", self._incr_existing.sha, 1, c.key, delta])
         await asyncio.gather(*(self._call(cmd) for cmd in commands))
@@ -162,11 +257,14 @@ class RedisCounters:
         await self._redis.set(key, value, ex=ttl, nx=True)
 
     async def peek(self, checks: list[Check]) -> list[int]:
-        now = time.time()
+        now = time.time() if self._clock is None else self._clock()
+        at = "" if self._clock is None else now
         async with self._redis.pipeline(transaction=False) as pipe:
             for c in checks:
                 if c.op == "slots":
                     pipe.zcount(c.key, now, "+inf")
+                elif c.op == "window":
+                    await self._peek_window(keys=[c.key], args=[at, c.ttl], client=pipe)
                 else:
                     pipe.get(c.key)
             values = await pipe.execute()

@@ -19,6 +19,7 @@ from bastion.limits.levels import (
     team_level,
     team_model_levels,
 )
+from bastion.metering.usage import money
 
 BUDGETS = ("budget_day", "budget_month")
 
@@ -44,22 +45,24 @@ async def limit_status(
     admission: Admission, settings: Settings, keys: list[KeyRecord], team: str | None
 ) -> list[dict[str, Any]]:
     levels = _levels(settings, keys, team)
-    checks = checks_for(Plan.compile(levels), 0, 0)
+    checks = checks_for(Plan.compile(levels, settings.metering.currency), 0, 0)
     values = await admission.backend.peek(checks)
     now = time.time()
     rows = []
     for c, used in zip(checks, values, strict=True):
-        scale = 1_000_000 if c.kind in BUDGETS else 1
+        # Money as exact decimal strings (micro-units underneath), counts as integers.
+        show = money if c.kind in BUDGETS else int
         rows.append(
             {
                 "level": c.level,
                 "limit_kind": c.kind,
-                "limit": c.limit / scale,
-                "used": used / scale,
-                "remaining": max(0, c.limit - used) / scale,
+                "limit": show(c.limit),
+                "used": show(used),
+                "remaining": show(max(0, c.limit - used)),
+                "currency": c.currency,
                 "resets_in_seconds": max(0, round(c.reset_at - now))
-                if c.kind != "concurrent"
-                else None,
+                if c.kind in BUDGETS
+                else None,  # a sliding window has no reset instant; a slot count neither
             }
         )
     return rows

@@ -1,4 +1,8 @@
-"""Usage summaries for `bastion usage` and the admin API: tokens, requests and cost per group."""
+"""Usage summaries for `bastion usage` and the admin API: tokens, requests and cost per group.
+
+Costs are summed as integer micro-units, per currency (a group that used models priced in two
+currencies gets one row per currency; amounts in different currencies are never added), and
+shown as exact decimal strings with six places ("0.000150"), in JSON too: never a float."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any, Literal
 import orjson
 from sqlalchemy import Engine, case, func, select
 
+from bastion.metering.usage import money
 from bastion.store.schema import usage
 
 GroupBy = Literal["team", "cost-center", "model", "day", "key", "user"]
@@ -45,10 +50,11 @@ def summarize(
             func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(usage.c.cached_tokens), 0).label("cached_tokens"),
             func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
-            func.coalesce(func.sum(usage.c.cost), 0.0).label("cost"),
+            func.coalesce(func.sum(usage.c.cost_micros), 0).label("cost_micros"),
+            usage.c.currency,
         )
-        .group_by(col)
-        .order_by(col)
+        .group_by(col, usage.c.currency)
+        .order_by(col, usage.c.currency)
     )
     if since is not None:
         q = q.where(usage.c.ts >= since)
@@ -69,7 +75,8 @@ def summarize(
                 "cached_tokens": int(r.cached_tokens),
                 "completion_tokens": int(r.completion_tokens),
                 "total_tokens": int(r.prompt_tokens) + int(r.completion_tokens),
-                "cost": round(float(r.cost), 10),
+                "cost": money(int(r.cost_micros)),
+                "currency": r.currency,
             }
         )
     return out
@@ -103,4 +110,6 @@ def render(rows: list[dict[str, Any]], fmt: Literal["table", "csv", "json"]) -> 
 
 
 def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
     return f"{v:.6f}" if isinstance(v, float) else str(v)

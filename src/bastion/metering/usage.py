@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -24,13 +25,23 @@ from bastion.store.schema import usage
 log = logging.getLogger("bastion.metering")
 
 
-def cost_of(prompt: int, cached: int, completion: int, p: PriceSettings) -> float:
-    """The price book's cost of some tokens (prices are per 1M tokens; cached at their price)."""
+def cost_micros(
+    prompt: int, cached: int, completion: int, p: PriceSettings, rounding: str = ROUND_HALF_UP
+) -> int:
+    """The price book's cost of some tokens in micro-units (millionths of the currency).
+
+    Prices are per 1M tokens, so tokens x price is already in micro-units: exact in Decimal,
+    rounded once to a whole micro-unit (half up for what is charged; a reservation rounds up).
+    """
     cached = min(cached, prompt)
     cached_price = p.cached_prompt if p.cached_prompt is not None else p.prompt
-    return ((prompt - cached) * p.prompt + cached * cached_price + completion * p.completion) / (
-        1_000_000
-    )
+    exact = (prompt - cached) * p.prompt + cached * cached_price + completion * p.completion
+    return int(exact.to_integral_value(rounding=rounding))
+
+
+def money(micros: int) -> str:
+    """Micro-units as an exact decimal string, always 6 places: 50000 -> '0.050000'."""
+    return format(Decimal(micros).scaleb(-6), "f")
 
 
 @dataclass(slots=True)
@@ -49,7 +60,8 @@ class UsageRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    cost: float = 0.0
+    #: In micro-units of `currency` (None: the model has no price).
+    cost_micros: int = 0
     currency: str | None = None
     status: int = 200
     outcome: str = "ok"
@@ -61,9 +73,12 @@ class UsageRecord:
     tokens_estimated: bool = False
 
     def price(self, p: PriceSettings | None) -> None:
+        """Costs the record; `p` comes from `resolved_prices` (its currency filled in)."""
         if p is None:
             return
-        self.cost = cost_of(self.prompt_tokens, self.cached_tokens, self.completion_tokens, p)
+        self.cost_micros = cost_micros(
+            self.prompt_tokens, self.cached_tokens, self.completion_tokens, p
+        )
         self.currency = p.currency
 
 

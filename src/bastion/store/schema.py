@@ -138,7 +138,8 @@ usage = Table(
     Column("prompt_tokens", Integer, nullable=False, default=0),
     Column("cached_tokens", Integer, nullable=False, default=0),
     Column("completion_tokens", Integer, nullable=False, default=0),
-    Column("cost", Float, nullable=False, default=0.0),
+    # Integer micro-units (millionths) of `currency`: exact, summed without rounding.
+    Column("cost_micros", BigInteger, nullable=False, default=0),
     Column("currency", String(3), nullable=True),
     Column("status", Integer, nullable=False),
     Column("outcome", String(32), nullable=False),  # ok | client_error | upstream_error | cancelled
