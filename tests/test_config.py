@@ -133,3 +133,17 @@ def test_show_masks_every_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert shown["admin"]["key"] == "***" and shown["server"]["port"] == 8080
     assert shown["models"]["m"]["deployments"][0]["api_key"] == "***"
     assert "**Secret:**" in render_config_reference()
+
+
+def test_key_limits_only_tighten_and_keep_currencies_apart() -> None:
+    from decimal import Decimal
+
+    from bastion.core.settings import LimitSettings
+
+    default = LimitSettings(rpm=2, budget_day=Decimal("10"), currency="EUR")
+    merged = default.tightened(LimitSettings(rpm=50, tpm=7))
+    assert (merged.rpm, merged.tpm, merged.budget_day, merged.currency) == (2, 7, 10, "EUR")
+    tighter = default.tightened(LimitSettings(budget_day=Decimal("3.5"), currency="EUR"))
+    assert tighter.budget_day == Decimal("3.5")
+    with pytest.raises(ValueError, match="same currency"):
+        default.tightened(LimitSettings(budget_day=Decimal("1"), currency="USD"))
