@@ -112,10 +112,47 @@ def checkpoints(db: Engine) -> list[dict[str, Any]]:
     return out
 
 
+#: The columns stored beside each entry for searching, each a copy of a field of the hashed
+#: entry: `verify` checks they still are, so a search by team or user cannot be misled.
+COLUMNS = (
+    "replica",
+    "seq",
+    "kind",
+    "request_id",
+    "ts",
+    "team",
+    "user",
+    "key_id",
+    "model",
+    "status",
+)
+
+
+def column_mismatch(row: Any, entry: dict[str, Any]) -> str | None:
+    """The first searchable column that differs from the hashed entry, if any."""
+    expected = entry_row(entry)
+    for name in COLUMNS:
+        stored, want = getattr(row, name), expected[name]
+        if name == "ts":
+            stored = _utc(stored) if isinstance(stored, datetime) else stored
+            want = _utc(want)
+        if stored != want:
+            return name
+    return None
+
+
 def iter_entries(
     db: Engine, since: datetime | None = None, until: datetime | None = None, chunk: int = 5000
 ) -> Iterator[dict[str, Any]]:
     """Every entry in (replica, seq) order, read in chunks (keyset pagination)."""
+    for row in iter_rows(db, since, until, chunk):
+        yield row_entry(row)
+
+
+def iter_rows(
+    db: Engine, since: datetime | None = None, until: datetime | None = None, chunk: int = 5000
+) -> Iterator[Any]:
+    """Every stored row (entry and searchable columns) in (replica, seq) order."""
     with db.connect() as conn:
         replicas = [r for (r,) in conn.execute(select(audit_entries.c.replica).distinct())]
     for replica in sorted(replicas):
@@ -132,7 +169,7 @@ def iter_entries(
             start = first - 1
         while True:
             q = (
-                select(audit_entries.c.doc, audit_entries.c.content, audit_entries.c.seq)
+                select(audit_entries)
                 .where(audit_entries.c.replica == replica, audit_entries.c.seq > start)
                 .order_by(audit_entries.c.seq)
                 .limit(chunk)
@@ -143,8 +180,7 @@ def iter_entries(
                 rows = conn.execute(q).all()
             if not rows:
                 break
-            for row in rows:
-                yield row_entry(row)
+            yield from rows
             start = rows[-1].seq
 
 
@@ -265,6 +301,11 @@ def _on_hold(conn: Connection, team: str) -> bool:
     )
 
 
+def on_hold(db: Engine, team: str) -> bool:
+    with db.connect() as conn:
+        return _on_hold(conn, team)
+
+
 def shred(db: Engine, team: str) -> int:
     """Destroys every data key of the team; returns how many. Refused under legal hold."""
     with db.begin() as conn:
@@ -278,24 +319,38 @@ def shred(db: Engine, team: str) -> int:
         return int(result.rowcount)
 
 
-def purge(
+def purge_cutoffs(
     db: Engine, retention: dict[str | None, int], now: datetime | None = None
-) -> dict[str, int]:
-    """Drops sealed contents older than each team's retention (None: the default); holds win."""
+) -> dict[str, str]:
+    """Per team (not on hold), the time before which contents are past retention (None in
+    `retention`: the default). Recorded in the purge's own entry before anything is dropped:
+    that entry is what lets `verify` tell a purge from contents deleted in the database."""
     now = now or datetime.now(UTC)
+    with db.connect() as conn:
+        held = {t for (t,) in conn.execute(select(audit_holds.c.team))}
+        teams = {t for (t,) in conn.execute(select(audit_entries.c.team).distinct()) if t}
+    out = {}
+    for team in sorted(teams - held):
+        days = retention.get(team, retention.get(None))
+        if days is not None:
+            out[team] = (now - timedelta(days=days)).isoformat()
+    return out
+
+
+def purge(db: Engine, cutoffs: dict[str, str]) -> dict[str, int]:
+    """Drops the sealed contents older than each team's recorded cutoff; holds still win."""
+    now = datetime.now(UTC)
     out: dict[str, int] = {}
     with db.begin() as conn:
         held = {t for (t,) in conn.execute(select(audit_holds.c.team))}
-        teams = {t for (t,) in conn.execute(select(audit_entries.c.team).distinct()) if t}
-        for team in sorted(teams - held):
-            days = retention.get(team, retention.get(None))
-            if days is None:
+        for team, cutoff in sorted(cutoffs.items()):
+            if team in held:
                 continue
             result = conn.execute(
                 update(audit_entries)
                 .where(
                     audit_entries.c.team == team,
-                    audit_entries.c.ts < now - timedelta(days=days),
+                    audit_entries.c.ts < datetime.fromisoformat(cutoff),
                     audit_entries.c.content.is_not(None),
                 )
                 .values(content=None, purged_at=now)
