@@ -57,9 +57,9 @@ class Decryptor:
         if sealed is None:
             return {"content": None, "content_unavailable": "purged (retention expired)"}
         key_id = str(entry.get("content_key"))
-        if key_id not in self.keys:
-            self.keys.update(store.data_keys(self.db, [key_id], self.wrapper))
         try:
+            if key_id not in self.keys:
+                self.keys.update(store.data_keys(self.db, [key_id], self.wrapper))
             plain = open_sealed(self.keys.get(key_id), sealed, seal_context(entry))
         except ContentUnavailable as exc:
             return {"content": None, "content_unavailable": str(exc)}

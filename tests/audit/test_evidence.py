@@ -1,0 +1,244 @@
+"""What an insider with write access to the database (or to an export) cannot do unnoticed:
+re-attribute entries, cut a chain's tail with its checkpoints, delete or add a whole chain,
+remove sealed contents without a purge, doctor an export's plaintext, or undo a shred by
+restoring a backup. Each case tampers with a real stored trail and runs the real verifier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from bastion.app import build_app
+from bastion.audit import reader, store
+from bastion.audit.chain import Chain, Verdict
+from bastion.audit.keys import load_master_key
+from bastion.audit.verify import trusted_keys, verify_file, verify_store
+from bastion.config import Settings, parse_settings
+from bastion.identity.keys import create_key
+from bastion.store.schema import audit_checkpoints, audit_entries, audit_keys
+from tests.conftest import audit_config
+from tests.stub_engine import StubEngine
+
+ADMIN = "evidence-admin-key-0123456789"
+CHAT = {"model": "stub", "messages": [{"role": "user", "content": "the quarterly numbers"}]}
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[StubEngine]:
+    s = StubEngine().start()
+    yield s
+    s.stop()
+
+
+def _settings(stub: StubEngine, tmp: Path) -> Settings:
+    return parse_settings(
+        {
+            "database": {"url": f"sqlite:///{tmp}/a.db", "usage_flush_seconds": 0.05},
+            "admin": {"key": ADMIN},
+            "identity": {"key_refresh_seconds": 0.2},
+            "audit": audit_config(tmp, replica="gw", checkpoint_entries=4),
+            "cost_centers": {"cc": {}},
+            "teams": {"t": {"cost_center": "cc"}, "u": {"cost_center": "cc"}},
+            "models": {"stub": {"deployments": [{"url": stub.url, "served_name": "served"}]}},
+        }
+    )
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def trail(stub: StubEngine, tmp_path: Path) -> tuple[Settings, sa.Engine]:
+    """A stored trail of 10 requests by two teams; the gateway has stopped (final checkpoint
+    signed and anchored)."""
+    settings = _settings(stub, tmp_path)
+    c = TestClient(build_app(settings, port=1))
+    with c:
+        db = c.app.state.db  # type: ignore[attr-defined]
+        keys = [create_key(db, team=t, user=f"{t}-user", known_models={"stub"})[1] for t in "tu"]
+        for i in range(10):
+            r = c.post("/v1/chat/completions", json=CHAT, headers=_auth(keys[i % 2]))
+            assert r.status_code == 200
+    return settings, sa.create_engine(f"sqlite:///{tmp_path}/a.db")
+
+
+def _verify(settings: Settings, db: sa.Engine) -> Verdict:
+    a = settings.audit
+    return verify_store(
+        db,
+        trusted_keys(a),
+        anchor_dir=Path(a.anchor_dir),  # type: ignore[arg-type]
+        max_unsigned_seconds=a.max_unsigned_seconds,
+    )
+
+
+def _rows(db: sa.Engine, replica: str = "gw") -> list[Any]:
+    t = audit_entries
+    with db.connect() as conn:
+        return conn.execute(sa.select(t).where(t.c.replica == replica).order_by(t.c.seq)).all()
+
+
+def test_intact_trail_verifies_against_the_anchor(trail: tuple[Settings, sa.Engine]) -> None:
+    settings, db = trail
+    verdict = _verify(settings, db)
+    assert verdict.ok, verdict
+    assert verdict.anchored_heads >= 1 and verdict.unsigned == 0
+
+
+def test_reattributed_columns_are_found(trail: tuple[Settings, sa.Engine]) -> None:
+    """Every request entry of team t moved to team u and user mallory, in the columns only
+    (searches by team and user read the columns)."""
+    settings, db = trail
+    t = audit_entries
+    with db.begin() as conn:
+        conn.execute(t.update().where(t.c.team == "t").values(team="u", user="mallory"))
+    verdict = _verify(settings, db)
+    assert not verdict.ok and "re-attributed" in str(verdict.reason), verdict
+    first_t = next(r for r in _rows(db) if orjson.loads(r.doc).get("team") == "t")
+    assert verdict.seq == first_t.seq
+
+
+def test_a_cut_tail_is_found_even_with_its_checkpoints_gone(
+    trail: tuple[Settings, sa.Engine],
+) -> None:
+    settings, db = trail
+    rows = _rows(db)
+    cut = rows[-6].seq
+    with db.begin() as conn:
+        conn.execute(audit_entries.delete().where(audit_entries.c.seq >= cut))
+        conn.execute(audit_checkpoints.delete().where(audit_checkpoints.c.seq >= cut))
+    verdict = _verify(settings, db)
+    assert not verdict.ok and "truncated" in str(verdict.reason), verdict
+    assert (verdict.replica, verdict.seq) == ("gw", cut)
+
+
+def test_a_deleted_chain_is_found(trail: tuple[Settings, sa.Engine]) -> None:
+    settings, db = trail
+    with db.begin() as conn:
+        conn.execute(audit_entries.delete().where(audit_entries.c.replica == "gw"))
+        conn.execute(audit_checkpoints.delete().where(audit_checkpoints.c.replica == "gw"))
+    verdict = _verify(settings, db)
+    assert not verdict.ok and "whole chain is missing" in str(verdict.reason), verdict
+    assert verdict.replica == "gw"
+
+
+def test_an_added_chain_is_found(trail: tuple[Settings, sa.Engine]) -> None:
+    """A forged replica's chain, hashed and linked correctly, back-dated an hour."""
+    settings, db = trail
+    chain, ts = Chain("gw-2"), datetime.now(UTC) - timedelta(hours=1)
+    rows = []
+    for i in range(3):
+        e = chain.append(
+            {
+                "kind": "request",
+                "request_id": f"req_forged_{i}",
+                "team": "t",
+                "user": "mallory",
+                "ts": (ts + timedelta(seconds=i)).isoformat(),
+            }
+        )
+        rows.append(store.entry_row(e))
+    with db.begin() as conn:
+        conn.execute(audit_entries.insert(), rows)
+    verdict = _verify(settings, db)
+    assert not verdict.ok and verdict.replica == "gw-2", verdict
+    assert "not in the newest signed manifest" in str(verdict.reason)
+
+
+def test_the_key_file_next_to_the_data_is_not_trusted(trail: tuple[Settings, sa.Engine]) -> None:
+    settings, _db = trail
+    assert Path(settings.audit.signing_key).exists()
+    alone = settings.audit.model_copy(update={"trusted_public_keys": []})
+    assert trusted_keys(alone) == []  # only configured keys, or --public-key
+    assert trusted_keys(alone, "ab" * 32) == ["ab" * 32]
+
+
+def test_nulled_content_is_not_a_purge(trail: tuple[Settings, sa.Engine]) -> None:
+    settings, db = trail
+    victim = next(r for r in _rows(db) if r.content is not None)
+    t = audit_entries
+    with db.begin() as conn:
+        conn.execute(
+            t.update()
+            .where((t.c.replica == "gw") & (t.c.seq == victim.seq))
+            .values(content=None, purged_at=datetime.now(UTC))
+        )
+    verdict = _verify(settings, db)
+    assert not verdict.ok and "without a recorded purge" in str(verdict.reason), verdict
+    assert verdict.seq == victim.seq
+
+
+def _export(settings: Settings, db: sa.Engine, path: Path, team: str | None = None) -> list[Any]:
+    wrapper = load_master_key(settings.audit, create=False)
+    lines = reader.export(db, wrapper, trusted_keys(settings.audit), team=team)
+    path.write_bytes(b"".join(lines))
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+def test_an_exports_plaintext_is_bound_to_its_entry(
+    trail: tuple[Settings, sa.Engine], tmp_path: Path
+) -> None:
+    settings, db = trail
+    path = tmp_path / "export.jsonl"
+    lines = _export(settings, db, path, team="t")
+    header = lines[0]["export"]
+    assert (header["format"], header["version"]) == ("bastion-audit-export", 1)
+    assert verify_file(path, trusted_keys(settings.audit)).ok
+    mine = next(x for x in lines if x.get("plaintext") and x["entry"]["kind"] == "request")
+    assert any(x.get("withheld") for x in lines)  # team u's contents left out, on purpose
+    mine["plaintext"]["messages"][0]["content"] = "transfer everything to mallory"
+    path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    verdict = verify_file(path, trusted_keys(settings.audit))
+    assert not verdict.ok and "plaintext does not match" in str(verdict.reason), verdict
+    assert verdict.seq == mine["entry"]["seq"]
+
+
+def test_the_signing_key_is_stored_wrapped(trail: tuple[Settings, sa.Engine]) -> None:
+    settings, _db = trail
+    data = Path(settings.audit.signing_key).read_bytes()
+    assert b"PRIVATE KEY" not in data
+    assert orjson.loads(data)["format"] == "bastion-audit-signing-key"
+
+
+def test_shredding_survives_a_database_backup(stub: StubEngine, tmp_path: Path) -> None:
+    """A backup taken before the shred, restored afterwards with the (current) master key,
+    does not bring team t's contents back; team u's stay readable."""
+    settings = _settings(stub, tmp_path)
+    c = TestClient(build_app(settings, port=1))
+    with c:
+        db = c.app.state.db  # type: ignore[attr-defined]
+        for team in "tu":
+            key = create_key(db, team=team, known_models={"stub"})[1]
+            assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
+        with db.connect() as conn:
+            backup = conn.execute(sa.select(audit_keys)).all()
+        old_master = Path(settings.audit.master_key_file).read_bytes()
+        r = c.post("/admin/audit/shred", json={"team": "t"}, headers=_auth(ADMIN))
+        assert r.status_code == 200 and r.json()["master_key_rotated"] is True, r.text
+    assert Path(settings.audit.master_key_file).read_bytes() != old_master
+    db = sa.create_engine(f"sqlite:///{tmp_path}/a.db")
+    assert _opened(settings, db) == {"t": False, "u": True}  # u's key was re-wrapped
+    with db.begin() as conn:  # the restore brings t's wrapped key back...
+        conn.execute(audit_keys.delete().where(audit_keys.c.team == "t"))
+        conn.execute(audit_keys.insert(), [r._asdict() for r in backup if r.team == "t"])
+    assert _opened(settings, db) == {"t": False, "u": True}  # ...but nothing unwraps it
+    assert _verify(settings, db).ok
+
+
+def _opened(settings: Settings, db: sa.Engine) -> dict[str, bool]:
+    """Per team, whether its request content opens with the master key now in force."""
+    dec = reader.Decryptor(db, load_master_key(settings.audit, create=False))
+    out = {}
+    for row in _rows(db):
+        entry = store.row_entry(row)
+        if entry.get("kind") == "request" and entry.get("team"):
+            out[entry["team"]] = dec.content(entry, row.content)["content"] is not None
+    return out
