@@ -242,3 +242,46 @@ def _opened(settings: Settings, db: sa.Engine) -> dict[str, bool]:
         if entry.get("kind") == "request" and entry.get("team"):
             out[entry["team"]] = dec.content(entry, row.content)["content"] is not None
     return out
+
+
+def _conforms(value: Any, schema: dict[str, Any], defs: dict[str, Any]) -> bool:
+    """The subset of JSON Schema the evidence schema uses (no validator is a dependency)."""
+    import re
+
+    if "$ref" in schema:
+        return _conforms(value, defs[schema["$ref"].rsplit("/", 1)[1]], defs)
+    if "const" in schema and value != schema["const"]:
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if "pattern" in schema and not re.fullmatch(schema["pattern"], str(value)):
+        return False
+    if schema.get("type") == "object":
+        if not isinstance(value, dict) or not set(schema.get("required", ())) <= set(value):
+            return False
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties") is False and set(value) - set(props):
+            return False
+        extra = schema.get("additionalProperties")
+        return all(
+            _conforms(v, props.get(k, extra), defs)
+            for k, v in value.items()
+            if k in props or isinstance(extra, dict)
+        )
+    return True
+
+
+def test_exports_and_anchors_follow_the_published_schema(
+    trail: tuple[Settings, sa.Engine], tmp_path: Path
+) -> None:
+    from importlib.resources import files
+
+    schema = orjson.loads(files("bastion.audit").joinpath("evidence.schema.json").read_bytes())
+    settings, db = trail
+    lines = _export(settings, db, tmp_path / "export.jsonl")
+    anchor_dir = Path(settings.audit.anchor_dir)  # type: ignore[arg-type]
+    lines += [orjson.loads(x) for p in anchor_dir.glob("*.jsonl") for x in p.read_bytes().split()]
+    assert {next(iter(x)) for x in lines} == {"export", "entry", "checkpoint", "manifest"}
+    for line in lines:
+        matches = [b for b in schema["oneOf"] if _conforms(line, b, schema["$defs"])]
+        assert len(matches) == 1, line
