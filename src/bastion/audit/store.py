@@ -141,6 +141,21 @@ def column_mismatch(row: Any, entry: dict[str, Any]) -> str | None:
     return None
 
 
+def latest_checkpoints(db: Engine, per_replica: int = 8) -> list[dict[str, Any]]:
+    """The newest few checkpoints of each replica (what a manifest needs; the table grows by
+    thousands a day, so the anchor never reads all of it)."""
+    t = audit_checkpoints
+    out = []
+    with db.connect() as conn:
+        replicas = [r for (r,) in conn.execute(select(t.c.replica).distinct())]
+        for replica in replicas:
+            q = select(t).where(t.c.replica == replica).order_by(t.c.seq.desc()).limit(per_replica)
+            for r in conn.execute(q):
+                cp = {"replica": r.replica, "seq": r.seq, "head": r.head, "ts": r.ts}
+                out.append({**cp, "key": r.public_key, "signature": r.signature})
+    return out
+
+
 def iter_entries(
     db: Engine, since: datetime | None = None, until: datetime | None = None, chunk: int = 5000
 ) -> Iterator[dict[str, Any]]:

@@ -112,6 +112,9 @@ class AuditTrail:
                 self.public_key,
             )
         self.keys = TeamKeys(db, master, lambda: load_master_key(a, create=False))
+        if a.anchor_dir is not None:
+            # There from the first start on: a missing anchor at verify time means it was lost.
+            Path(a.anchor_dir).mkdir(parents=True, exist_ok=True)
         self.redactor = Redactor(a.redact)
         self.refresh_seconds = settings.identity.key_refresh_seconds
         self.wal: AuditLog | None = None
@@ -197,7 +200,7 @@ class AuditTrail:
         a = self.settings
         try:
             trusted = {self.public_key, *a.trusted_public_keys}
-            heads = anchor.trusted_heads(store.checkpoints(self.db), trusted)
+            heads = anchor.trusted_heads(store.latest_checkpoints(self.db), trusted)
             if not heads or heads == self._anchored:
                 return False
             m = anchor.manifest(self.signing_key, self.replica, heads)
