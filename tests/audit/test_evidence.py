@@ -5,6 +5,8 @@ restoring a backup. Each case tampers with a real stored trail and runs the real
 
 from __future__ import annotations
 
+import base64
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -285,3 +287,70 @@ def test_exports_and_anchors_follow_the_published_schema(
     for line in lines:
         matches = [b for b in schema["oneOf"] if _conforms(line, b, schema["$defs"])]
         assert len(matches) == 1, line
+
+
+def test_master_key_rotation_is_recorded_and_survives_a_crash(
+    trail: tuple[Settings, sa.Engine], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from bastion.audit.keys import _rewrap, rotate_master_key
+
+    settings, db = trail
+    a = settings.audit
+    before = _opened(settings, db)
+    assert before == {"t": True, "u": True}
+    # A rotation cut short after re-wrapping the data keys, before replacing the key file:
+    # both keys unwrap meanwhile, and running it again finishes it.
+    pending = Path(a.master_key_file + ".next")
+    pending.write_text(base64.b64encode(os.urandom(32)).decode())
+    _rewrap(db, load_master_key(a, create=False), None)
+    assert _opened(settings, db) == before
+    rotate_master_key(a, db)
+    assert not pending.exists() and _opened(settings, db) == before
+    old = Path(a.master_key_file).read_bytes()
+    cfg = tmp_path / "bastion.yaml"
+    cfg.write_text(orjson.dumps(settings.model_dump(mode="json")).decode())
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "audit", "rotate-master-key", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(a.master_key_file).read_bytes() != old and _opened(settings, db) == before
+    actions = [orjson.loads(r.doc).get("action") for r in _rows(db, _cli_replica(db))]
+    assert actions[-1] == "audit.rotate_master_key"
+    assert _verify(settings, db).ok
+
+
+def _cli_replica(db: sa.Engine) -> str:
+    with db.connect() as conn:
+        q = sa.select(audit_entries.c.replica).where(audit_entries.c.replica.like("cli-%"))
+        return str(conn.execute(q).scalar())
+
+
+def test_a_clear_signing_key_is_wrapped_in_place(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    from bastion.audit.chain import public_key_hex
+    from bastion.audit.keys import load_signing_key
+    from bastion.audit.settings import AuditSettings
+
+    a = AuditSettings(signing_key=str(tmp_path / "s.pem"), master_key_file=str(tmp_path / "m.key"))
+    legacy = Ed25519PrivateKey.generate()
+    pem = legacy.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    Path(a.signing_key).write_bytes(pem)
+    key, created = load_signing_key(a, load_master_key(a))
+    assert not created and public_key_hex(key) == public_key_hex(legacy)
+    assert b"PRIVATE KEY" not in Path(a.signing_key).read_bytes()
+    again, _ = load_signing_key(a, load_master_key(a))
+    assert public_key_hex(again) == public_key_hex(legacy)
+    Path(a.master_key_file).write_text(base64.b64encode(os.urandom(32)).decode())
+    with pytest.raises(Exception, match="does not unwrap"):
+        load_signing_key(a, load_master_key(a))  # useless without the master key
