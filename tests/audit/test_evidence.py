@@ -354,3 +354,26 @@ def test_a_clear_signing_key_is_wrapped_in_place(tmp_path: Path) -> None:
     Path(a.master_key_file).write_text(base64.b64encode(os.urandom(32)).decode())
     with pytest.raises(Exception, match="does not unwrap"):
         load_signing_key(a, load_master_key(a))  # useless without the master key
+
+
+def test_a_recorded_purge_verifies_in_the_store_and_in_exports(
+    trail: tuple[Settings, sa.Engine], tmp_path: Path
+) -> None:
+    from bastion.audit.offline import cli_recorder
+    from bastion.core.changes import recorded_change_sync
+
+    settings, db = trail
+    cutoffs = store.purge_cutoffs(db, {"u": 1}, now=datetime.now(UTC) + timedelta(days=2))
+    assert set(cutoffs) == {"u"}  # only u has a retention here
+    with recorded_change_sync(
+        cli_recorder(settings, db), "test", "audit.purge", after={"cutoffs": cutoffs}
+    ):
+        assert store.purge(db, cutoffs)["u"] >= 5
+    assert _verify(settings, db).ok
+    lines = _export(settings, db, tmp_path / "export.jsonl")
+    assert sum(bool(x.get("purged")) for x in lines) >= 5
+    assert verify_file(tmp_path / "export.jsonl", trusted_keys(settings.audit)).ok
+    # Contents of t, newer than any recorded cutoff of t, removed the same way: not a purge.
+    with db.begin() as conn:
+        conn.execute(audit_entries.update().where(audit_entries.c.team == "t").values(content=None))
+    assert "without a recorded purge" in str(_verify(settings, db).reason)

@@ -80,7 +80,10 @@ def verify_store(
 def verify_file(path: Path, trust: list[str]) -> Verdict:
     with open(path, "rb") as f:
         header, lines, cps = read_export(iter(f))
-    if header.get("format") != EXPORT_FORMAT or header.get("version") != EXPORT_VERSION:
+    legacy = bool(header) and "format" not in header  # before the format was versioned
+    if not legacy and (
+        header.get("format") != EXPORT_FORMAT or header.get("version") != EXPORT_VERSION
+    ):
         raise ValueError(
             f"{path}: not a {EXPORT_FORMAT} version {EXPORT_VERSION} export "
             f"(found {header.get('format')!r} version {header.get('version')!r})"
@@ -94,7 +97,7 @@ def verify_file(path: Path, trust: list[str]) -> Verdict:
             else:
                 v.broken(entry.get("replica"), entry.get("seq"), why)
                 break
-        if not v.feed(entry, withheld=bool(line.get("withheld"))):
+        if not v.feed(entry, withheld=bool(line.get("withheld") or line.get("purged"))):
             break
     return v.result()
 
