@@ -377,3 +377,40 @@ def test_a_recorded_purge_verifies_in_the_store_and_in_exports(
     with db.begin() as conn:
         conn.execute(audit_entries.update().where(audit_entries.c.team == "t").values(content=None))
     assert "without a recorded purge" in str(_verify(settings, db).reason)
+
+
+def test_a_team_data_key_rotates_and_old_contents_stay_readable(
+    stub: StubEngine, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    settings = _settings(stub, tmp_path)
+    cfg = tmp_path / "bastion.yaml"
+    cfg.write_text(orjson.dumps(settings.model_dump(mode="json")).decode())
+    c = TestClient(build_app(settings, port=1))
+    with c:
+        db = c.app.state.db  # type: ignore[attr-defined]
+        key = create_key(db, team="t", known_models={"stub"})[1]
+        assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
+        rotate = ["audit", "rotate-team-key", "--team", "t", "-c", str(cfg)]
+        done = subprocess.run(
+            [sys.executable, "-m", "bastion.cli", *rotate],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        new_id = orjson.loads(done.stdout)["key"]
+        time.sleep(0.6)  # the gateway's key refresh
+        assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
+    db = sa.create_engine(f"sqlite:///{tmp_path}/a.db")
+    sealed = [orjson.loads(r.doc) for r in _rows(db) if r.content is not None]
+    ids = [e["content_key"] for e in sealed if e["kind"] == "request"]
+    assert len(ids) == 2 and ids[0] != ids[1] == new_id
+    dec = reader.Decryptor(db, load_master_key(settings.audit, create=False))
+    assert all(
+        dec.content(store.row_entry(r), r.content)["content"] for r in _rows(db) if r.content
+    )
+    actions = [orjson.loads(r.doc).get("action") for r in _rows(db, _cli_replica(db))]
+    assert "audit.rotate_team_key" in actions and _verify(settings, db).ok

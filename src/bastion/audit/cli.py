@@ -212,6 +212,14 @@ def _shred(db: Any, args: argparse.Namespace) -> Any:
     return {"team": args.team, **shred_team(settings.audit, db, args.team, settings)}
 
 
+def _rotate_team(db: Any, args: argparse.Namespace) -> Any:
+    from bastion.audit.keys import load_master_key
+    from bastion.audit.store import rotate_team_key
+
+    wrapper = load_master_key(_settings(args).audit, create=False)
+    return {"team": args.team, "key": rotate_team_key(db, args.team, wrapper)}
+
+
 def _rotate(db: Any, args: argparse.Namespace) -> Any:
     from bastion.audit.keys import rotate_master_key
 
@@ -337,5 +345,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="re-wrap every data key and the signing key under a fresh master key",
     )
     s.set_defaults(func=_admin("audit.rotate_master_key", _rotate))
+    s = audit.add_parser(
+        "rotate-team-key", parents=[common], help="a fresh data key for a team's new contents"
+    )
+    s.add_argument("--team", required=True)
+    s.set_defaults(func=_admin("audit.rotate_team_key", _rotate_team))
     s = audit.add_parser("ship", parents=[common], help="ship stopped replicas' logs")
     s.set_defaults(func=cmd_ship)

@@ -261,10 +261,33 @@ def current_key(db: Engine, team: str, wrapper: KeyWrapper) -> DataKey:
         return DataKey(key_id, team, key)
 
 
-def live_key_ids(db: Engine) -> set[str]:
+def current_key_ids(db: Engine) -> dict[str, str]:
+    """Per team, the id of the data key new contents are sealed with (its newest live one)."""
     with db.connect() as conn:
-        q = select(audit_keys.c.id).where(audit_keys.c.destroyed_at.is_(None))
-        return {r for (r,) in conn.execute(q)}
+        q = (
+            select(audit_keys.c.team, audit_keys.c.id)
+            .where(audit_keys.c.destroyed_at.is_(None))
+            .order_by(audit_keys.c.created_at)
+        )
+        return {team: key_id for team, key_id in conn.execute(q)}
+
+
+def rotate_team_key(db: Engine, team: str, wrapper: KeyWrapper) -> str:
+    """A fresh data key for the team, used for everything sealed from now on; the older ones
+    stay (wrapped) to read what they sealed, until the team is shredded."""
+    key_id = "dk_" + secrets.token_hex(8)
+    with db.begin() as conn:
+        conn.execute(
+            audit_keys.insert(),
+            {
+                "id": key_id,
+                "team": team,
+                "wrapped": wrapper.wrap(new_data_key(), team),
+                "created_at": datetime.now(UTC),
+                "destroyed_at": None,
+            },
+        )
+    return key_id
 
 
 def data_keys(db: Engine, ids: Iterable[str], wrapper: KeyWrapper) -> dict[str, bytes | None]:

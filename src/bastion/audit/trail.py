@@ -49,7 +49,7 @@ def seal_context(entry: dict[str, Any]) -> bytes:
 
 
 class TeamKeys:
-    """Each team's data key, unwrapped once and cached; destroyed keys leave the cache.
+    """Each team's data key, unwrapped once and cached; destroyed or rotated keys leave it.
     `reload`: re-reads the master key on every refresh, so a rotation done elsewhere is
     followed within `identity.key_refresh_seconds` (new data keys are wrapped by the new key)."""
 
@@ -69,8 +69,8 @@ class TeamKeys:
     def refresh(self) -> None:
         if self.reload is not None:
             self.wrapper = self.reload()
-        live = store.live_key_ids(self.db)
-        self.cache = {t: k for t, k in self.cache.items() if k.id in live}
+        current = store.current_key_ids(self.db)  # shredded or rotated keys leave the cache
+        self.cache = {t: k for t, k in self.cache.items() if current.get(t) == k.id}
 
 
 class AuditTrail:
