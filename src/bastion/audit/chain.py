@@ -6,6 +6,8 @@ and its own hash over its canonical form (sorted-key compact JSON). The sealed p
 expired contents can be purged while every hash still verifies. Every so often a checkpoint
 signs the chain head with Ed25519. Editing, deleting, inserting or reordering entries breaks
 the chain at a definite sequence number; replacing the whole chain needs the signing key.
+The verifier also holds the chains to heads anchored outside the database (anchor.py), bounds
+the unsigned tail, and accepts a missing sealed content only where a recorded purge covers it.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class Chain:
 
 
 def load_or_create_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
-    """The signing key (PEM, mode 0600); created on first use. Returns (key, created)."""
+    """A clear PEM signing key (mode 0600), created on first use; returns (key, created).
+    Tests and tools only: the gateway keeps its key wrapped (keys.load_signing_key)."""
     if path.exists():
         key = load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
@@ -178,8 +181,6 @@ class Verifier:
                 False, self.count, len(self.checkpoints), str(replica), at, reason
             )
 
-    _broken = broken
-
     def feed(self, e: dict[str, Any], withheld: bool = False) -> bool:
         """Checks one more entry; False once the chain is broken (stop feeding). `withheld`:
         an export left this entry's sealed content out on purpose (another team's)."""
@@ -189,23 +190,23 @@ class Verifier:
         replica, seq = str(e.get("replica")), e.get("seq")
         if (gap := self.gaps.get(replica)) is not None:
             if seq == gap[0]:
-                self._broken(replica, seq, "entries are out of order (reordered)")
+                self.broken(replica, seq, "entries are out of order (reordered)")
             else:
-                self._broken(replica, gap[0], _missing(gap))
+                self.broken(replica, gap[0], _missing(gap))
             return False
         if replica not in self.last and self.anchored and isinstance(seq, int):
             self.last[replica] = (seq - 1, str(e.get("prev")))
         last_seq, last_hash = self.last.get(replica, (0, GENESIS))
         self.first.setdefault(replica, last_seq + 1)
         if not isinstance(seq, int) or seq <= last_seq:
-            self._broken(replica, seq, f"entry inserted or out of order after seq {last_seq}")
+            self.broken(replica, seq, f"entry inserted or out of order after seq {last_seq}")
         elif seq != last_seq + 1:
             self.gaps[replica] = (last_seq + 1, seq - 1)
             return True  # decided by the next entry: the missing one (reordered) or not
         elif entry_hash(e) != e.get("hash"):
-            self._broken(replica, seq, "entry content does not match its hash (edited)")
+            self.broken(replica, seq, "entry content does not match its hash (edited)")
         elif e.get("prev") != last_hash:
-            self._broken(
+            self.broken(
                 replica,
                 seq,
                 f"entry does not follow the previous one (entry {seq - 1} was inserted or "
@@ -214,7 +215,7 @@ class Verifier:
         elif (sealed := e.get("content")) is not None and content_digest(
             sealed if isinstance(sealed, bytes) else base64.b64decode(sealed)
         ) != e.get("content_sha256"):
-            self._broken(replica, seq, "sealed content does not match its digest (edited)")
+            self.broken(replica, seq, "sealed content does not match its digest (edited)")
         if self.failure is not None:
             return False
         self._account(e, replica, seq, withheld)  # type: ignore[arg-type]
@@ -250,19 +251,19 @@ class Verifier:
             body = {k: v for k, v in cp.items() if k != "signature"}
             pub = self.trusted.get(str(cp.get("key")))
             if pub is None:
-                return self._broken(replica, cp.get("seq"), "checkpoint signed by an untrusted key")
+                return self.broken(replica, cp.get("seq"), "checkpoint signed by an untrusted key")
             try:
                 pub.verify(bytes.fromhex(str(cp.get("signature", ""))), canonical(body))
             except (InvalidSignature, ValueError):
-                return self._broken(replica, cp.get("seq"), "checkpoint signature is invalid")
+                return self.broken(replica, cp.get("seq"), "checkpoint signature is invalid")
         if head is None and cp.get("witness"):
             if replica not in self.last:
-                return self._broken(
+                return self.broken(
                     replica,
                     cp.get("seq"),
                     "the whole chain is missing (deleted): the anchor holds its signed head",
                 )
-            return self._broken(
+            return self.broken(
                 replica,
                 self.last[replica][0] + 1,
                 f"entries up to seq {cp.get('seq')} are missing (truncated): the anchor holds "
@@ -270,7 +271,7 @@ class Verifier:
             )
         if head != cp.get("head"):
             what = "anchored" if cp.get("witness") else "signed"
-            return self._broken(
+            return self.broken(
                 replica,
                 cp.get("seq"),
                 f"the {what} chain head differs from the entries (entries rewritten or missing)",
@@ -281,7 +282,7 @@ class Verifier:
 
     def result(self) -> Verdict:
         for replica, gap in sorted(self.gaps.items()):
-            self._broken(replica, gap[0], _missing(gap))
+            self.broken(replica, gap[0], _missing(gap))
         if self.failure is None:
             for (replica, seq), cps in sorted(self.due.items(), key=lambda kv: str(kv[0])):
                 # Checkpoints before a partial range's start cannot be checked: not a failure.
@@ -314,7 +315,7 @@ class Verifier:
             at, named = self.replica_set
             for replica in sorted(set(self.last) - named):
                 if self.first_ts.get(replica, at) < at - self.max_unsigned:
-                    return self._broken(
+                    return self.broken(
                         replica,
                         self.first.get(replica),
                         "this chain is not in the newest signed manifest of the anchor, though "
@@ -322,7 +323,7 @@ class Verifier:
                     )
         for replica, (seq, ts) in sorted(self.unsigned_from.items()):
             if ts is not None and self.newest - ts > self.max_unsigned:
-                return self._broken(
+                return self.broken(
                     replica,
                     seq,
                     f"entries from here on were never signed by a trusted key, yet are over "
@@ -334,7 +335,7 @@ class Verifier:
         for team, (ts, replica, seq) in sorted(self.nulled.items()):
             allowed = max(self.purged_before.get(team, 0.0), self.legacy_purge)
             if ts >= allowed:
-                return self._broken(
+                return self.broken(
                     replica,
                     seq,
                     "the sealed content was removed without a recorded purge covering it "
