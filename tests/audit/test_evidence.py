@@ -414,3 +414,16 @@ def test_a_team_data_key_rotates_and_old_contents_stay_readable(
     )
     actions = [orjson.loads(r.doc).get("action") for r in _rows(db, _cli_replica(db))]
     assert "audit.rotate_team_key" in actions and _verify(settings, db).ok
+
+
+def test_a_doctored_anchor_is_refused(trail: tuple[Settings, sa.Engine]) -> None:
+    from bastion.audit.anchor import AnchorError
+
+    settings, db = trail
+    path = next(Path(settings.audit.anchor_dir).glob("*.jsonl"))  # type: ignore[arg-type]
+    lines = [orjson.loads(x) for x in path.read_bytes().split()]
+    for replica in lines[-1]["manifest"]["replicas"].values():
+        replica["seq"] -= 1  # pretend the chain ended earlier (to hide a cut tail)
+    path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    with pytest.raises(AnchorError, match="signature is invalid"):
+        _verify(settings, db)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bastion.core.settings import NAME, Strict, section
 
@@ -85,6 +85,13 @@ class AuditSettings(Strict):
     redact_upstream: bool = Field(
         False, description="Also send the redacted prompt to the engine instead of the original."
     )
+
+    @model_validator(mode="after")
+    def _tail_outlasts_checkpoints(self) -> AuditSettings:
+        # A bound tighter than the checkpoint cadence would fail every healthy trail.
+        if self.max_unsigned_seconds <= self.checkpoint_seconds:
+            raise ValueError("audit.max_unsigned_seconds must exceed audit.checkpoint_seconds")
+        return self
 
 
 section("audit", AuditSettings, "The audit trail of every request.")
