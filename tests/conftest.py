@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bastion.local.launcher import (
     EngineSpec,
@@ -39,6 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-" + secrets.token_hex(16)
 #: One audit master key for every gateway of the session, as replicas share it in production.
 AUDIT_MASTER_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+#: ... and one checkpoint-signing key, whose public key their configs trust.
+AUDIT_SIGNING_SEED = secrets.token_bytes(32)
+AUDIT_PUBLIC_KEY = (
+    Ed25519PrivateKey.from_private_bytes(AUDIT_SIGNING_SEED)
+    .public_key()
+    .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    .hex()
+)
 PG_ADMIN_URL = os.environ.get(
     "BASTION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -132,19 +142,32 @@ def base_config(db_url: str, models: dict[str, Any], **extra: Any) -> dict[str, 
 
 
 def audit_config(directory: Path, **extra: Any) -> dict[str, Any]:
-    """Audit settings with every file under `directory` (in-process apps run in the repo)."""
-    return {
+    """Audit settings with every file under `directory` (in-process apps run in the repo).
+    The signing key is made here, so its public key is configured as trusted, as in a real
+    deployment (verify trusts nothing read from the data directory)."""
+    from bastion.audit.chain import public_key_hex
+    from bastion.audit.keys import load_master_key, load_signing_key
+    from bastion.audit.settings import AuditSettings
+
+    cfg = {
         "wal_dir": str(directory / "audit"),
         "signing_key": str(directory / "audit-signing.pem"),
         "master_key_file": str(directory / "audit-master.key"),
+        "anchor_dir": str(directory / "audit-anchor"),
         **extra,
     }
+    a = AuditSettings(**cfg)
+    key, _ = load_signing_key(a, load_master_key(a))
+    cfg.setdefault("trusted_public_keys", [public_key_hex(key)])
+    return cfg
 
 
 class Gateway:
     """A real `bastion serve` process."""
 
     def __init__(self, config: dict[str, Any], workdir: Path):
+        audit = config.setdefault("audit", {})
+        audit.setdefault("trusted_public_keys", [AUDIT_PUBLIC_KEY])
         self.config = config
         self.workdir = workdir
         self.port = free_port()
@@ -163,6 +186,7 @@ class Gateway:
             **os.environ,
             "BASTION_ADMIN_KEY": ADMIN_KEY,
             "BASTION_AUDIT_MASTER_KEY": AUDIT_MASTER_KEY,
+            "BASTION_AUDIT_SIGNING_KEY": base64.b64encode(AUDIT_SIGNING_SEED).decode(),
             "BASTION_LOG_LEVEL": "WARNING",
         }
 

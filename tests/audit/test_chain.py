@@ -79,3 +79,24 @@ def test_tampering_is_detected(tmp_path: Path, tamper: str) -> None:
     if expect_seq is not None:
         assert v.seq == expect_seq
     assert v.replica == "gw-a" or tamper == "signature"
+
+
+def test_the_unsigned_tail_is_bounded(tmp_path: Path) -> None:
+    """Entries no trusted key ever signed may trail the newest entry only briefly: an old
+    unsigned run is a forged chain or a replica whose tail was never signed."""
+    key, _ = load_or_create_key(tmp_path / "audit.key")
+    pub = bytes.fromhex(public_key_hex(key))
+    a, b = Chain("gw-a"), Chain("gw-b")
+    entries = [a.append({"ts": f"2026-11-01T10:00:0{i}+00:00"}) for i in range(5)]
+    cps = [a.checkpoint(key, "t")]
+    entries += [a.append({"ts": "2026-11-01T10:00:10+00:00"})]  # seq 6, never signed
+    entries += [b.append({"ts": "2026-11-01T11:00:00+00:00"})]
+    cps.append(b.checkpoint(key, "t"))
+    late = verify(entries, cps, pub, max_unsigned_seconds=60)
+    assert (
+        not late.ok
+        and (late.replica, late.seq) == ("gw-a", 6)
+        and "never signed" in str(late.reason)
+    )
+    ok = verify(entries, cps, pub, max_unsigned_seconds=7200)
+    assert ok.ok and ok.unsigned == 1

@@ -231,7 +231,7 @@ def test_hold_shred_and_purge(env) -> None:  # type: ignore[no-untyped-def]
     assert _show(c, keys["auditor"], new)[0]["content"]
     # Retention: contents past it are dropped; metadata stays.
     db = c.app.state.db  # type: ignore[attr-defined]
-    purged = store.purge(db, {None: 1}, now=datetime.now(UTC) + timedelta(days=2))
+    purged = _purge(settings, db, now=datetime.now(UTC) + timedelta(days=2))
     assert purged.get("u", 0) >= 2
     show = _show(c, keys["auditor"], other)
     assert show[0]["content"] is None and "purged" in show[0]["content_unavailable"]
@@ -239,6 +239,18 @@ def test_hold_shred_and_purge(env) -> None:  # type: ignore[no-untyped-def]
     assert {"audit.hold", "audit.release", "audit.shred"} <= set(admin_actions)
     verdict = verify_store(db, trusted_keys(settings.audit))
     assert verdict.ok, verdict  # shredding and purging leave every hash verifiable
+
+
+def _purge(settings: Settings, db: sa.Engine, now: datetime) -> dict[str, int]:
+    """A purge as the CLI makes it: its cutoffs recorded first, then the contents dropped."""
+    from bastion.audit.offline import cli_recorder
+    from bastion.core.changes import recorded_change_sync
+
+    cutoffs = store.purge_cutoffs(db, {None: 1}, now=now)
+    with recorded_change_sync(
+        cli_recorder(settings, db), "test", "audit.purge", after={"cutoffs": cutoffs}
+    ):
+        return store.purge(db, cutoffs)
 
 
 def _tamper(db: sa.Engine, how: str) -> int:

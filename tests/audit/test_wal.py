@@ -160,3 +160,55 @@ def test_segments_rotate_in_the_sync_thread(
     # every finished segment was reported whole, so the shipper can delete it
     for seg in segs[:-1]:
         assert (seg.name, seg.stat().st_size) in shipped
+
+
+def test_time_follows_the_wall_clock_and_records_its_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock is read for every entry (an NTP correction is followed), never goes
+    back within a chain, and a step of more than a second is recorded in the entry."""
+    from datetime import datetime
+
+    log = AuditLog(tmp_path, "gw-a")
+    real = time.time
+
+    async def stamped(offset: float) -> dict[str, object]:
+        monkeypatch.setattr(time, "time", lambda: real() + offset)
+        return await log.append({"request_id": f"r{offset}"})
+
+    try:
+        first = asyncio.run(stamped(0))
+        ahead = asyncio.run(stamped(300))  # NTP steps the clock forward 5 minutes
+        behind = asyncio.run(stamped(100))  # ... then back by 200 s
+    finally:
+        monkeypatch.setattr(time, "time", real)
+        log.close()
+    t0, t1, t2 = (datetime.fromisoformat(str(e["ts"])).timestamp() for e in (first, ahead, behind))
+    assert "clock_step_s" not in first
+    assert 299 < t1 - t0 < 310 and 299 < float(ahead["clock_step_s"]) < 301  # type: ignore[arg-type]
+    assert t2 == t1 and -201 < float(behind["clock_step_s"]) < -199  # type: ignore[arg-type]
+
+
+def test_ship_signs_the_head_a_crashed_replica_left_unsigned(tmp_path: Path) -> None:
+    from bastion.audit.chain import public_key_hex
+    from bastion.audit.wal import read_lines, segments
+
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(tmp_path, "gw-a", signing_key=key, checkpoint_entries=100)
+
+    async def write() -> None:
+        for i in range(3):
+            await log.append({"request_id": f"r{i}"})
+
+    asyncio.run(write())
+    log.signing_key = None  # dies before its next checkpoint: nothing signs the tail
+    log.close()
+    assert not any("checkpoint" in x for s in segments(tmp_path) for x in read_lines(s))
+    again = AuditLog(tmp_path, "gw-a", signing_key=key)  # what `bastion audit ship` does
+    assert again.sign_head()
+    again.close()
+    cps = [x["checkpoint"] for s in segments(tmp_path) for x in read_lines(s) if "checkpoint" in x]
+    entries = read_entries(tmp_path)
+    pub = bytes.fromhex(public_key_hex(key))
+    verdict = verify(entries, cps, pub, max_unsigned_seconds=1)
+    assert verdict.ok and verdict.unsigned == 0 and cps[0]["seq"] == 3, verdict

@@ -9,8 +9,10 @@ deletes an entry; shredding destroys a team's data key, purging drops expired co
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -18,7 +20,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from bastion.audit import reader, store
+from bastion.audit.anchor import AnchorError
 from bastion.audit.chain import Verdict
+from bastion.audit.keys import MASTER_KEY_ENV, KeyOperationError, shred_team
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
 from bastion.core.changes import recorded_change
@@ -125,8 +129,7 @@ async def export(
     start, end = _time(since, "since"), _time(until, "until")
     await _read(trail, who, "export", {"since": since, "until": until, "team": team})
     lines = reader.export(
-        trail.db, trail.keys.wrapper, trusted_keys(trail.settings, trail.public_key),
-        start, end, team,
+        trail.db, trail.keys.wrapper, trusted_keys(trail.settings), start, end, team,
     )  # fmt: skip
 
     async def body() -> AsyncIterator[bytes]:
@@ -141,10 +144,15 @@ async def export(
 async def verify(auditor: Auditor, since: str | None = None) -> dict[str, Any]:
     trail, who = auditor
     await _read(trail, who, "verify", {"since": since})
-    verdict: Verdict = await asyncio.to_thread(
-        verify_store, trail.db, trust=trusted_keys(trail.settings, trail.public_key),
-        since=_time(since, "since"),
-    )  # fmt: skip
+    a = trail.settings
+    try:
+        verdict: Verdict = await asyncio.to_thread(
+            verify_store, trail.db, trust=trusted_keys(a), since=_time(since, "since"),
+            anchor_dir=Path(a.anchor_dir) if a.anchor_dir else None,
+            max_unsigned_seconds=a.max_unsigned_seconds,
+        )  # fmt: skip
+    except AnchorError as exc:
+        return {"ok": False, "reason": str(exc)}
     return vars(verdict)
 
 
@@ -187,21 +195,32 @@ async def delete_hold(team: str, request: Request, ctx: Admin) -> dict[str, Any]
 
 @admin_router.post("/shred")
 async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, Any]:
-    """Destroys the team's data keys: its recorded contents become unreadable for good."""
+    """Destroys the team's data keys and rotates the master key (keys.py), so the contents
+    stay unreadable even in a database backup restored with the old master key."""
+    trail = _trail(request)
     try:
-        async with _change(request, ctx, "audit.shred", team=body.team):
-            destroyed = await asyncio.to_thread(store.shred, ctx.db, body.team)
-    except store.AuditStoreError as exc:
+        async with _change(
+            request,
+            ctx,
+            "audit.shred",
+            team=body.team,
+            after={"master_key_rotated": not os.environ.get(MASTER_KEY_ENV)},
+        ):
+            out = await asyncio.to_thread(
+                shred_team, trail.settings, ctx.db, body.team, ctx.settings
+            )
+    except (store.AuditStoreError, KeyOperationError) as exc:
         raise InvalidRequest(str(exc), param="team", code="legal_hold") from None
-    _trail(request).keys.cache.pop(body.team, None)
-    return {"team": body.team, "destroyed_keys": destroyed}
+    trail.keys.cache.pop(body.team, None)
+    return {"team": body.team, **out}
 
 
 @admin_router.post("/purge")
 async def post_purge(request: Request, ctx: Admin) -> dict[str, Any]:
     """Drops contents past each team's retention (metadata and hashes stay)."""
-    async with _change(request, ctx, "audit.purge"):
-        purged = await asyncio.to_thread(store.purge, ctx.db, retention_map(ctx.settings))
+    cutoffs = await asyncio.to_thread(store.purge_cutoffs, ctx.db, retention_map(ctx.settings))
+    async with _change(request, ctx, "audit.purge", after={"cutoffs": cutoffs}):
+        purged = await asyncio.to_thread(store.purge, ctx.db, cutoffs)
     return {"purged": purged}
 
 

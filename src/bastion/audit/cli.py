@@ -40,19 +40,31 @@ def _fail(message: str) -> int:
 
 # -- verify ---------------------------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
+    from bastion.audit.anchor import AnchorError
     from bastion.audit.verify import trusted_keys, verify_file, verify_store
     from bastion.core.timeutil import parse_time
 
     settings = _settings(args)
-    trust = trusted_keys(settings.audit, *(args.public_key or []))
+    a = settings.audit
+    trust = trusted_keys(a, *(args.public_key or []))
     if not trust:
         return _fail("no trusted public key: pass --public-key or set audit.trusted_public_keys")
+    anchor = args.anchor or a.anchor_dir
     try:
         if args.file:
             verdict = verify_file(Path(args.file), trust)
         else:
             since = parse_time(args.since) if args.since else None
-            verdict = verify_store(_db(settings), trust, since)
+            verdict = verify_store(
+                _db(settings),
+                trust,
+                since,
+                anchor_dir=None if args.no_anchor or not anchor else Path(anchor),
+                max_unsigned_seconds=a.max_unsigned_seconds,
+            )
+    except AnchorError as exc:
+        sys.stdout.write(f"BROKEN: {exc}\n")
+        return 1
     except (ValueError, OSError) as exc:
         return _fail(str(exc))
     if args.format == "json":
@@ -62,6 +74,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"OK: {verdict.entries} entries in {verdict.replicas} chain(s), "
             f"{verdict.checkpoints} signed checkpoint(s) verified"
             + (f"; {verdict.unsigned} newest entries not yet signed" if verdict.unsigned else "")
+            + (
+                f"; {verdict.anchored_heads} anchored head(s) present"
+                if verdict.anchored_heads
+                else ""
+            )
+            + (
+                f"; {verdict.unbound_plaintexts} plaintext(s) from before commitments, not bound"
+                if verdict.unbound_plaintexts
+                else ""
+            )
             + "\n"
         )
     else:
@@ -151,8 +173,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # -- administration (straight on the store, recorded on the CLI's chain) --------------------
-def _admin(action: str, fn: Callable[[Any, argparse.Namespace], Any]) -> Callable[..., int]:
+def _admin(
+    action: str,
+    fn: Callable[[Any, argparse.Namespace], Any],
+    plan: Callable[[Settings, Any, argparse.Namespace], dict[str, Any]] | None = None,
+) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
+        from bastion.audit.keys import KeyOperationError
         from bastion.audit.offline import cli_actor, cli_recorder
         from bastion.audit.store import AuditStoreError
         from bastion.core.changes import recorded_change_sync
@@ -163,10 +190,12 @@ def _admin(action: str, fn: Callable[[Any, argparse.Namespace], Any]) -> Callabl
         fields = {"team": getattr(args, "team", None)}
         if getattr(args, "reason", None):
             fields["after"] = {"reason": args.reason}
+        if plan is not None:
+            fields.update(plan(settings, db, args))
         try:
             with recorded_change_sync(cli_recorder(settings, db), cli_actor(), action, **fields):
                 out = fn(db, args)
-        except AuditStoreError as exc:
+        except (AuditStoreError, KeyOperationError) as exc:
             return _fail(str(exc))
         except AuditUnavailable as exc:
             return _fail(exc.message)
@@ -177,9 +206,26 @@ def _admin(action: str, fn: Callable[[Any, argparse.Namespace], Any]) -> Callabl
 
 
 def _shred(db: Any, args: argparse.Namespace) -> Any:
-    from bastion.audit.store import shred
+    from bastion.audit.keys import shred_team
 
-    return {"team": args.team, "destroyed_keys": shred(db, args.team)}
+    settings = _settings(args)
+    return {"team": args.team, **shred_team(settings.audit, db, args.team, settings)}
+
+
+def _rotate_team(db: Any, args: argparse.Namespace) -> Any:
+    from bastion.audit.keys import load_master_key
+    from bastion.audit.store import rotate_team_key
+
+    wrapper = load_master_key(_settings(args).audit, create=False)
+    return {"team": args.team, "key": rotate_team_key(db, args.team, wrapper)}
+
+
+def _rotate(db: Any, args: argparse.Namespace) -> Any:
+    from bastion.audit.keys import rotate_master_key
+
+    settings = _settings(args)
+    wait = settings.identity.key_refresh_seconds + 1
+    return rotate_master_key(settings.audit, db, settle_seconds=wait)
 
 
 def _hold(db: Any, args: argparse.Namespace) -> Any:
@@ -196,10 +242,18 @@ def _release(db: Any, args: argparse.Namespace) -> Any:
 
 
 def _purge(db: Any, args: argparse.Namespace) -> Any:
-    from bastion.audit.api import retention_map
     from bastion.audit.store import purge
 
-    return {"purged": purge(db, retention_map(_settings(args)))}
+    return {"purged": purge(db, args.cutoffs)}
+
+
+def _purge_plan(settings: Settings, db: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The cutoffs go into the purge's entry before anything is dropped (see verify)."""
+    from bastion.audit.api import retention_map
+    from bastion.audit.store import purge_cutoffs
+
+    args.cutoffs = purge_cutoffs(db, retention_map(settings))
+    return {"after": {"cutoffs": args.cutoffs}}
 
 
 def cmd_holds(args: argparse.Namespace) -> int:
@@ -211,6 +265,7 @@ def cmd_holds(args: argparse.Namespace) -> int:
 
 def cmd_ship(args: argparse.Namespace) -> int:
     """Ships what stopped replicas left in the log directory (a running one ships its own)."""
+    from bastion.audit.keys import load_master_key, load_signing_key
     from bastion.audit.shipper import Shipper
     from bastion.audit.wal import AuditLog, AuditLogError, segments
 
@@ -219,13 +274,15 @@ def cmd_ship(args: argparse.Namespace) -> int:
     directory = Path(settings.audit.wal_dir)
     replicas = sorted({p.name.rsplit("-", 1)[0] for p in segments(directory)})
     total = 0
+    key, _created = load_signing_key(settings.audit, load_master_key(settings.audit))
     for replica in replicas:
         try:  # holding the replica's lock proves no gateway is writing it
-            wal = AuditLog(directory, replica)
+            wal = AuditLog(directory, replica, signing_key=key)
         except AuditLogError:
             sys.stderr.write(f"{replica}: in use by a running process, skipped\n")
             continue
         try:
+            wal.sign_head()  # its tail, unsigned since a crash, must not stay so
             position = wal.durable  # idle: nothing is written while we hold its lock
             total += Shipper(db, directory, replica, lambda p=position: p).ship_once()
         finally:
@@ -242,6 +299,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--since", help="verify from this time on (e.g. 7d, 2026-11-01)")
     s.add_argument("--file", help="verify an export file instead of the store")
     s.add_argument("--public-key", action="append", help="trust this public key (hex)")
+    s.add_argument("--anchor", help="the anchor directory (default: audit.anchor_dir)")
+    s.add_argument("--no-anchor", action="store_true", help="do not check the anchor")
     s.add_argument("--format", choices=["text", "json"], default="text")
     s.set_defaults(func=cmd_verify)
 
@@ -279,6 +338,17 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--team", required=True)
     s.set_defaults(func=_admin("audit.shred", _shred))
     s = audit.add_parser("purge", parents=[common], help="drop contents past retention")
-    s.set_defaults(func=_admin("audit.purge", _purge))
+    s.set_defaults(func=_admin("audit.purge", _purge, _purge_plan))
+    s = audit.add_parser(
+        "rotate-master-key",
+        parents=[common],
+        help="re-wrap every data key and the signing key under a fresh master key",
+    )
+    s.set_defaults(func=_admin("audit.rotate_master_key", _rotate))
+    s = audit.add_parser(
+        "rotate-team-key", parents=[common], help="a fresh data key for a team's new contents"
+    )
+    s.add_argument("--team", required=True)
+    s.set_defaults(func=_admin("audit.rotate_team_key", _rotate_team))
     s = audit.add_parser("ship", parents=[common], help="ship stopped replicas' logs")
     s.set_defaults(func=cmd_ship)

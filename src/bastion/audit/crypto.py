@@ -12,6 +12,8 @@ Groundwork for issue 3: the key store in the database and the request-path wirin
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 from typing import Protocol
 
@@ -32,16 +34,23 @@ class KeyWrapper(Protocol):
 
 
 class MasterKey:
-    """Wraps data keys with a local 256-bit master key (base64 in a file or an env var)."""
+    """Wraps data keys with a local 256-bit master key (base64 in a file or an env var).
 
-    def __init__(self, key: bytes):
-        if len(key) != 32:
-            raise ValueError("the audit master key must be 32 bytes (base64 of 32 random bytes)")
+    `older`: keys that still unwrap but never wrap: the outgoing key while a rotation is under
+    way (keys.py), so a rotation cut short by a crash loses nothing."""
+
+    def __init__(self, key: bytes, *older: bytes):
+        for k in (key, *older):
+            if len(k) != 32:
+                raise ValueError(
+                    "the audit master key must be 32 bytes (base64 of 32 random bytes)"
+                )
         self._aead = AESGCM(key)
+        self._older = [AESGCM(k) for k in older]
 
     @classmethod
-    def from_base64(cls, text: str) -> MasterKey:
-        return cls(base64.b64decode(text.strip(), validate=True))
+    def from_base64(cls, text: str, *older: str) -> MasterKey:
+        return cls(*(base64.b64decode(t.strip(), validate=True) for t in (text, *older)))
 
     def wrap(self, data_key: bytes, team: str) -> bytes:
         nonce = os.urandom(NONCE)
@@ -49,15 +58,25 @@ class MasterKey:
         return nonce + self._aead.encrypt(nonce, data_key, b"bastion-team-key:" + team.encode())
 
     def unwrap(self, wrapped: bytes, team: str) -> bytes:
-        try:
-            return self._aead.decrypt(
-                wrapped[:NONCE], wrapped[NONCE:], b"bastion-team-key:" + team.encode()
-            )
-        except InvalidTag:
-            raise ContentUnavailable(
-                f"the data key of team {team!r} does not unwrap with this master key "
-                "(every replica needs the same audit master key)"
-            ) from None
+        for aead in (self._aead, *self._older):
+            try:
+                return aead.decrypt(
+                    wrapped[:NONCE], wrapped[NONCE:], b"bastion-team-key:" + team.encode()
+                )
+            except InvalidTag:
+                continue
+        raise ContentUnavailable(
+            f"the data key of team {team!r} does not unwrap with this master key "
+            "(every replica needs the same audit master key)"
+        )
+
+
+def commitment(data_key: bytes, context: bytes, canonical_plaintext: bytes) -> tuple[str, bytes]:
+    """A hiding commitment to a plaintext: SHA-256(salt || plaintext), where the salt is
+    derived from the team's data key. It binds an export's plaintext to the hashed entry, and
+    once the key is shredded the salt is gone too, so the commitment cannot confirm guesses."""
+    salt = hmac.digest(data_key, b"bastion-commit:" + context, "sha256")
+    return hashlib.sha256(salt + canonical_plaintext).hexdigest(), salt
 
 
 def new_data_key() -> bytes:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from bastion.audit import store
-from bastion.audit.chain import load_or_create_key
+from bastion.audit.keys import load_master_key, load_signing_key
 from bastion.audit.shipper import Shipper
 from bastion.audit.wal import AuditLog, AuditLogError
 from bastion.config import Settings
@@ -42,7 +42,7 @@ def record_event(
     if not a.enabled:
         return
     replica = f"cli-{socket.gethostname()}"[:128]
-    key, _created = load_or_create_key(Path(a.signing_key))
+    key, _created = load_signing_key(a, load_master_key(a))
     directory = Path(a.wal_dir)
     deadline = time.monotonic() + 15
     while True:  # another CLI command on this host may hold the chain for a moment

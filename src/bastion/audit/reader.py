@@ -17,10 +17,14 @@ import orjson
 from sqlalchemy import Engine, select
 
 from bastion.audit import store
-from bastion.audit.crypto import ContentUnavailable, KeyWrapper, open_sealed
+from bastion.audit.chain import canonical
+from bastion.audit.crypto import ContentUnavailable, KeyWrapper, commitment, open_sealed
 from bastion.audit.trail import seal_context
 from bastion.store.schema import audit_entries
 
+#: The evidence format (docs/audit.md, "Evidence format"; schema: evidence.schema.json).
+EXPORT_FORMAT = "bastion-audit-export"
+EXPORT_VERSION = 1
 FILTERS = ("team", "user", "key_id", "model", "status", "kind", "request_id")
 
 
@@ -53,13 +57,21 @@ class Decryptor:
         if sealed is None:
             return {"content": None, "content_unavailable": "purged (retention expired)"}
         key_id = str(entry.get("content_key"))
-        if key_id not in self.keys:
-            self.keys.update(store.data_keys(self.db, [key_id], self.wrapper))
         try:
+            if key_id not in self.keys:
+                self.keys.update(store.data_keys(self.db, [key_id], self.wrapper))
             plain = open_sealed(self.keys.get(key_id), sealed, seal_context(entry))
         except ContentUnavailable as exc:
             return {"content": None, "content_unavailable": str(exc)}
         return {"content": orjson.loads(plain)}
+
+    def salt(self, entry: dict[str, Any], plaintext: Any) -> str | None:
+        """The commitment's salt, which lets anyone holding the plaintext check it."""
+        key = self.keys.get(str(entry.get("content_key")))
+        if key is None or "content_commit" not in entry:
+            return None
+        _commit, salt = commitment(key, seal_context(entry), canonical(plaintext))
+        return base64.b64encode(salt).decode()
 
 
 def search(db: Engine, wrapper: KeyWrapper, q: Query) -> dict[str, Any]:
@@ -111,6 +123,8 @@ def export(
     yield _line(
         {
             "export": {
+                "format": EXPORT_FORMAT,
+                "version": EXPORT_VERSION,
                 "since": since.isoformat() if since else None,
                 "until": until.isoformat() if until else None,
                 "team": team,
@@ -138,8 +152,12 @@ def export(
             line["plaintext"] = dec.content(
                 entry, base64.b64decode(sealed) if sealed is not None else None
             )["content"]
-        else:
-            entry.pop("content", None)  # another team's: only its digest travels
+            if line["plaintext"] is not None and (salt := dec.salt(entry, line["plaintext"])):
+                line["salt"] = salt
+            if sealed is None and "content_sha256" in entry:
+                line["purged"] = True  # the store's verify checks the purge was recorded
+        elif entry.pop("content", None) is not None:  # another team's: only its digest
+            line["withheld"] = True
         yield _line(line)
     for cp in cps:
         r = cp["replica"]
@@ -151,15 +169,23 @@ def _line(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) + b"\n"
 
 
-def read_export(lines: Iterator[bytes]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_export(
+    lines: Iterator[bytes],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(header, entry lines in (replica, seq) order, checkpoints)."""
+    header: dict[str, Any] = {}
     entries, cps = [], []
     for raw in lines:
         if not raw.strip():
             continue
         obj = orjson.loads(raw)
         if "entry" in obj:
-            entries.append(obj["entry"])
+            entries.append(obj)
         elif "checkpoint" in obj:
             cps.append(obj["checkpoint"])
-    entries.sort(key=lambda e: (str(e.get("replica")), e.get("seq") or 0))
-    return entries, cps
+        elif "export" in obj:
+            header = obj["export"]
+    entries.sort(
+        key=lambda line: (str(line["entry"].get("replica")), line["entry"].get("seq") or 0)
+    )
+    return header, entries, cps

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bastion.core.settings import NAME, Strict, section
 
@@ -31,13 +31,32 @@ class AuditSettings(Strict):
     )
     signing_key: str = Field(
         "var/audit-signing.pem",
-        description="Ed25519 key that signs checkpoints; created on first start (mode 0600) "
-        "and its public key logged: keep that public key somewhere safe.",
+        description="Ed25519 key that signs checkpoints, stored wrapped by the master key "
+        "(env BASTION_AUDIT_SIGNING_KEY, base64 of the raw key, takes precedence); created on "
+        "first start and its public key logged: put that in `trusted_public_keys`.",
     )
     trusted_public_keys: list[str] = Field(
         default_factory=list,
-        description="More checkpoint-signing public keys (hex) `audit verify` accepts: other "
-        "replicas' keys, or retired ones.",
+        description="The checkpoint-signing public keys (hex) `audit verify` trusts, and the "
+        "only ones: every replica's, and retired ones. Nothing read from the data directory is "
+        "trusted.",
+    )
+    anchor_dir: str | None = Field(
+        "var/audit-anchor",
+        description="Append-only place outside the database (a separate mount, a WORM "
+        "bucket's mount) where signed manifests of every chain's head are written; `audit "
+        "verify` checks the store against them, so deleted chains and cut tails are found. "
+        "None: no anchor.",
+    )
+    anchor_seconds: float = Field(
+        10.0, gt=0, description="Write a manifest to the anchor this often (if heads moved)."
+    )
+    max_unsigned_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="`audit verify` fails if entries not covered by a signed checkpoint are "
+        "older than this, measured from the newest entry or manifest (bounds the unsigned "
+        "tail; must exceed `checkpoint_seconds` plus shipping).",
     )
     master_key_file: str = Field(
         "var/audit-master.key",
@@ -66,6 +85,13 @@ class AuditSettings(Strict):
     redact_upstream: bool = Field(
         False, description="Also send the redacted prompt to the engine instead of the original."
     )
+
+    @model_validator(mode="after")
+    def _tail_outlasts_checkpoints(self) -> AuditSettings:
+        # A bound tighter than the checkpoint cadence would fail every healthy trail.
+        if self.max_unsigned_seconds <= self.checkpoint_seconds:
+            raise ValueError("audit.max_unsigned_seconds must exceed audit.checkpoint_seconds")
+        return self
 
 
 section("audit", AuditSettings, "The audit trail of every request.")

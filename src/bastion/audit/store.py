@@ -112,10 +112,62 @@ def checkpoints(db: Engine) -> list[dict[str, Any]]:
     return out
 
 
+#: The columns stored beside each entry for searching, each a copy of a field of the hashed
+#: entry: `verify` checks they still are, so a search by team or user cannot be misled.
+COLUMNS = (
+    "replica",
+    "seq",
+    "kind",
+    "request_id",
+    "ts",
+    "team",
+    "user",
+    "key_id",
+    "model",
+    "status",
+)
+
+
+def column_mismatch(row: Any, entry: dict[str, Any]) -> str | None:
+    """The first searchable column that differs from the hashed entry, if any."""
+    expected = entry_row(entry)
+    for name in COLUMNS:
+        stored, want = getattr(row, name), expected[name]
+        if name == "ts":
+            stored = _utc(stored) if isinstance(stored, datetime) else stored
+            want = _utc(want)
+        if stored != want:
+            return name
+    return None
+
+
+def latest_checkpoints(db: Engine, per_replica: int = 8) -> list[dict[str, Any]]:
+    """The newest few checkpoints of each replica (what a manifest needs; the table grows by
+    thousands a day, so the anchor never reads all of it)."""
+    t = audit_checkpoints
+    out = []
+    with db.connect() as conn:
+        replicas = [r for (r,) in conn.execute(select(t.c.replica).distinct())]
+        for replica in replicas:
+            q = select(t).where(t.c.replica == replica).order_by(t.c.seq.desc()).limit(per_replica)
+            for r in conn.execute(q):
+                cp = {"replica": r.replica, "seq": r.seq, "head": r.head, "ts": r.ts}
+                out.append({**cp, "key": r.public_key, "signature": r.signature})
+    return out
+
+
 def iter_entries(
     db: Engine, since: datetime | None = None, until: datetime | None = None, chunk: int = 5000
 ) -> Iterator[dict[str, Any]]:
     """Every entry in (replica, seq) order, read in chunks (keyset pagination)."""
+    for row in iter_rows(db, since, until, chunk):
+        yield row_entry(row)
+
+
+def iter_rows(
+    db: Engine, since: datetime | None = None, until: datetime | None = None, chunk: int = 5000
+) -> Iterator[Any]:
+    """Every stored row (entry and searchable columns) in (replica, seq) order."""
     with db.connect() as conn:
         replicas = [r for (r,) in conn.execute(select(audit_entries.c.replica).distinct())]
     for replica in sorted(replicas):
@@ -132,7 +184,7 @@ def iter_entries(
             start = first - 1
         while True:
             q = (
-                select(audit_entries.c.doc, audit_entries.c.content, audit_entries.c.seq)
+                select(audit_entries)
                 .where(audit_entries.c.replica == replica, audit_entries.c.seq > start)
                 .order_by(audit_entries.c.seq)
                 .limit(chunk)
@@ -143,8 +195,7 @@ def iter_entries(
                 rows = conn.execute(q).all()
             if not rows:
                 break
-            for row in rows:
-                yield row_entry(row)
+            yield from rows
             start = rows[-1].seq
 
 
@@ -210,10 +261,33 @@ def current_key(db: Engine, team: str, wrapper: KeyWrapper) -> DataKey:
         return DataKey(key_id, team, key)
 
 
-def live_key_ids(db: Engine) -> set[str]:
+def current_key_ids(db: Engine) -> dict[str, str]:
+    """Per team, the id of the data key new contents are sealed with (its newest live one)."""
     with db.connect() as conn:
-        q = select(audit_keys.c.id).where(audit_keys.c.destroyed_at.is_(None))
-        return {r for (r,) in conn.execute(q)}
+        q = (
+            select(audit_keys.c.team, audit_keys.c.id)
+            .where(audit_keys.c.destroyed_at.is_(None))
+            .order_by(audit_keys.c.created_at)
+        )
+        return {team: key_id for team, key_id in conn.execute(q)}
+
+
+def rotate_team_key(db: Engine, team: str, wrapper: KeyWrapper) -> str:
+    """A fresh data key for the team, used for everything sealed from now on; the older ones
+    stay (wrapped) to read what they sealed, until the team is shredded."""
+    key_id = "dk_" + secrets.token_hex(8)
+    with db.begin() as conn:
+        conn.execute(
+            audit_keys.insert(),
+            {
+                "id": key_id,
+                "team": team,
+                "wrapped": wrapper.wrap(new_data_key(), team),
+                "created_at": datetime.now(UTC),
+                "destroyed_at": None,
+            },
+        )
+    return key_id
 
 
 def data_keys(db: Engine, ids: Iterable[str], wrapper: KeyWrapper) -> dict[str, bytes | None]:
@@ -265,6 +339,11 @@ def _on_hold(conn: Connection, team: str) -> bool:
     )
 
 
+def on_hold(db: Engine, team: str) -> bool:
+    with db.connect() as conn:
+        return _on_hold(conn, team)
+
+
 def shred(db: Engine, team: str) -> int:
     """Destroys every data key of the team; returns how many. Refused under legal hold."""
     with db.begin() as conn:
@@ -278,24 +357,38 @@ def shred(db: Engine, team: str) -> int:
         return int(result.rowcount)
 
 
-def purge(
+def purge_cutoffs(
     db: Engine, retention: dict[str | None, int], now: datetime | None = None
-) -> dict[str, int]:
-    """Drops sealed contents older than each team's retention (None: the default); holds win."""
+) -> dict[str, str]:
+    """Per team (not on hold), the time before which contents are past retention (None in
+    `retention`: the default). Recorded in the purge's own entry before anything is dropped:
+    that entry is what lets `verify` tell a purge from contents deleted in the database."""
     now = now or datetime.now(UTC)
+    with db.connect() as conn:
+        held = {t for (t,) in conn.execute(select(audit_holds.c.team))}
+        teams = {t for (t,) in conn.execute(select(audit_entries.c.team).distinct()) if t}
+    out = {}
+    for team in sorted(teams - held):
+        days = retention.get(team, retention.get(None))
+        if days is not None:
+            out[team] = (now - timedelta(days=days)).isoformat()
+    return out
+
+
+def purge(db: Engine, cutoffs: dict[str, str]) -> dict[str, int]:
+    """Drops the sealed contents older than each team's recorded cutoff; holds still win."""
+    now = datetime.now(UTC)
     out: dict[str, int] = {}
     with db.begin() as conn:
         held = {t for (t,) in conn.execute(select(audit_holds.c.team))}
-        teams = {t for (t,) in conn.execute(select(audit_entries.c.team).distinct()) if t}
-        for team in sorted(teams - held):
-            days = retention.get(team, retention.get(None))
-            if days is None:
+        for team, cutoff in sorted(cutoffs.items()):
+            if team in held:
                 continue
             result = conn.execute(
                 update(audit_entries)
                 .where(
                     audit_entries.c.team == team,
-                    audit_entries.c.ts < now - timedelta(days=days),
+                    audit_entries.c.ts < datetime.fromisoformat(cutoff),
                     audit_entries.c.content.is_not(None),
                 )
                 .values(content=None, purged_at=now)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,11 @@ import orjson
 from sqlalchemy import Engine
 
 from bastion import __version__
-from bastion.audit import store
-from bastion.audit.chain import content_digest, load_or_create_key, public_key_hex
-from bastion.audit.crypto import KeyWrapper, MasterKey, seal
+from bastion.audit import anchor, store
+from bastion.audit.chain import canonical, content_digest, public_key_hex
+from bastion.audit.crypto import KeyWrapper, commitment, seal
+from bastion.audit.keys import load_master_key, load_signing_key
 from bastion.audit.redact import Redactor
-from bastion.audit.settings import AuditSettings
 from bastion.audit.ship_process import ShipperProcess
 from bastion.audit.shipper import Shipper
 from bastion.audit.wal import AuditLog, AuditLogError
@@ -38,28 +39,8 @@ from bastion.metering.usage import UsageRecord
 from bastion.observability.metrics import Metrics
 
 log = logging.getLogger("bastion.audit")
-MASTER_KEY_ENV = "BASTION_AUDIT_MASTER_KEY"
 #: Contents larger than this are redacted and sealed in a worker thread, off the event loop.
 OFFLOAD_BYTES = 64 * 1024
-
-
-def load_master_key(settings: AuditSettings, create: bool = True) -> MasterKey:
-    """From $BASTION_AUDIT_MASTER_KEY, else the key file (created on first start)."""
-    if text := os.environ.get(MASTER_KEY_ENV):
-        return MasterKey.from_base64(text)
-    path = Path(settings.master_key_file)
-    if not path.exists() and create:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-        log.warning(
-            "created the audit master key %s: back it up now (without it no recorded content "
-            "can ever be read), or supply it from your secret store via %s",
-            path,
-            MASTER_KEY_ENV,
-        )
-    return MasterKey.from_base64(path.read_text())
 
 
 def seal_context(entry: dict[str, Any]) -> bytes:
@@ -68,10 +49,14 @@ def seal_context(entry: dict[str, Any]) -> bytes:
 
 
 class TeamKeys:
-    """Each team's data key, unwrapped once and cached; destroyed keys leave the cache."""
+    """Each team's data key, unwrapped once and cached; destroyed or rotated keys leave it.
+    `reload`: re-reads the master key on every refresh, so a rotation done elsewhere is
+    followed within `identity.key_refresh_seconds` (new data keys are wrapped by the new key)."""
 
-    def __init__(self, db: Engine, wrapper: KeyWrapper):
-        self.db, self.wrapper = db, wrapper
+    def __init__(
+        self, db: Engine, wrapper: KeyWrapper, reload: Callable[[], KeyWrapper] | None = None
+    ):
+        self.db, self.wrapper, self.reload = db, wrapper, reload
         self.cache: dict[str, store.DataKey] = {}
 
     async def get(self, team: str) -> store.DataKey:
@@ -82,8 +67,10 @@ class TeamKeys:
         return key
 
     def refresh(self) -> None:
-        live = store.live_key_ids(self.db)
-        self.cache = {t: k for t, k in self.cache.items() if k.id in live}
+        if self.reload is not None:
+            self.wrapper = self.reload()
+        current = store.current_key_ids(self.db)  # shredded or rotated keys leave the cache
+        self.cache = {t: k for t, k in self.cache.items() if current.get(t) == k.id}
 
 
 class AuditTrail:
@@ -114,22 +101,28 @@ class AuditTrail:
         }
         self.db, self.metrics = db, metrics
         self.replica = a.replica or f"{socket.gethostname()}-{port}"
-        self.signing_key, created = load_or_create_key(Path(a.signing_key))
+        master = load_master_key(a)
+        self.signing_key, created = load_signing_key(a, master)
         self.public_key = public_key_hex(self.signing_key)
-        if created:
+        if created or self.public_key not in a.trusted_public_keys:
             log.warning(
-                "created the audit signing key %s; its public key, which `bastion audit "
-                "verify` trusts, is %s: record it somewhere safe",
-                a.signing_key,
+                "the audit signing key's public key is %s: `bastion audit verify` trusts only "
+                "keys in audit.trusted_public_keys or given with --public-key, so add it there "
+                "(and record it somewhere the database administrators cannot change)",
                 self.public_key,
             )
-        self.keys = TeamKeys(db, load_master_key(a))
+        self.keys = TeamKeys(db, master, lambda: load_master_key(a, create=False))
+        if a.anchor_dir is not None:
+            # There from the first start on: a missing anchor at verify time means it was lost.
+            Path(a.anchor_dir).mkdir(parents=True, exist_ok=True)
         self.redactor = Redactor(a.redact)
         self.refresh_seconds = settings.identity.key_refresh_seconds
         self.wal: AuditLog | None = None
         self.shipper: ShipperProcess | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._anchoring: asyncio.Task[None] | None = None
+        self._anchored: dict[str, Any] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +164,8 @@ class AuditTrail:
         self.metrics.audit_ship_errors.set_function(lambda: errors.value)
         await asyncio.to_thread(self.shipper.start)
         self._refresher = asyncio.create_task(self._refresh_keys())
+        if a.anchor_dir is not None:
+            self._anchoring = asyncio.create_task(self._anchor_loop())
 
     async def _aborted(self, request_entry: dict[str, Any]) -> None:
         meta = {k: request_entry.get(k) for k in ("request_id", "team", "user", "key_id", "model")}
@@ -194,11 +189,35 @@ class AuditTrail:
             if self.shipper is not None:  # starting a process takes a while: not on the loop
                 await asyncio.to_thread(self.shipper.ensure_running)
 
+    async def _anchor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.anchor_seconds)
+            await asyncio.to_thread(self.anchor_once)
+
+    def anchor_once(self) -> bool:
+        """Signs the trusted heads now in the store into the anchor (if they moved). A failure
+        is logged and counted, not fatal: entries stay durable, only the window grows."""
+        a = self.settings
+        try:
+            trusted = {self.public_key, *a.trusted_public_keys}
+            heads = anchor.trusted_heads(store.latest_checkpoints(self.db), trusted)
+            if not heads or heads == self._anchored:
+                return False
+            m = anchor.manifest(self.signing_key, self.replica, heads)
+            anchor.append(Path(a.anchor_dir), self.replica, m)  # type: ignore[arg-type]
+        except Exception as exc:
+            self.metrics.audit_failures.labels("anchor").inc()
+            log.error("could not write the audit anchor %s: %s", a.anchor_dir, exc)
+            return False
+        self._anchored = heads
+        return True
+
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._anchoring):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.wal is not None:
@@ -209,6 +228,8 @@ class AuditTrail:
             await asyncio.to_thread(self.wal.close)  # signs a final checkpoint
         if self.shipper is not None:
             await asyncio.to_thread(self.shipper.stop)
+        if self.settings.anchor_dir is not None and self.wal is not None:
+            await asyncio.to_thread(self.anchor_once)  # the final checkpoint, anchored
 
     # -- the request path ------------------------------------------------------------------------
     async def request(
@@ -318,9 +339,12 @@ class AuditTrail:
             payload, counts = self.redactor.json(payload)
             if counts:
                 raw = orjson.dumps(payload)
-        sealed = seal(key.key, raw, seal_context(entry))
+        context = seal_context(entry)
+        sealed = seal(key.key, raw, context)
         entry["content"] = base64.b64encode(sealed).decode()
         entry["content_sha256"] = content_digest(sealed)
+        # Binds the plaintext an export shows to this hashed entry (docs/audit.md).
+        entry["content_commit"], _salt = commitment(key.key, context, canonical(payload))
         entry["content_key"] = key.id
         if counts:
             entry["redactions"] = counts

@@ -85,16 +85,27 @@ def read_entries(directory: Path, replica: str | None = None) -> list[dict[str, 
 
 
 class Clock:
-    """UTC timestamps that never go backwards, even if the wall clock is stepped back."""
+    """UTC timestamps from the wall clock, read afresh for every entry (so NTP corrections are
+    followed), that never go backwards within a chain. The monotonic clock tells how much time
+    really passed: when the wall clock disagrees by more than `STEP_SECONDS` (NTP stepped it,
+    or someone set it), the entry records the step (`clock_step_s`), and a step back is held
+    at the last time stamped instead of going back."""
+
+    STEP_SECONDS = 1.0
 
     def __init__(self, not_before: str | None = None):
-        self.anchor = time.time() - time.monotonic()
         self.last = datetime.fromisoformat(not_before).timestamp() if not_before else 0.0
+        self._wall, self._mono = time.time(), time.monotonic()
 
-    def now(self) -> str:
-        t = max(self.anchor + time.monotonic(), self.last)
+    def now(self) -> tuple[str, float | None]:
+        """(the time stamp, the wall clock's step since the previous reading, if any)."""
+        wall, mono = time.time(), time.monotonic()
+        step = wall - (self._wall + (mono - self._mono))
+        self._wall, self._mono = wall, mono
+        t = max(wall, self.last)
         self.last = t
-        return datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")
+        stamp = datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")
+        return stamp, round(step, 3) if abs(step) > self.STEP_SECONDS else None
 
 
 class AuditLog:
@@ -121,6 +132,8 @@ class AuditLog:
                 f"(set audit.replica to a unique id per gateway process)"
             ) from None
         last = _last_entry(directory, replica)
+        #: The head comes from this host's own log (not from the store, which others can write).
+        self.head_from_log = last is not None
         if stored_head is not None and (last is None or stored_head["seq"] > last["seq"]):
             last = stored_head  # shipped segments are deleted: the store knows where we were
         self.chain = Chain(replica, last["seq"], last["hash"]) if last else Chain(replica)
@@ -172,12 +185,24 @@ class AuditLog:
         os.close(self._fd)
         os.close(self._lockfile)
 
+    def sign_head(self) -> bool:
+        """Signs the chain head as this host's log holds it: a replica that stopped before its
+        last checkpoint (a crash) leaves no unsigned tail behind (`bastion audit ship`)."""
+        with self._lock:
+            if self.signing_key is None or not self.head_from_log or self.broken is not None:
+                return False
+            self._write_lines([self._checkpoint_line()])
+            self._flush()
+        return True
+
     # -- writing (callers hold the lock) --------------------------------------------------------
     def _write(self, record: dict[str, Any]) -> tuple[dict[str, Any], int]:
         if self.broken is not None:
             raise self.broken
         saved = (self.chain.seq, self.chain.head)
-        record["ts"] = self.clock.now()
+        record["ts"], step = self.clock.now()
+        if step is not None:
+            record["clock_step_s"] = step
         entry = self.chain.append(record)
         lines = [orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)]
         self._unsigned += 1
@@ -193,7 +218,7 @@ class AuditLog:
 
     def _checkpoint_line(self) -> bytes:
         assert self.signing_key is not None
-        cp = self.chain.checkpoint(self.signing_key, self.clock.now())
+        cp = self.chain.checkpoint(self.signing_key, self.clock.now()[0])
         self._unsigned, self._signed_at = 0, time.monotonic()
         return orjson.dumps({"checkpoint": cp}, option=orjson.OPT_SORT_KEYS)
 
