@@ -3,6 +3,7 @@ a different person (a signed-in administrator or the admin key's holder, never a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from bastion.app import build_app
+from bastion.audit import store
 from bastion.config import parse_settings
 from bastion.identity.keys import create_key
 from bastion.store.schema import audit_entries
@@ -33,13 +35,13 @@ def stub() -> Iterator[StubEngine]:
     s.stop()
 
 
-def _app(stub: StubEngine, tmp: Path, oidc: Any, four_eyes: bool) -> Any:
+def _app(stub: StubEngine, tmp: Path, oidc: Any, four_eyes: bool, **audit: Any) -> Any:
     return build_app(
         parse_settings(
             {
                 "database": {"url": f"sqlite:///{tmp}/f.db"},
                 "admin": {"key": ADMIN, "four_eyes": four_eyes},
-                "audit": audit_config(tmp),
+                "audit": audit_config(tmp, **audit),
                 "identity": {
                     "oidc": [
                         {
@@ -122,3 +124,31 @@ def test_an_auditor_key_works_only_after_a_second_person_approves(
     assert ("frank", "approval.request") in actions
     assert ("gina", "approval.approve") in actions and ("gina", "key.create.approved") in actions
     assert ("frank", "approval.reject") in actions
+
+
+def test_shredding_honours_the_retention_floor(
+    stub: StubEngine, oidc_provider: Any, tmp_path: Path
+) -> None:
+    from bastion.config import ConfigError
+
+    for bad in ({"retention_days": 30}, {}):
+        cfg = {"audit": {**audit_config(tmp_path), "min_retention_days": 365, **bad}}
+        if not bad:
+            cfg |= {"cost_centers": {"cc": {}},
+                    "teams": {"t": {"cost_center": "cc", "audit_retention_days": 7}}}  # fmt: skip
+        with pytest.raises(ConfigError, match="min_retention_days"):
+            parse_settings(cfg)
+    with TestClient(_app(stub, tmp_path, oidc_provider, False, min_retention_days=365)) as c:
+        db = c.app.state.db  # type: ignore[attr-defined]
+        key = create_key(db, team="alpha", known_models={"stub"})[1]
+        chat = {"model": "stub", "messages": [{"role": "user", "content": "hi"}]}
+        assert c.post("/v1/chat/completions", json=chat, headers=_auth(key)).status_code == 200
+        deadline = time.monotonic() + 5
+        while store.newest_content(db, "alpha") is None:  # the entry reaches the store
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        r = c.post("/admin/audit/shred", json={"team": "alpha"}, headers=_auth(ADMIN))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "retention_floor"
+        assert "365-day" in r.json()["error"]["message"]
+        empty = c.post("/admin/audit/shred", json={"team": "ops"}, headers=_auth(ADMIN))
+        assert empty.status_code == 202 and empty.json()["status"] == "pending"

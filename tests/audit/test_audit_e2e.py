@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from bastion.local.launcher import VllmProcess
 from bastion.store.schema import audit_entries
-from tests.conftest import Gateway, base_config, engine_models, pg_database
+from tests.conftest import ADMIN_KEY, Gateway, base_config, engine_models, pg_database
 
 pytestmark = pytest.mark.engine
 
@@ -263,22 +263,36 @@ def test_cli_reads_export_and_offline_verification(
     assert {"search", "show", "export"} <= {e["action"] for e in reads}
 
 
-def test_cli_hold_blocks_shredding(gateway: Gateway) -> None:
+def test_cli_places_holds_but_never_releases_or_shreds_alone(gateway: Gateway) -> None:
+    """Releasing a hold and shredding need a second administrator, so the command line (one
+    holder of the config and the database) only asks the API to; placing a hold is safe."""
+    import httpx
+
     held = gateway.cli("audit", "hold", "--team", "beta", "--reason", "matter 7")
     assert orjson.loads(held.stdout)["placed"] is True
-    refused = gateway.cli("audit", "shred", "--team", "beta", check=False)
-    assert refused.returncode == 2 and "legal hold" in refused.stderr
+    for command in ("release", "shred"):
+        refused = gateway.cli("audit", command, "--team", "beta", check=False)
+        assert refused.returncode == 2 and "second administrator" in refused.stderr
     assert "matter 7" in gateway.cli("audit", "holds").stdout
-    gateway.cli("audit", "release", "--team", "beta")
-    shredded = orjson.loads(gateway.cli("audit", "shred", "--team", "beta").stdout)
-    assert shredded["team"] == "beta"
+    # Through the API: one administrator asks, another (a person) approves.
+    asker = gateway.create_key("alpha", "--role", "admin")
+    asked = httpx.delete(
+        gateway.url + "/admin/audit/holds/beta", headers={"Authorization": f"Bearer {asker}"}
+    )
+    assert asked.status_code == 202 and asked.json()["status"] == "pending", asked.text
+    assert "matter 7" in gateway.cli("audit", "holds").stdout  # not until approved
+    approved = httpx.post(
+        f"{gateway.url}/admin/approvals/{asked.json()['id']}/approve",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    )
+    assert approved.status_code == 200 and approved.json()["result"]["released"] is True
+    assert "matter 7" not in gateway.cli("audit", "holds").stdout
     actions = [e["action"] for e in _entries(_db_url(gateway), kind="admin")]
-    assert [a for a in actions if a.startswith("audit.")][-5:] == [
+    assert [a for a in actions if a.startswith(("audit.", "approval."))][-4:] == [
         "audit.hold",
-        "audit.shred",
-        "audit.shred.failed",  # refused by the hold: recorded first, then its failure
-        "audit.release",
-        "audit.shred",
+        "approval.request",
+        "approval.approve",
+        "audit.release.approved",
     ]
 
 

@@ -223,8 +223,11 @@ def test_shredding_survives_a_database_backup(stub: StubEngine, tmp_path: Path) 
         with db.connect() as conn:
             backup = conn.execute(sa.select(audit_keys)).all()
         old_master = Path(settings.audit.master_key_file).read_bytes()
-        r = c.post("/admin/audit/shred", json={"team": "t"}, headers=_auth(ADMIN))
-        assert r.status_code == 200 and r.json()["master_key_rotated"] is True, r.text
+        asker = create_key(db, team="u", known_models=set(), role="admin")[1]
+        asked = c.post("/admin/audit/shred", json={"team": "t"}, headers=_auth(asker))
+        assert asked.status_code == 202, asked.text
+        r = c.post(f"/admin/approvals/{asked.json()['id']}/approve", headers=_auth(ADMIN))
+        assert r.status_code == 200 and r.json()["result"]["master_key_rotated"] is True, r.text
     assert Path(settings.audit.master_key_file).read_bytes() != old_master
     db = sa.create_engine(f"sqlite:///{tmp_path}/a.db")
     assert _opened(settings, db) == {"t": False, "u": True}  # u's key was re-wrapped

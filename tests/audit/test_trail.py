@@ -168,7 +168,11 @@ def test_only_auditors_read_and_every_read_is_recorded(env) -> None:  # type: ig
     )
     assert found and all(e["team"] == "t" for e in found)
     reads = _until(lambda: [orjson.loads(r.doc) for r in entries(c, kind="read")])
-    assert reads[0]["actor"] == "carol" and reads[0]["query"]["text"] == "[CARD]"
+    from bastion.identity.keys import list_keys
+
+    carol = next(k.id for k in list_keys(c.app.state.db) if k.user == "carol")  # type: ignore[attr-defined]
+    # The reader as authenticated: the key's id, not the `user` label its creator typed.
+    assert reads[0]["actor"] == carol and reads[0]["query"]["text"] == "[CARD]"
     bad = c.get("/audit/entries", params={"since": "yesterday"}, headers=_auth(keys["auditor"]))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
 
@@ -207,19 +211,28 @@ def test_hold_shred_and_purge(env) -> None:  # type: ignore[no-untyped-def]
         "x-request-id"
     ]
     admin = _auth(ADMIN)
+    db = c.app.state.db  # type: ignore[attr-defined]
+    # Releasing and shredding: one administrator asks, a second person approves.
+    asker = _auth(create_key(db, team="u", known_models=set(), role="admin")[1])
     assert (
         c.post(
             "/admin/audit/holds", json={"team": "t", "reason": "case 42"}, headers=admin
         ).status_code
         == 201
     )
-    r = c.post("/admin/audit/shred", json={"team": "t"}, headers=admin)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "legal_hold"
-    assert c.delete("/admin/audit/holds/t", headers=admin).status_code == 200
-    assert (
-        c.post("/admin/audit/shred", json={"team": "t"}, headers=admin).json()["destroyed_keys"]
-        == 1
-    )
+    r = c.post("/admin/audit/shred", json={"team": "t"}, headers=asker)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "legal_hold"
+    released = c.delete("/admin/audit/holds/t", headers=asker)
+    assert released.status_code == 202 and released.json()["action"] == "audit.release"
+    assert c.post(f"/admin/approvals/{released.json()['id']}/approve", headers=admin).json()[
+        "result"
+    ] == {"team": "t", "released": True}
+    asked = c.post("/admin/audit/shred", json={"team": "t"}, headers=asker)
+    assert asked.status_code == 202 and store.holds(db) == []
+    own = c.post(f"/admin/approvals/{asked.json()['id']}/approve", headers=asker)
+    assert own.status_code == 403  # not by the one who asked (nor by any API key)
+    shred = c.post(f"/admin/approvals/{asked.json()['id']}/approve", headers=admin)
+    assert shred.status_code == 200 and shred.json()["result"]["destroyed_keys"] == 1
     show = _show(c, keys["auditor"], rid)
     assert all(e["content"] is None and "shredded" in e["content_unavailable"] for e in show)
     show = _show(c, keys["auditor"], other)
@@ -230,13 +243,12 @@ def test_hold_shred_and_purge(env) -> None:  # type: ignore[no-untyped-def]
     ]
     assert _show(c, keys["auditor"], new)[0]["content"]
     # Retention: contents past it are dropped; metadata stays.
-    db = c.app.state.db  # type: ignore[attr-defined]
     purged = _purge(settings, db, now=datetime.now(UTC) + timedelta(days=2))
     assert purged.get("u", 0) >= 2
     show = _show(c, keys["auditor"], other)
     assert show[0]["content"] is None and "purged" in show[0]["content_unavailable"]
     admin_actions = [orjson.loads(r.doc)["action"] for r in entries(c, kind="admin")]
-    assert {"audit.hold", "audit.release", "audit.shred"} <= set(admin_actions)
+    assert {"audit.hold", "audit.release.approved", "audit.shred.approved"} <= set(admin_actions)
     verdict = verify_store(db, trusted_keys(settings.audit))
     assert verdict.ok, verdict  # shredding and purging leave every hash verifiable
 
@@ -389,22 +401,24 @@ def test_admin_changes_are_recorded_before_they_are_made(env) -> None:  # type: 
         assert r.status_code == 200 and r.json()["status"] == "revoked"
     finally:
         trail.wal.broken = None
-    # Who acted is the signed-in principal, not "admin-key"; a failed change is recorded too.
+    # Who acted is the authenticated principal (this key's id, not its `user` label, nor
+    # "admin-key"); a failed change is recorded too.
+    erin_id = next(k.id for k in list_keys(db) if k.user == "erin")
     assert c.post("/admin/audit/holds", json={"team": "t", "reason": "case 8"}, headers=_auth(erin))
-    assert store.holds(db)[0]["placed_by"] == "erin"
+    assert store.holds(db)[0]["placed_by"] == erin_id
     bad = c.post("/admin/teams", json={"name": "x", "cost_center": "nope"}, headers=_auth(erin))
     assert bad.status_code == 400
     docs = [orjson.loads(r.doc) for r in entries(c, kind="admin")]
     acts = [(d["action"], d["actor"]) for d in docs]
-    assert ("key.create", "erin") in acts and ("audit.hold", "erin") in acts
+    assert ("key.create", erin_id) in acts and ("audit.hold", erin_id) in acts
     deadline = time.monotonic() + 5
-    while ("team.create.failed", "erin") not in acts and time.monotonic() < deadline:
+    while ("team.create.failed", erin_id) not in acts and time.monotonic() < deadline:
         time.sleep(0.1)
         acts = [
             (orjson.loads(r.doc)["action"], orjson.loads(r.doc)["actor"])
             for r in entries(c, kind="admin")
         ]
-    assert ("team.create", "erin") in acts and ("team.create.failed", "erin") in acts
+    assert ("team.create", erin_id) in acts and ("team.create.failed", erin_id) in acts
 
 
 def test_a_read_that_cannot_be_recorded_returns_nothing(env) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ approves the key before it works. The OpenAPI document is served at `/admin/open
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -180,7 +180,7 @@ async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
     async with _change(ctx, "key.create", team=rec.team, after=rec.public()):
         await asyncio.to_thread(made.save, ctx.db)
     if rec.approval is not None:
-        await _ask_approval(ctx, "key.create", rec.team, {"key_id": rec.id}, rec.approval)
+        await approvals.ask(ctx, "key.create", rec.team, {"key_id": rec.id}, rec.approval)
     return NewKeyOut(key=made.token, **rec.public())  # type: ignore[arg-type]
 
 
@@ -200,17 +200,6 @@ def _may_create(ctx: Access, body: KeyIn) -> None:
         raise PermissionDenied(
             "A team-admin attributes keys only to themselves or to no one.",
             code="user_not_allowed",
-        )
-
-
-async def _ask_approval(
-    ctx: Access, action: str, team: str | None, subject: dict[str, Any], approval_id: str
-) -> dict[str, Any]:
-    ttl = timedelta(hours=ctx.settings.admin.approval_ttl_hours)
-    async with _change(ctx, "approval.request", team=team, after={"id": approval_id,
-                       "action": action, **subject}):  # fmt: skip
-        return await asyncio.to_thread(
-            approvals.request, ctx.db, action, subject, ctx.actor.name, ttl, team, approval_id
         )
 
 

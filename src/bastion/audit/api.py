@@ -9,9 +9,8 @@ deletes an entry; shredding destroys a team's data key, purging drops expired co
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,12 +21,19 @@ from pydantic import BaseModel, Field
 from bastion.audit import reader, store
 from bastion.audit.anchor import AnchorError
 from bastion.audit.chain import Verdict
-from bastion.audit.keys import MASTER_KEY_ENV, KeyOperationError, shred_team
+from bastion.audit.keys import KeyOperationError, shred_team
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
 from bastion.core.changes import recorded_change
-from bastion.core.errors import AuditUnavailable, InvalidRequest, NotFound, PermissionDenied
+from bastion.core.errors import (
+    AuditUnavailable,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+)
 from bastion.core.timeutil import parse_time
+from bastion.identity import approvals
 from bastion.identity.access import Access, Admin
 from bastion.identity.principal import Principal
 
@@ -185,34 +191,61 @@ async def post_hold(body: HoldIn, request: Request, ctx: Admin) -> dict[str, Any
     return {"team": body.team, "placed": placed}
 
 
-@admin_router.delete("/holds/{team}")
-async def delete_hold(team: str, request: Request, ctx: Admin) -> dict[str, Any]:
-    async with _change(request, ctx, "audit.release", team=team):
-        if not await asyncio.to_thread(store.release_hold, ctx.db, team):
-            raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
+@admin_router.delete("/holds/{team}", status_code=202)
+async def delete_hold(team: str, ctx: Admin) -> dict[str, Any]:
+    """Asks to lift a legal hold: done when a second administrator approves
+    (`POST /admin/approvals/{id}/approve`). Answers the pending approval."""
+    if not await asyncio.to_thread(store.on_hold, ctx.db, team):
+        raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
+    return await approvals.ask(ctx, "audit.release", team, {"team": team})
+
+
+@approvals.executes("audit.release")
+async def _release(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
+    team = approval["subject"]["team"]
+    if not await asyncio.to_thread(store.release_hold, state.db, team):
+        raise NotFound(f"Team '{team}' is not on hold.", code="hold_not_found")
     return {"team": team, "released": True}
 
 
-@admin_router.post("/shred")
-async def post_shred(body: TeamIn, request: Request, ctx: Admin) -> dict[str, Any]:
+@admin_router.post("/shred", status_code=202)
+async def post_shred(body: TeamIn, ctx: Admin) -> dict[str, Any]:
+    """Asks to crypto-shred a team's contents: done when a second administrator approves.
+    Refused while the team is on legal hold or has content younger than
+    `audit.min_retention_days` (checked again when approved)."""
+    await asyncio.to_thread(_may_shred, ctx.settings, ctx.db, body.team)
+    return await approvals.ask(ctx, "audit.shred", body.team, {"team": body.team})
+
+
+def _may_shred(settings: Any, db: Any, team: str) -> None:
+    if store.on_hold(db, team):
+        raise Conflict(
+            f"Team '{team}' is on legal hold: it cannot be shredded.", param="team",
+            code="legal_hold",
+        )  # fmt: skip
+    floor = settings.audit.min_retention_days
+    newest = store.newest_content(db, team) if floor else None
+    if newest is not None and newest > datetime.now(UTC) - timedelta(days=floor):
+        raise Conflict(
+            f"Team '{team}' has content from {newest:%Y-%m-%d}, younger than the "
+            f"{floor}-day retention floor (audit.min_retention_days): it cannot be shredded yet.",
+            param="team",
+            code="retention_floor",
+        )
+
+
+@approvals.executes("audit.shred")
+async def _shred(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
     """Destroys the team's data keys and rotates the master key (keys.py), so the contents
     stay unreadable even in a database backup restored with the old master key."""
-    trail = _trail(request)
+    team, trail = approval["subject"]["team"], state.audit
+    await asyncio.to_thread(_may_shred, state.settings, state.db, team)
     try:
-        async with _change(
-            request,
-            ctx,
-            "audit.shred",
-            team=body.team,
-            after={"master_key_rotated": not os.environ.get(MASTER_KEY_ENV)},
-        ):
-            out = await asyncio.to_thread(
-                shred_team, trail.settings, ctx.db, body.team, ctx.settings
-            )
+        out = await asyncio.to_thread(shred_team, trail.settings, state.db, team, state.settings)
     except (store.AuditStoreError, KeyOperationError) as exc:
-        raise InvalidRequest(str(exc), param="team", code="legal_hold") from None
-    trail.keys.cache.pop(body.team, None)
-    return {"team": body.team, **out}
+        raise Conflict(str(exc), param="team", code="legal_hold") from None
+    trail.keys.cache.pop(team, None)
+    return {"team": team, **out}
 
 
 @admin_router.post("/purge")

@@ -3,7 +3,9 @@
 Reading contents (search, show, export) goes through the running gateway with an auditor key
 (`--key` or $BASTION_AUDIT_KEY), so the read is checked and recorded like any other.
 Verification reads hashes and signatures only, straight from the store or an export file.
-Holds, shredding and purging act on the store directly and are recorded on the CLI's chain.
+Placing holds, purging and key rotation act on the store directly and are recorded on the
+CLI's chain. Lifting a hold and shredding need a second administrator, so they go through the
+admin API's four-eyes approvals; the commands say how.
 """
 
 from __future__ import annotations
@@ -205,11 +207,17 @@ def _admin(
     return run
 
 
-def _shred(db: Any, args: argparse.Namespace) -> Any:
-    from bastion.audit.keys import shred_team
-
-    settings = _settings(args)
-    return {"team": args.team, **shred_team(settings.audit, db, args.team, settings)}
+def _needs_two(args: argparse.Namespace) -> int:
+    """Lifting a hold and shredding are never one person's doing, and holding the config and
+    the database proves nobody's identity: the admin API asks, a second administrator approves."""
+    how = {
+        "release": f"DELETE /admin/audit/holds/{args.team}",
+        "shred": 'POST /admin/audit/shred {"team": "' + args.team + '"}',
+    }[args.two_admins]
+    return _fail(
+        f"`bastion audit {args.two_admins}` needs a second administrator: ask with {how}, then "
+        "another administrator approves with POST /admin/approvals/{id}/approve"
+    )
 
 
 def _rotate_team(db: Any, args: argparse.Namespace) -> Any:
@@ -233,12 +241,6 @@ def _hold(db: Any, args: argparse.Namespace) -> Any:
     from bastion.audit.store import place_hold
 
     return {"team": args.team, "placed": place_hold(db, args.team, args.reason, cli_actor())}
-
-
-def _release(db: Any, args: argparse.Namespace) -> Any:
-    from bastion.audit.store import release_hold
-
-    return {"team": args.team, "released": release_hold(db, args.team)}
 
 
 def _purge(db: Any, args: argparse.Namespace) -> Any:
@@ -329,14 +331,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--team", required=True)
     s.add_argument("--reason", required=True)
     s.set_defaults(func=_admin("audit.hold", _hold))
-    s = audit.add_parser("release", parents=[common], help="lift a legal hold")
+    s = audit.add_parser("release", parents=[common], help="lift a legal hold (two admins)")
     s.add_argument("--team", required=True)
-    s.set_defaults(func=_admin("audit.release", _release))
+    s.set_defaults(func=_needs_two, two_admins="release")
     s = audit.add_parser("holds", parents=[common], help="list legal holds")
     s.set_defaults(func=cmd_holds)
-    s = audit.add_parser("shred", parents=[common], help="destroy a team's content keys")
+    s = audit.add_parser(
+        "shred", parents=[common], help="destroy a team's content keys (two admins)"
+    )
     s.add_argument("--team", required=True)
-    s.set_defaults(func=_admin("audit.shred", _shred))
+    s.set_defaults(func=_needs_two, two_admins="shred")
     s = audit.add_parser("purge", parents=[common], help="drop contents past retention")
     s.set_defaults(func=_admin("audit.purge", _purge, _purge_plan))
     s = audit.add_parser(

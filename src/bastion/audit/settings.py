@@ -3,7 +3,7 @@ redaction."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -77,6 +77,13 @@ class AuditSettings(Strict):
         "and hashes stay, so the chain still verifies). None: kept forever. Per team: "
         "`teams.<name>.audit_retention_days`.",
     )
+    min_retention_days: int = Field(
+        0,
+        ge=0,
+        le=36500,
+        description="Regulatory floor: no content younger than this is ever shredded (a shred "
+        "is refused while the team has any) and no retention may be shorter. 0: no floor.",
+    )
     redact: list[Literal["card", "iban", "email", "phone", "secret"]] = Field(
         default_factory=list,
         description="Detectors whose matches are replaced by typed placeholders "
@@ -91,7 +98,19 @@ class AuditSettings(Strict):
         # A bound tighter than the checkpoint cadence would fail every healthy trail.
         if self.max_unsigned_seconds <= self.checkpoint_seconds:
             raise ValueError("audit.max_unsigned_seconds must exceed audit.checkpoint_seconds")
+        if self.retention_days is not None and self.retention_days < self.min_retention_days:
+            raise ValueError("audit.retention_days is shorter than audit.min_retention_days")
         return self
 
 
-section("audit", AuditSettings, "The audit trail of every request.")
+def _team_retention_floor(settings: Any) -> list[str]:
+    floor = settings.audit.min_retention_days
+    return [
+        f"teams.{name}.audit_retention_days: {t.audit_retention_days} is shorter than "
+        f"audit.min_retention_days ({floor})"
+        for name, t in settings.teams.items()
+        if t.audit_retention_days is not None and t.audit_retention_days < floor
+    ]
+
+
+section("audit", AuditSettings, "The audit trail of every request.", check=_team_retention_floor)

@@ -344,6 +344,16 @@ def on_hold(db: Engine, team: str) -> bool:
         return _on_hold(conn, team)
 
 
+def newest_content(db: Engine, team: str) -> datetime | None:
+    """When the team's newest still-readable content was recorded (None: there is none)."""
+    q = select(func.max(audit_entries.c.ts)).where(
+        (audit_entries.c.team == team) & audit_entries.c.content.is_not(None)
+    )
+    with db.connect() as conn:
+        newest = conn.execute(q).scalar()
+    return _utc(newest) if newest is not None else None
+
+
 def shred(db: Engine, team: str) -> int:
     """Destroys every data key of the team; returns how many. Refused under legal hold."""
     with db.begin() as conn:

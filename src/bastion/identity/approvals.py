@@ -13,6 +13,7 @@ happen in that order, and a failure leaves the request approved with the error r
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from bastion.core.changes import recorded_change
 from bastion.core.errors import Conflict, NotFound, PermissionDenied
 from bastion.store.schema import approvals
 
@@ -127,3 +129,19 @@ def decide(db: Engine, approval_id: str, by: str, approve: bool) -> dict[str, An
         raise Conflict(f"Approval request '{approval_id}' was decided meanwhile.",
                        code="approval_not_pending")  # fmt: skip
     return get(db, approval_id)
+
+
+async def ask(
+    ctx: Any, action: str, team: str | None, subject: dict[str, Any],
+    approval_id: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Records and stores a request for a second administrator (`ctx`: the asker's Access)."""
+    ttl = timedelta(hours=ctx.settings.admin.approval_ttl_hours)
+    approval_id = approval_id or new_id()
+    async with recorded_change(
+        ctx.state.audit, ctx.actor.name, "approval.request", team=team,
+        after={"id": approval_id, "action": action, **subject},
+    ):  # fmt: skip
+        return await asyncio.to_thread(
+            request, ctx.db, action, subject, ctx.actor.name, ttl, team, approval_id
+        )
