@@ -9,6 +9,16 @@ from pydantic import Field, field_validator
 
 from bastion.core.settings import SECRET, Strict
 
+#: The wire APIs Bastion speaks, by the name usage records and metrics carry.
+WireApi = Literal["chat", "completions", "embeddings", "messages", "responses", "rerank", "score"]
+#: What each engine kind serves natively unless `apis` says otherwise.
+NATIVE_APIS: dict[str, tuple[str, ...]] = {
+    "vllm": ("chat", "completions", "embeddings", "messages", "responses", "rerank", "score"),
+    "sglang": ("chat", "completions", "embeddings"),
+    "llamacpp": ("chat", "completions", "embeddings"),
+    "openai": ("chat", "completions", "embeddings", "responses"),
+}
+
 
 class DeploymentSettings(Strict):
     kind: Literal["vllm", "sglang", "llamacpp", "openai"] = Field(
@@ -35,6 +45,14 @@ class DeploymentSettings(Strict):
     max_concurrency: int | None = Field(
         None, ge=1, description="Requests this deployment accepts at once (none: unlimited)."
     )
+    apis: list[WireApi] | None = Field(
+        None,
+        description="Wire APIs this engine serves natively (none: what its `kind` serves; "
+        "vllm: all). Bastion translates the others to chat completions where it can.",
+    )
+
+    def serves_natively(self, api: str) -> bool:
+        return api in (self.apis if self.apis is not None else NATIVE_APIS[self.kind])
 
     @property
     def display_url(self) -> str:

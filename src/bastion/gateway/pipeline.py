@@ -195,7 +195,7 @@ class Gateway:
         receive: Receive,
     ) -> Response | SSERelay:
         if req.stream:
-            lease, upstream = await self._connect(call, route, req, wire)
+            lease, upstream, spoken = await self._connect(call, route, req, wire)
 
             def on_end(tr: StreamTranslator, cancelled: bool) -> None:
                 self._end_stream(call, tr, cancelled)
@@ -204,7 +204,7 @@ class Gateway:
                 self._count_stream(call, tr)
                 return await self._record_answer(call, tr.assembled(), tr.state.engine_model)
 
-            translator = wire.stream(req, route.alias, collect=self.audit is not None)
+            translator = spoken.stream(req, route.alias, collect=self.audit is not None)
             return SSERelay(
                 upstream,
                 lease,
@@ -213,8 +213,8 @@ class Gateway:
                 on_end,
                 before_done if self.audit is not None else None,
             )
-        raw = await self._whole_answer(call, route, req, wire, receive)
-        answer = wire.answer(raw, route.alias)
+        raw, spoken = await self._whole_answer(call, route, req, wire, receive)
+        answer = spoken.answer(raw, route.alias)
         self._count(call.rec, answer.usage)
         if self.audit is not None:
             failure = await self._record_answer(call, answer.content, answer.engine_model)
@@ -230,19 +230,20 @@ class Gateway:
         req: ParsedRequest,
         wire: WireAdapter,
         receive: Receive,
-    ) -> bytes:
-        """The engine's whole answer. A client that leaves meanwhile (an engine sends the
-        headers of a whole answer only once it is generated) cancels the engine call, which
-        drops the connection: the engine aborts instead of generating for nobody."""
+    ) -> tuple[bytes, WireAdapter]:
+        """The engine's whole answer, and the adapter that spoke to the engine. A client that
+        leaves meanwhile (an engine sends the headers of a whole answer only once it is
+        generated) cancels the engine call, which drops the connection: the engine aborts
+        instead of generating for nobody."""
         task = asyncio.current_task()
         assert task is not None
         waiting = True
         gone = asyncio.ensure_future(wait_disconnect(receive))
         gone.add_done_callback(lambda t: waiting and not t.cancelled() and task.cancel())
         try:
-            lease, upstream = await self._connect(call, route, req, wire)
+            lease, upstream, spoken = await self._connect(call, route, req, wire)
             with lease:
-                return await upstream.read()
+                return await upstream.read(), spoken
         except asyncio.CancelledError:
             if gone.done() and not gone.cancelled() and task.uncancel() == 0:
                 raise ClientDisconnect() from None
@@ -253,16 +254,19 @@ class Gateway:
 
     async def _connect(
         self, call: Call, route: ModelRoute, req: ParsedRequest, wire: WireAdapter
-    ) -> tuple[Lease, EngineResponse]:
-        """Tries deployments in the balancer's order; moves on only if nothing was sent."""
+    ) -> tuple[Lease, EngineResponse, WireAdapter]:
+        """Tries deployments in the balancer's order; moves on only if nothing was sent. Each
+        deployment is spoken to in the API it serves (`wire.via`): natively, or translated."""
         last: BastionError | None = None
         gauge = self.metrics.in_flight.labels(route.alias)
         for dep in route.candidates():
             call.rec.deployment = dep.name
             lease = dep.lease(gauge)
             try:
-                body = wire.engine_body(req, dep.settings.served_name)
-                return lease, await self.client.post(dep.settings, wire.engine_path, body)
+                spoken = wire.via(dep.settings)
+                body = spoken.engine_body(req, dep.settings.served_name)
+                upstream = await self.client.post(dep.settings, spoken.engine_path, body)
+                return lease, upstream, spoken
             except EngineConnectError as exc:
                 lease.release()
                 dep.eject()

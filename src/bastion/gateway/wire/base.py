@@ -13,6 +13,7 @@ from starlette.responses import Response
 from bastion.core.errors import BastionError, error_response
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import Usage
+from bastion.engines.settings import DeploymentSettings
 
 
 @dataclass(slots=True)
@@ -111,6 +112,11 @@ class WireAdapter(ABC):
     @abstractmethod
     def stream(self, req: ParsedRequest, alias: str, collect: bool) -> StreamTranslator:
         """A translator for one streamed answer."""
+
+    def via(self, deployment: DeploymentSettings) -> WireAdapter:
+        """The adapter that speaks to `deployment`: this one where its engine serves this API
+        natively (`deployments[].apis`), else one that translates to an API it does serve."""
+        return self
 
     def error_response(self, exc: BastionError, request_id: str) -> Response:
         """An error in this API's envelope (OpenAI's unless an adapter says otherwise)."""
