@@ -53,6 +53,10 @@ PG_ADMIN_URL = os.environ.get(
     "BASTION_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 TINY = "tiny-chat"
+#: Claude Code's system prompt and tools alone are ~20k tokens (../shared/CLIENTS.md).
+TINY_CONTEXT = 65536
+#: `tool_choice: "auto"` needs a tool-call parser; the tiny model's ChatML fits hermes.
+TOOL_CALLING = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 EMBED = "all-minilm-l6-v2"
 
 
@@ -75,7 +79,12 @@ def engines(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProce
     procs = {
         "chat": VllmProcess(
             EngineSpec(
-                tiny_model, TINY, free_port(), gpu_memory_utilization=0.05, max_model_len=2048
+                tiny_model,
+                TINY,
+                free_port(),
+                gpu_memory_utilization=0.05,
+                max_model_len=TINY_CONTEXT,
+                extra_args=TOOL_CALLING,
             ),
             log_path=engine_logs / "chat.log",
         ),

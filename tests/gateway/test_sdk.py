@@ -146,7 +146,7 @@ def test_error_classes(client: openai.OpenAI, gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         # Longer than the engine's context window: the engine's own message comes back as 400.
         client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "word " * 3000}], max_tokens=4
+            model="tiny", messages=[{"role": "user", "content": "word " * 70_000}], max_tokens=4
         )
     assert "context" in str(info.value).lower() or "length" in str(info.value).lower()
     with pytest.raises(openai.BadRequestError):

@@ -111,7 +111,7 @@ class Gateway:
             request.client.host if request.client else None,
         )
         try:
-            principal = await self.keys.authenticate(request.headers.get("authorization"))
+            principal = await self.keys.authenticate(wire.credential(request.headers))
             self._attribute(call.rec, principal)
             req = wire.parse(await self._read_body(request), request.headers)
             call.req = req

@@ -51,12 +51,15 @@ def engine_spec(dep: DeploymentSettings, embedding: bool) -> EngineSpec:
             f"{dep.display_url}: `bastion up` launches engines on a loopback URL with an "
             "explicit port only"
         )
+    tiny = dep.launch == "builtin:tiny-chat"
     return EngineSpec(
         model=resolve_model(dep.launch),
         served_name=dep.served_name,
         port=parts.port,
         gpu_memory_utilization=0.1 if embedding else 0.15,
-        max_model_len=None if embedding else 2048,
+        # The built-in tiny model takes coding assistants' long prompts and their tools.
+        max_model_len=None if embedding else 65536 if tiny else 2048,
+        extra_args=("--enable-auto-tool-choice", "--tool-call-parser", "hermes") if tiny else (),
     )
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump whenever the generated files change (corpus, tokenizer, config, weights, layout).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: a 65,536-position window
 
 STAMP_FILE = "bastion-model.json"
 SEED = 0
@@ -68,7 +68,9 @@ MODEL_CONFIG: dict[str, Any] = {
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
     "head_dim": 64,  # the vLLM CPU attention backend needs head_dim >= 64
-    "max_position_embeddings": 2048,
+    # Coding assistants send ~20k-token system prompts and tools: a long window, cheap to fill
+    # on a model this small.
+    "max_position_embeddings": 65536,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
 }

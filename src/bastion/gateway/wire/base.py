@@ -113,6 +113,11 @@ class WireAdapter(ABC):
     def stream(self, req: ParsedRequest, alias: str, collect: bool) -> StreamTranslator:
         """A translator for one streamed answer."""
 
+    def credential(self, headers: Headers) -> str | None:
+        """The caller's credential as an `Authorization` value (APIs that send it elsewhere,
+        e.g. Anthropic's `x-api-key`, say so here)."""
+        return headers.get("authorization")
+
     def via(self, deployment: DeploymentSettings) -> WireAdapter:
         """The adapter that speaks to `deployment`: this one where its engine serves this API
         natively (`deployments[].apis`), else one that translates to an API it does serve."""
