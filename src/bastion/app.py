@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.routing import Mount
 
 from bastion import __version__
 from bastion.admin.api import router as admin_router
-from bastion.admin.app import control_plane
+from bastion.admin.app import control_plane, http_error
 from bastion.admin.approvals import router as approvals_router
 from bastion.audit import api as audit_api
 from bastion.audit.trail import AuditTrail
@@ -111,7 +112,13 @@ def build_app(
         ],
         openapi_public=settings.admin.openapi_public,
     )
-    app = Starlette(lifespan=lifespan, routes=[*gateway_routes(gateway), Mount("", app=admin)])
+    app = Starlette(
+        lifespan=lifespan,
+        routes=[*gateway_routes(gateway), Mount("", app=admin)],
+        # What no route serves (a /v1 route's other methods; URLs the mount cannot match, a
+        # newline in the path) answers in OpenAI's format too.
+        exception_handlers={HTTPException: http_error},
+    )
     for state in (app.state, admin.state):
         state.settings, state.db, state.keys = settings, db, keys
         state.admission, state.audit = admission, audit

@@ -58,9 +58,10 @@ def test_key_lifecycle(admin: TestClient) -> None:
 
 
 def test_bad_input_is_400_in_openai_format(admin: TestClient) -> None:
+    for body in ({"team": "nope"}, {"team": "t", "models": ["zzz"]}):  # names nothing stored
+        r = admin.post("/admin/keys", json=body)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
     for body in (
-        {"team": "nope"},
-        {"team": "t", "models": ["zzz"]},
         {"team": "t", "expires_in": "later"},
         {"user": "x"},
         {"team": 5},
@@ -79,14 +80,14 @@ def test_teams_and_cost_centers(admin: TestClient) -> None:
         admin.post("/admin/cost-centers", json={"name": "cc-9", "display_name": "Ops"}).status_code
         == 201
     )
-    assert admin.post("/admin/cost-centers", json={"name": "cc-9"}).status_code == 400
+    assert admin.post("/admin/cost-centers", json={"name": "cc-9"}).status_code == 409
     assert (
         admin.post(
             "/admin/teams", json={"name": "ops", "cost_center": "cc-9", "models": ["m"]}
         ).status_code
         == 201
     )
-    assert admin.post("/admin/teams", json={"name": "x", "cost_center": "nope"}).status_code == 400
+    assert admin.post("/admin/teams", json={"name": "x", "cost_center": "nope"}).status_code == 404
     teams = {t["name"]: t for t in admin.get("/admin/teams").json()}
     assert teams["ops"]["source"] == "api" and teams["t"]["source"] == "config"
     key = admin.post("/admin/keys", json={"team": "ops"}).json()["key"]

@@ -16,14 +16,16 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from bastion.core.bounds import Body, Duration, Label, LimitsIn, ModelList, Name, TimeSpec, UserName
 from bastion.core.changes import recorded_change
 from bastion.core.errors import (
+    BastionError,
+    Conflict,
     InvalidRequest,
     LimitsUnavailable,
     NotFound,
     PermissionDenied,
 )
-from bastion.core.settings import NAME, LimitSettings
 from bastion.core.timeutil import parse_duration, parse_time
 from bastion.identity import approvals, teams
 from bastion.identity.access import Access, Admin, Manager, Reader
@@ -45,24 +47,24 @@ from bastion.metering.reports import summarize
 router = APIRouter(prefix="/admin", tags=["admin"])
 
 
-class CostCenterIn(BaseModel):
-    name: str = Field(pattern=NAME)
-    display_name: str = ""
+class CostCenterIn(Body):
+    name: Name
+    display_name: Label = ""
 
 
-class TeamIn(BaseModel):
-    name: str = Field(pattern=NAME)
-    cost_center: str
-    models: list[str] | None = None
+class TeamIn(Body):
+    name: Name
+    cost_center: Name
+    models: ModelList | None = None
 
 
-class KeyIn(BaseModel):
-    team: str
-    user: str | None = None
-    models: list[str] | None = Field(None, description="Aliases this key may use (none: all).")
-    expires_in: str | None = Field(None, description="e.g. 30d, 12h; none: never expires.")
-    name: str = ""
-    limits: LimitSettings | None = Field(
+class KeyIn(Body):
+    team: Name
+    user: UserName | None = None
+    models: ModelList | None = Field(None, description="Aliases this key may use (none: all).")
+    expires_in: Duration | None = Field(None, description="e.g. 30d, 12h; none: never expires.")
+    name: Label = ""
+    limits: LimitsIn | None = Field(
         None, description="This key's own limits (none: `limits.defaults.key`)."
     )
     role: Role = Field("member", description=ROLE_HELP + ".")
@@ -95,7 +97,12 @@ def _change(ctx: Access, action: str, **fields: Any) -> Any:
     return recorded_change(ctx.state.audit, ctx.actor.name, action, **fields)
 
 
-def _bad(exc: Exception) -> InvalidRequest:
+def _bad(exc: Exception) -> BastionError:
+    """An identity operation refused: 404 for a name that does not exist, 409 for one taken."""
+    if isinstance(exc, teams.UnknownName):
+        return NotFound(str(exc), code="not_found")
+    if isinstance(exc, teams.NameTaken):
+        return Conflict(str(exc), code="already_exists")
     return InvalidRequest(str(exc), code="invalid_value")
 
 
@@ -146,7 +153,7 @@ async def post_team(body: TeamIn, ctx: Admin) -> dict[str, Any]:
 
 
 @router.get("/keys")
-def get_keys(ctx: Manager, team: str | None = None) -> list[KeyOut]:
+def get_keys(ctx: Manager, team: Name | None = None) -> list[KeyOut]:
     now = datetime.now(UTC)
     return [KeyOut(**k.public(now)) for k in list_keys(ctx.db, ctx.actor.team_scope(team))]  # type: ignore[arg-type]
 
@@ -245,7 +252,7 @@ async def post_revoke(key_id: str, ctx: Manager) -> KeyOut:
 
 
 @router.put("/keys/{key_id}/limits")
-async def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager) -> KeyOut:
+async def put_key_limits(key_id: str, body: LimitsIn, ctx: Manager) -> KeyOut:
     """Replaces the key's own limits, which only tighten `limits.defaults.key` (each field the
     smaller of the two); an empty object leaves the defaults alone."""
     before = await asyncio.to_thread(_managed_key, ctx, key_id)
@@ -266,7 +273,7 @@ async def put_key_limits(key_id: str, body: LimitSettings, ctx: Manager) -> KeyO
 
 
 @router.get("/limits")
-async def get_limits(ctx: Manager, team: str | None = None) -> list[dict[str, Any]]:
+async def get_limits(ctx: Manager, team: Name | None = None) -> list[dict[str, Any]]:
     """Usage against every configured limit (of one team, its cost center and its keys)."""
     team = ctx.actor.team_scope(team)
     keys = await asyncio.to_thread(list_keys, ctx.db, team)
@@ -280,9 +287,9 @@ async def get_limits(ctx: Manager, team: str | None = None) -> list[dict[str, An
 def get_usage(
     ctx: Reader,
     by: Literal["team", "cost-center", "model", "day", "key", "user"] = "team",
-    since: Annotated[str | None, Query(description="e.g. 7d or 2026-11-01")] = None,
-    until: str | None = None,
-    team: str | None = None,
+    since: Annotated[TimeSpec | None, Query()] = None,
+    until: TimeSpec | None = None,
+    team: Name | None = None,
 ) -> list[dict[str, Any]]:
     try:
         start = parse_time(since) if since else None

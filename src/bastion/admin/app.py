@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion import __version__
+from bastion.admin.openapi import Methods, document
 from bastion.core.errors import (
     AuthenticationFailed,
     BastionError,
@@ -37,11 +38,16 @@ OPEN_PATHS = frozenset({"/auth/login"})
 
 class Guard:
     """Runs before FastAPI reads a body: a credential that authenticates (roles are checked by
-    each route), then a size limit, so an anonymous caller can make the gateway read nothing."""
+    each route), then a size limit, so an anonymous caller can make the gateway read nothing.
+    Then a method the path does not answer is a 405 naming every method it does (FastAPI's
+    names one route's only), and a NUL in the path or query a 400: no column can hold it."""
 
-    def __init__(self, app: ASGIApp, public: frozenset[str] = OPEN_PATHS):
+    def __init__(
+        self, app: ASGIApp, public: frozenset[str] = OPEN_PATHS, methods: Methods | None = None
+    ):
         self.app = app
         self.public = public
+        self.methods = methods
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,11 +60,24 @@ class Guard:
                 await acting(request, authorization)  # the admin key, or a role's credential
             elif path.startswith(PROTECTED) and path not in self.public:
                 await request.app.state.keys.authenticate(authorization)
+            allowed = self.methods.allowed(path) if self.methods else None
+            if allowed is not None and scope["method"] not in allowed:
+                raise MethodNotAllowed(
+                    f"{scope['method']} is not allowed here; use {', '.join(sorted(allowed))}.",
+                    code="method_not_allowed",
+                    headers={"allow": ", ".join(sorted(allowed))},
+                )
+            if "\x00" in path or b"%00" in scope.get("query_string", b""):
+                raise InvalidRequest("The URL contains a NUL character.", code="invalid_value")
             receive = await _bounded(request, receive)
         except BastionError as exc:
             await error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class MethodNotAllowed(InvalidRequest):
+    status = 405
 
 
 async def _bounded(request: Request, receive: Receive) -> Receive:
@@ -104,7 +123,18 @@ def control_plane(routers: list[APIRouter], openapi_public: bool = True) -> Fast
 
     _install_error_handlers(app)
     public = OPEN_PATHS | ({"/admin/openapi.json"} if openapi_public else frozenset())
-    app.add_middleware(Guard, public=frozenset(public))
+    generated, truth = app.openapi, {}
+
+    def truthful() -> dict[str, Any]:
+        if not truth:  # FastAPI's document once, amended once (see `admin/openapi.py`)
+            truth.update(document(generated(), OPEN_PATHS))
+        return truth
+
+    app.openapi = truthful  # type: ignore[method-assign]
+    methods = Methods(
+        [r for router in routers for r in router.routes], {"/admin/openapi.json": {"GET"}}
+    )
+    app.add_middleware(Guard, public=frozenset(public), methods=methods)
     return app
 
 
@@ -126,26 +156,29 @@ def _install_error_handlers(app: FastAPI) -> None:
             "",
         )
 
-    async def http_error(_req: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        err: BastionError
-        if exc.status_code == 401:
-            err = AuthenticationFailed(str(exc.detail))
-        elif exc.status_code == 404:
-            err = NotFound(
-                str(exc.detail) if exc.detail != "Not Found" else "Unknown URL.", code="not_found"
-            )
-        else:
-            err = InvalidRequest(str(exc.detail), code="http_error")
-            err_status = exc.status_code
-            return Response(
-                err.json(),
-                status_code=err_status,
-                media_type="application/json",
-                headers=getattr(exc, "headers", None),
-            )
-        return error_response(err, "")
-
     app.add_exception_handler(BastionError, bastion_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+
+
+async def http_error(_req: Request, exc: Exception) -> Response:
+    """Starlette's own errors (an unknown URL, a method a route does not answer), in OpenAI's
+    envelope: the gateway's outer app uses it too."""
+    assert isinstance(exc, HTTPException)
+    err: BastionError
+    if exc.status_code == 401:
+        err = AuthenticationFailed(str(exc.detail))
+    elif exc.status_code == 404:
+        err = NotFound(
+            str(exc.detail) if exc.detail != "Not Found" else "Unknown URL.", code="not_found"
+        )
+    else:
+        err = InvalidRequest(str(exc.detail), code="http_error")
+        err_status = exc.status_code
+        return Response(
+            err.json(),
+            status_code=err_status,
+            media_type="application/json",
+            headers=getattr(exc, "headers", None),
+        )
+    return error_response(err, "")

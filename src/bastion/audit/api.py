@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from bastion.audit import reader, store
 from bastion.audit.anchor import AnchorError
@@ -24,6 +24,7 @@ from bastion.audit.chain import Verdict
 from bastion.audit.keys import KeyOperationError, shred_team
 from bastion.audit.trail import AuditTrail
 from bastion.audit.verify import trusted_keys, verify_store
+from bastion.core.bounds import Body, Label, Line, Name, Text, TimeSpec, UserName
 from bastion.core.changes import recorded_change
 from bastion.core.errors import (
     AuditUnavailable,
@@ -36,6 +37,11 @@ from bastion.core.timeutil import parse_time
 from bastion.identity import approvals
 from bastion.identity.access import Access, Admin
 from bastion.identity.principal import Principal
+
+#: An id or kind to search by (request ids are at most 64 characters in the store).
+Key = Line(64)
+#: Why a hold was placed: free text, kept with the hold.
+Reason = Text(4096, min_length=3)
 
 
 def _trail(request: Request) -> AuditTrail:
@@ -89,22 +95,20 @@ async def _read(trail: AuditTrail, who: Principal, action: str, query: dict[str,
 @router.get("/entries")
 async def search_entries(
     auditor: Auditor,
-    since: str | None = None,
-    until: str | None = None,
-    team: str | None = None,
-    user: str | None = None,
-    key_id: str | None = None,
-    model: str | None = None,
-    status: int | None = None,
-    kind: str | None = None,
-    request_id: str | None = None,
-    q: Annotated[str | None, Query(description="Text to find in decrypted contents.")] = None,
-    limit: int = 100,
+    since: TimeSpec | None = None,
+    until: TimeSpec | None = None,
+    team: Name | None = None,
+    user: UserName | None = None,
+    key_id: Key | None = None,
+    model: Name | None = None,
+    status: Annotated[int | None, Query(ge=100, le=599)] = None,
+    kind: Key | None = None,
+    request_id: Key | None = None,
+    q: Annotated[Label | None, Query(description="Text to find in decrypted contents.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Entries, newest first, filtered by metadata and (q) by decrypted content."""
     trail, who = auditor
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be between 1 and 1000.", param="limit")
     query = reader.Query(
         _time(since, "since"), _time(until, "until"), team, user, key_id, model, status,
         kind, request_id, q, limit,
@@ -126,9 +130,21 @@ async def show_request(request_id: str, auditor: Auditor) -> dict[str, Any]:
     return {"request_id": request_id, "entries": list(reversed(found["data"]))}
 
 
-@router.get("/export")
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "One entry per line.",
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def export(
-    auditor: Auditor, since: str | None = None, until: str | None = None, team: str | None = None
+    auditor: Auditor,
+    since: TimeSpec | None = None,
+    until: TimeSpec | None = None,
+    team: Name | None = None,
 ) -> StreamingResponse:
     """JSON lines, verifiable offline with `bastion audit verify --file`."""
     trail, who = auditor
@@ -147,7 +163,7 @@ async def export(
 
 
 @router.get("/verify")
-async def verify(auditor: Auditor, since: str | None = None) -> dict[str, Any]:
+async def verify(auditor: Auditor, since: TimeSpec | None = None) -> dict[str, Any]:
     trail, who = auditor
     await _read(trail, who, "verify", {"since": since})
     a = trail.settings
@@ -163,13 +179,13 @@ async def verify(auditor: Auditor, since: str | None = None) -> dict[str, Any]:
 
 
 # -- administration: holds, shredding, retention ---------------------------------------------
-class HoldIn(BaseModel):
-    team: str
-    reason: str = Field(min_length=3, description="Why, e.g. the matter or case reference.")
+class HoldIn(Body):
+    team: Name
+    reason: Reason = Field(description="Why, e.g. the matter or case reference.")
 
 
-class TeamIn(BaseModel):
-    team: str
+class TeamIn(Body):
+    team: Name
 
 
 def _change(request: Request, ctx: Access, action: str, **fields: Any) -> Any:

@@ -125,7 +125,8 @@ class NotFound(BastionError):
 
 
 class Conflict(BastionError):
-    """The object is not in a state that allows this (e.g. an approval already decided)."""
+    """The object is not in a state that allows this (an approval already decided, a name
+    taken, a team under legal hold)."""
 
     status = 409
     type = "invalid_request_error"

@@ -15,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from bastion.core.bounds import Body, Duration, Label, Text, UserName
 from bastion.core.changes import recorded_change
 from bastion.core.errors import BastionError, InvalidRequest, NotFound, PermissionDenied
 from bastion.core.timeutil import parse_duration
@@ -32,22 +33,25 @@ if TYPE_CHECKING:  # python-ldap is an optional extra
 router = APIRouter(prefix="/auth", tags=["sign-in and self-service keys"])
 
 
-class LoginIn(BaseModel):
-    username: str = Field(min_length=1, max_length=256)
-    password: str = Field(min_length=1, max_length=1024, repr=False)
+#: A password goes to the directory as it is: any text but NUL (LDAP cannot carry it).
+Password = Text(1024, min_length=1)
 
 
-class SelfKeyIn(BaseModel):
-    name: str = Field("", max_length=256, description="A label, e.g. the application.")
-    expires_in: str | None = Field(
+class LoginIn(Body):
+    username: UserName
+    password: Password = Field(repr=False)
+
+
+class SelfKeyIn(Body):
+    name: Label = Field("", description="A label, e.g. the application.")
+    expires_in: Duration | None = Field(
         None,
-        max_length=32,
         description="Lifetime, e.g. 30d; at most (and by default) "
         "`identity.self_service_key_max_days`.",
     )
 
 
-class LogoutIn(BaseModel):
+class LogoutIn(Body):
     everywhere: bool = Field(False, description="End every session of this user, not only this.")
 
 

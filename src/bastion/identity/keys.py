@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, select
 
 from bastion.core.settings import LimitSettings
 from bastion.identity.roles import ROLES
-from bastion.identity.teams import IdentityError, load_teams
+from bastion.identity.teams import IdentityError, UnknownName, load_teams
 from bastion.store.changes import next_change
 from bastion.store.schema import api_keys
 
@@ -152,10 +152,10 @@ def new_key(
         raise IdentityError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
     teams = load_teams(engine)
     if team not in teams:
-        raise IdentityError(f"unknown team {team!r}")
+        raise UnknownName(f"unknown team {team!r}")
     unknown = [m for m in models or [] if m not in known_models]
     if unknown:
-        raise IdentityError(f"unknown model(s): {', '.join(unknown)}")
+        raise UnknownName(f"unknown model(s): {', '.join(unknown)}")
     if expires_in is not None and expires_in <= timedelta(0):
         raise IdentityError("expiry must be in the future")
     token = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -20,6 +20,14 @@ class IdentityError(ValueError):
     """A team, cost center or key operation is not possible (unknown name, duplicate, …)."""
 
 
+class UnknownName(IdentityError):
+    """A team, cost center or model the operation refers to does not exist (a 404)."""
+
+
+class NameTaken(IdentityError):
+    """The team or cost center to create exists already (a 409)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Team:
     name: str
@@ -75,7 +83,7 @@ def list_cost_centers(engine: Engine) -> list[dict[str, str]]:
 def create_cost_center(engine: Engine, name: str, display_name: str = "") -> None:
     with engine.begin() as conn:
         if conn.execute(select(cost_centers.c.name).where(cost_centers.c.name == name)).first():
-            raise IdentityError(f"cost center {name!r} already exists")
+            raise NameTaken(f"cost center {name!r} already exists")
         conn.execute(
             cost_centers.insert(),
             {
@@ -92,14 +100,14 @@ def create_team(
 ) -> Team:
     unknown = [m for m in models or [] if m not in settings.models]
     if unknown:
-        raise IdentityError(f"unknown model(s): {', '.join(unknown)}")
+        raise UnknownName(f"unknown model(s): {', '.join(unknown)}")
     with engine.begin() as conn:
         if not conn.execute(
             select(cost_centers.c.name).where(cost_centers.c.name == cost_center)
         ).first():
-            raise IdentityError(f"unknown cost center {cost_center!r}")
+            raise UnknownName(f"unknown cost center {cost_center!r}")
         if conn.execute(select(teams.c.name).where(teams.c.name == name)).first():
-            raise IdentityError(f"team {name!r} already exists")
+            raise NameTaken(f"team {name!r} already exists")
         conn.execute(
             teams.insert(),
             {
