@@ -1,9 +1,11 @@
-"""A misbehaving engine for failure injection (slow, broken, erroring). Never the only proof:
-the same paths are exercised against the real vLLM engine in test_sdk.py."""
+"""A misbehaving engine for failure injection (slow, broken, erroring), and one that answers
+anything (chat, completions, embeddings; streams too) for fuzzing Bastion itself. Never the
+only proof: the same paths are exercised against the real vLLM engine in test_sdk.py."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -30,6 +32,8 @@ class StubEngine:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embed)
         app.router.add_get("/health", lambda _r: self._health())
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
@@ -63,6 +67,8 @@ class StubEngine:
             )
             await asyncio.sleep(3)
             return resp
+        if body.get("stream"):
+            return await self._stream(request, body)
         return web.json_response(
             {
                 "id": "cmpl-1",
@@ -77,6 +83,29 @@ class StubEngine:
                     }
                 ],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            }
+        )
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"id": "x", "model": body["model"], "choices": [{"index": 0, "delta": {}}]}
+        chunk["choices"][0]["delta"] = {"content": "hi"}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        done = {"id": "x", "model": body["model"], "choices": [], "usage": usage}
+        await resp.write(b"data: " + json.dumps(done).encode() + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body["model"],
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 1.0]}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3},
             }
         )
 

@@ -56,7 +56,13 @@ def control_plane(
                     "user_base": slapd.base_dn,
                     "group_base": slapd.group_base,
                 },
-                "group_mappings": [{"group": "all-engineering", "team": "alpha"}],
+                "group_mappings": [
+                    {"group": "bastion-auditors", "team": "beta", "role": "auditor"},
+                    {"group": "all-engineering", "team": "alpha"},
+                ],
+                # The fuzzer signs in with made-up names all along: no lockout for the
+                # real sign-ins the surfaces are called with.
+                "login_max_failures": 1_000_000,
             }
         )
         gw = make_gateway(cfg)
@@ -68,21 +74,14 @@ def _bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-@pytest.fixture(scope="module")
-def tokens(control_plane: Gateway) -> dict[str, str]:
-    """A credential per role, made before any fuzzing (which may revoke keys it finds)."""
-    url = control_plane.url
-    login = httpx.post(
-        f"{url}/auth/login", json={"username": "alice", "password": PASSWORDS["alice"]}
-    )
+def credential(gw: Gateway, role: str) -> str:
+    """The admin key, or a fresh session: alice (a member of alpha) or carol (an auditor)."""
+    if role == "admin":
+        return ADMIN_KEY
+    user = {"session": "alice", "auditor": "carol"}[role]
+    login = httpx.post(f"{gw.url}/auth/login", json={"username": user, "password": PASSWORDS[user]})
     assert login.status_code == 200, login.text
-    made = httpx.post(
-        f"{url}/admin/keys",
-        json={"team": "beta", "user": "audra", "role": "auditor"},
-        headers=_bearer(ADMIN_KEY),
-    )
-    assert made.status_code == 201, made.text
-    return {"session": login.json()["token"], "auditor": made.json()["key"], "admin": ADMIN_KEY}
+    return str(login.json()["token"])
 
 
 #: Each surface is called as the role it is for.
@@ -93,20 +92,27 @@ SURFACES = {
 }
 
 
-def surface_schema(gw: Gateway, tokens: dict[str, str], surface: str) -> Any:
-    """The control plane's OpenAPI document, as served, for one surface and its credential
-    (declared to schemathesis, so its auth checks know which header is the credential)."""
+def surface_schema(gw: Gateway, surface: str) -> Any:
+    """The control plane's OpenAPI document, as served, for one surface and the credential it
+    is for: declared to schemathesis as the auth, so its checks know what the credential is,
+    and signed in again whenever a call answers 401 (the fuzzer signs out too)."""
     paths, role = SURFACES[surface]
-    schema = schemathesis.openapi.from_url(f"{gw.url}/admin/openapi.json")
-    schema.config.update(headers=_bearer(tokens[role]))
-    return schema.include(path_regex=paths)
+    schema = schemathesis.openapi.from_url(f"{gw.url}/admin/openapi.json").include(path_regex=paths)
+
+    @schema.auth()
+    class Credential:
+        def get(self, case: Any, ctx: Any) -> str:
+            return credential(gw, role)
+
+        def set(self, case: Any, data: str, ctx: Any) -> None:
+            case.headers = {**(case.headers or {}), **_bearer(data)}
+
+    return schema
 
 
 @pytest.fixture
-def control_plane_schema(
-    control_plane: Gateway, tokens: dict[str, str], request: pytest.FixtureRequest
-) -> Any:
-    return surface_schema(control_plane, tokens, request.node.name.split("_")[1])
+def control_plane_schema(control_plane: Gateway, request: pytest.FixtureRequest) -> Any:
+    return surface_schema(control_plane, request.node.name.split("_")[1])
 
 
 @pytest.fixture(autouse=True)
@@ -139,9 +145,9 @@ def test_admin_surface(case: Any) -> None:
 
 
 @pytest.mark.parametrize("surface", list(SURFACES))
-def test_stateful_workflows(surface: str, control_plane: Gateway, tokens: dict[str, str]) -> None:
+def test_stateful_workflows(surface: str, control_plane: Gateway) -> None:
     """Sequences of calls, each step using what the earlier ones answered (ids, names)."""
-    surface_schema(control_plane, tokens, surface).as_state_machine().run(
+    surface_schema(control_plane, surface).as_state_machine().run(
         settings=settings(
             max_examples=WORKFLOWS,
             stateful_step_count=6,
@@ -152,13 +158,11 @@ def test_stateful_workflows(surface: str, control_plane: Gateway, tokens: dict[s
     )
 
 
-def test_everything_stored_still_reads(control_plane: Gateway, tokens: dict[str, str]) -> None:
+def test_everything_stored_still_reads(control_plane: Gateway) -> None:
     """After all of the above: every list and report reads, the trail verifies, and every key
     the fuzzing left can still be read, given limits and revoked."""
     url = control_plane.url
-    auditor = httpx.post(  # the fuzzing may have revoked the first one
-        f"{url}/admin/keys", json={"team": "beta", "role": "auditor"}, headers=_bearer(ADMIN_KEY)
-    ).json()["key"]
+    auditor = credential(control_plane, "auditor")
     with httpx.Client(base_url=url, headers=_bearer(auditor), timeout=60) as c:
         verdict = c.get("/audit/verify")
         assert verdict.status_code == 200 and verdict.json()["ok"], verdict.text

@@ -23,6 +23,7 @@ from bastion.core.errors import (
     BastionError,
     BodyTooLarge,
     InvalidRequest,
+    MethodNotAllowed,
     NotFound,
     error_response,
 )
@@ -62,11 +63,7 @@ class Guard:
                 await request.app.state.keys.authenticate(authorization)
             allowed = self.methods.allowed(path) if self.methods else None
             if allowed is not None and scope["method"] not in allowed:
-                raise MethodNotAllowed(
-                    f"{scope['method']} is not allowed here; use {', '.join(sorted(allowed))}.",
-                    code="method_not_allowed",
-                    headers={"allow": ", ".join(sorted(allowed))},
-                )
+                raise MethodNotAllowed(scope["method"], allowed)
             if "\x00" in path or b"%00" in scope.get("query_string", b""):
                 raise InvalidRequest("The URL contains a NUL character.", code="invalid_value")
             receive = await _bounded(request, receive)
@@ -74,10 +71,6 @@ class Guard:
             await error_response(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-
-class MethodNotAllowed(InvalidRequest):
-    status = 405
 
 
 async def _bounded(request: Request, receive: Receive) -> Receive:

@@ -16,23 +16,7 @@ from typing import Any
 
 from fastapi.routing import APIRoute
 
-#: OpenAI's error envelope, as `bastion.core.errors` renders every error.
-ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
-}
+from bastion.core.errors import ERROR_SCHEMA
 
 #: What every operation may answer besides its success.
 ERRORS: dict[int, str] = {

@@ -8,6 +8,7 @@ document too, so what a client may send is what the schema says.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, get_args
 
 from pydantic import (
@@ -101,8 +102,11 @@ Duration = Annotated[str, Field(pattern=DURATION, description="e.g. 30d, 12h, 90
 
 
 def _time_spec(value: str) -> str:
+    """The forms the schema documents, no others: a span of at most 5 digits, or ISO 8601."""
     from bastion.core.timeutil import parse_time
 
+    if value[-1:] in "smhdw" and value[:-1].isdigit() and not re.match(DURATION, value):
+        raise ValueError(f"not a span: {value!r} (at most 5 digits, e.g. 7d, 12h)")
     parse_time(value)  # ValueError names what is wrong: a 400
     return value
 

@@ -3,6 +3,7 @@
     BastionError                        status  type                   default code
     ├── InvalidRequest                   400    invalid_request_error  (set per case)
     │   ├── BodyTooLarge                 413    invalid_request_error  request_too_large
+    │   ├── MethodNotAllowed             405    invalid_request_error  method_not_allowed
     │   └── UpstreamRejected             400    invalid_request_error  engine_rejected
     ├── AuthenticationFailed             401    authentication_error   invalid_api_key
     ├── PermissionDenied                 403    permission_error       model_not_allowed
@@ -80,6 +81,26 @@ class BastionError(Exception):
         return b"data: " + self.json() + b"\n\ndata: [DONE]\n\n"
 
 
+#: The error body as a JSON Schema, for the OpenAPI documents (`admin/openapi.py`,
+#: `gateway/openapi.py`).
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
 def error_response(exc: BastionError, request_id: str = "") -> Response:
     """The error as an OpenAI JSON response, with its headers and the request id."""
     return Response(
@@ -98,6 +119,17 @@ class InvalidRequest(BastionError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     default_code = "request_too_large"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """A method the URL does not answer; `allow` names the ones it does."""
+
+    status = 405
+    default_code = "method_not_allowed"
+
+    def __init__(self, method: str, allowed: set[str] | frozenset[str]):
+        allow = ", ".join(sorted(allowed))
+        super().__init__(f"{method} is not allowed here; use {allow}.", headers={"allow": allow})
 
 
 class UpstreamRejected(InvalidRequest):

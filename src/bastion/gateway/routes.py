@@ -12,8 +12,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from bastion.core.errors import AuthenticationFailed, BastionError, NotFound, error_response
+from bastion.core.errors import (
+    AuthenticationFailed,
+    BastionError,
+    MethodNotAllowed,
+    NotFound,
+    error_response,
+)
 from bastion.gateway.pipeline import Gateway
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.identity.access import bearer_is
@@ -90,7 +97,7 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
             metrics.queued.labels(alias).set(queue.queued)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return [
+    table = [
         *(Route(wire.path, endpoint(wire), methods=["POST"]) for wire in ADAPTERS),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
@@ -98,3 +105,16 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    # Any other method on these paths is a 405 naming the ones they answer; without these the
+    # control plane's catch-all mount would take the request and answer 404.
+    return table + [Route(r.path, _NotAllowed(r.methods or set())) for r in table]
+
+
+class _NotAllowed:
+    """An ASGI endpoint (so Starlette routes every method to it) answering 405."""
+
+    def __init__(self, allowed: set[str]):
+        self.allowed = frozenset(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(MethodNotAllowed(scope["method"], self.allowed))(scope, receive, send)

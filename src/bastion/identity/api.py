@@ -152,13 +152,15 @@ async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, An
         raise PermissionDenied("Auditors create no keys to call models.", code="role_not_allowed")
     state = request.app.state
     longest = timedelta(days=state.settings.identity.self_service_key_max_days)
+    expires = parse_duration(body.expires_in) if body.expires_in else longest
+    if expires > longest:  # a well-formed request the policy does not allow
+        raise PermissionDenied(
+            f"expires_in is longer than the {longest.days} days self-service keys may live "
+            "(identity.self_service_key_max_days)",
+            param="expires_in",
+            code="lifetime_not_allowed",
+        )
     try:
-        expires = parse_duration(body.expires_in) if body.expires_in else longest
-        if expires > longest:
-            raise ValueError(
-                f"expires_in is longer than the {longest.days} days self-service keys may live "
-                "(identity.self_service_key_max_days)"
-            )
         made = await asyncio.to_thread(
             lambda: new_key(
                 state.db, team=who.team, user=who.user, name=body.name, expires_in=expires,

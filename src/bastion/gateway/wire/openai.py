@@ -16,6 +16,7 @@ from starlette.datastructures import Headers
 
 from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
 from bastion.core.request import ParsedRequest
+from bastion.core.settings import MAX_COUNT
 from bastion.engines.client import read_usage
 from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
 
@@ -30,6 +31,10 @@ def _type_error(param: str, expected: str) -> InvalidRequest:
 
 
 def _is_int(v: object) -> bool:
+    """JSON's integers: 5, and 5.0 too (JSON Schema and the engines take it as 5), but not a
+    float too large to be exact (orjson reads integers beyond 64 bits as floats)."""
+    if isinstance(v, float):
+        return v.is_integer() and abs(v) <= 2**53
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -71,9 +76,21 @@ def _check_text_input(param: str, value: object) -> None:
     raise _type_error(param, "a string, an array of strings or an array of token arrays")
 
 
-#: Integer fields and their minimum. An output ceiling of 0 reads as "no limit" on some engines:
-#: Bastion never forwards one (every request reaches the engine with a positive ceiling).
-_INT_FIELDS = {"max_tokens": 1, "max_completion_tokens": 1, "n": 1, "best_of": 1, "seed": None}
+#: Integer fields and their range. An output ceiling of 0 reads as "no limit" on some engines:
+#: Bastion never forwards one (every request reaches the engine with a positive ceiling). Token
+#: counts are reserved in 64-bit counters (Redis): bounded so a reservation always fits. `seed`
+#: is a signed 64-bit integer, as OpenAI documents it.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+_INT_FIELDS = {
+    "max_tokens": (1, MAX_COUNT),
+    "max_completion_tokens": (1, MAX_COUNT),
+    "n": (1, None),  # capped by limits.max_n
+    "best_of": (1, None),
+    "seed": SEED_RANGE,
+}
+#: The usage records' `client_user` column holds this many characters (and no NUL): a `user`
+#: that could not be stored would stall the usage writer for everyone.
+MAX_USER = 256
 _NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
 
@@ -107,16 +124,21 @@ def _model(body: dict[str, Any]) -> str:
 
 def _options(body: dict[str, Any], streamable: bool) -> tuple[bool, bool, str | None]:
     """stream, include_usage, user, and the sampling fields every OpenAI endpoint shares."""
-    for name, minimum in _INT_FIELDS.items():
+    for name, (minimum, maximum) in _INT_FIELDS.items():
         v = body.get(name)
         if v is None:
             continue
         if not _is_int(v):
             raise _type_error(name, "an integer")
-        if minimum is not None and v < minimum:
+        if v < minimum:
             raise InvalidRequest(
                 f"'{name}' must be at least {minimum}", param=name, code="invalid_value"
             )
+        if maximum is not None and v > maximum:
+            raise InvalidRequest(
+                f"'{name}' must be at most {maximum}", param=name, code="invalid_value"
+            )
+        body[name] = int(v)  # counted and reserved as an integer, forwarded as one
     for name in _NUMBER_FIELDS:
         v = body.get(name)
         if v is not None and not _is_number(v):
@@ -143,6 +165,12 @@ def _options(body: dict[str, Any], streamable: bool) -> tuple[bool, bool, str | 
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _type_error("user", "a string")
+    if user is not None and (len(user) > MAX_USER or "\x00" in user):
+        raise InvalidRequest(
+            f"'user' must be at most {MAX_USER} characters, without NUL",
+            param="user",
+            code="invalid_value",
+        )
     return stream, wants_usage, user
 
 
@@ -151,8 +179,8 @@ def _walk(value: Any, texts: list[str]) -> int:
     if isinstance(value, str):
         texts.append(value)
         return 0
-    if isinstance(value, int):
-        return 1  # already a token id
+    if isinstance(value, int | float):
+        return 1  # already a token id (5.0 is one too)
     if isinstance(value, list):
         return sum(_walk(v, texts) for v in value)
     if isinstance(value, dict):
