@@ -102,12 +102,19 @@ def test_a_nul_in_the_url_is_400(client: TestClient) -> None:
 
 
 def test_json_types_are_taken_as_declared(client: TestClient) -> None:
-    """`false` was stored as a budget of 0 and "5" as 5; 5.0 is an integer to JSON Schema."""
+    """`"5"` was taken as an rpm of 5 and `true` as 1; 5.0 is an integer to JSON Schema. An
+    amount is an integer or a decimal string, never a binary float."""
     key_id = client.post("/admin/keys", json={"team": "t"}).json()["id"]
-    for body in ({"budget_month": False}, {"rpm": "5"}, {"rpm": True}, {"rpm": 5.5}):
+    for body in (
+        {"rpm": "5"},
+        {"rpm": True},
+        {"rpm": 5.5},
+        {"budget_month": False},
+        {"budget_day": 1.25},
+    ):
         _refused(client.put(f"/admin/keys/{key_id}/limits", json=body))
-    r = client.put(f"/admin/keys/{key_id}/limits", json={"rpm": 5.0})
-    assert r.status_code == 200 and r.json()["limits"] == {"rpm": 5}, r.text
+    r = client.put(f"/admin/keys/{key_id}/limits", json={"rpm": 5.0, "budget_day": "1.25"})
+    assert r.status_code == 200 and r.json()["limits"] == {"rpm": 5, "budget_day": "1.25"}, r.text
 
 
 def test_unknown_names_are_404_and_taken_ones_409(client: TestClient) -> None:

@@ -9,6 +9,7 @@ document too, so what a client may send is what the schema says.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Annotated, Any, get_args
 
 from pydantic import (
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from bastion.core.settings import NAME, LimitSettings
+from bastion.core.settings import MAX_AMOUNT, NAME, LimitSettings
 
 
 class Body(BaseModel):
@@ -32,25 +33,54 @@ class Body(BaseModel):
 
 
 class LimitsIn(LimitSettings):
-    """Limits as a request body sets them (the config file's `LimitSettings`, strictly typed).
+    """Limits as a request body sets them: the config file's `LimitSettings`, typed as JSON.
 
-    JSON Schema counts 5.0 as an integer, so a count may arrive as one: taken as 5."""
+    A count is a JSON integer (5.0 is one to JSON Schema: taken as 5; `true` and `"5"` are
+    not). An amount is an integer or a decimal string (`"1.25"`): a fractional JSON number is a
+    binary float, which money is never read from (`0.1 + 0.2` is not 0.3)."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(json_schema_extra=lambda schema, _cls: _amounts_as_documented(schema))
 
     @model_validator(mode="before")
     @classmethod
-    def _integral(cls, data: Any) -> Any:
+    def _as_json(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        return {
-            k: int(v) if k in _COUNTS and isinstance(v, float) and v.is_integer() else v
-            for k, v in data.items()
-        }
+        return {k: _json_value(k, v) for k, v in data.items()}
+
+
+def _json_value(name: str, value: Any) -> Any:
+    if value is None or (name not in _COUNTS and name not in _AMOUNTS):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if name in _COUNTS and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer")
+    if name in _AMOUNTS and isinstance(value, float):
+        raise ValueError(f'{name}: write a fractional amount as a decimal string, e.g. "1.25"')
+    return value
+
+
+#: An amount as a string: at most 10⁹, at most 6 decimals (what `LimitSettings` accepts).
+AMOUNT = r"^([0-9]{1,9}(\.[0-9]{1,6})?|1000000000(\.0{1,6})?)$"
+
+
+def _amounts_as_documented(schema: dict[str, Any]) -> None:
+    for name in _AMOUNTS:
+        prop = schema["properties"][name]
+        prop.pop("anyOf", None)
+        prop["anyOf"] = [
+            {"type": "integer", "minimum": 0, "maximum": MAX_AMOUNT},
+            {"type": "string", "pattern": AMOUNT},
+            {"type": "null"},
+        ]
 
 
 _COUNTS = frozenset(
     name for name, f in LimitSettings.model_fields.items() if int in get_args(f.annotation)
+)
+_AMOUNTS = frozenset(
+    name for name, f in LimitSettings.model_fields.items() if Decimal in get_args(f.annotation)
 )
 
 
