@@ -111,6 +111,7 @@ def test_json_types_are_taken_as_declared(client: TestClient) -> None:
         {"rpm": 5.5},
         {"budget_month": False},
         {"budget_day": 1.25},
+        {"budget_day": "1e3"},
     ):
         _refused(client.put(f"/admin/keys/{key_id}/limits", json=body))
     r = client.put(f"/admin/keys/{key_id}/limits", json={"rpm": 5.0, "budget_day": "1.25"})

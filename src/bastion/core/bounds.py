@@ -58,6 +58,8 @@ def _json_value(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must be an integer")
     if name in _AMOUNTS and isinstance(value, float):
         raise ValueError(f'{name}: write a fractional amount as a decimal string, e.g. "1.25"')
+    if name in _AMOUNTS and isinstance(value, str) and not re.match(AMOUNT, value):
+        raise ValueError(f'{name}: an amount like "1.25" (at most 10^9, 6 decimals)')
     return value
 
 

@@ -98,7 +98,7 @@ async def logout(
     who: Principal = await state.keys.authenticate(authorization)
     token = (authorization or "").partition(" ")[2].strip()
     if not token.startswith(SESSION_PREFIX) or state.keys.login is None:
-        raise InvalidRequest(
+        raise PermissionDenied(  # this credential may not do it: like sign_in_required
             "Only a session token from `bastion login` can sign out; an SSO token ends at its "
             "identity provider, an API key is revoked.",
             code="not_a_session",
