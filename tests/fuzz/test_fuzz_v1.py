@@ -20,6 +20,12 @@ import pytest
 import schemathesis
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from bastion.config import parse_settings
 from bastion.gateway.openapi import v1_document
@@ -129,3 +135,40 @@ def test_the_usage_writer_still_writes(v1: tuple[Gateway, Any]) -> None:
     finally:
         engine.dispose()
     assert row is not None, "the usage writer is stuck: " + gw.log_path.read_text()[-2000:]
+
+
+# -- the same description against the real vLLM engines ------------------------------------------
+@pytest.fixture(scope="module")
+def real_v1_schema(gateway: Gateway, api_key: str) -> Any:
+    """The session's gateway in front of the real tiny chat and embedding engines."""
+    schema = schemathesis.openapi.from_dict(v1_document(parse_settings(gateway.config)))
+    schema.config.update(base_url=gateway.url)
+
+    @schema.auth()
+    class Key:
+        def get(self, case: Any, ctx: Any) -> str:
+            return api_key
+
+        def set(self, case: Any, data: str, ctx: Any) -> None:
+            case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
+
+    return schema
+
+
+#: What holds whatever the engine makes of a body: no 5xx, every status documented, every
+#: error in OpenAI's format. (Acceptance is the engine's call: it refuses, as a 400, what
+#: Bastion's description allows but the model cannot do, e.g. more tokens than its context.)
+ENGINE_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+real = schemathesis.pytest.from_fixture("real_v1_schema")
+
+
+@pytest.mark.engine
+@real.parametrize()
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_v1_against_the_real_engines(case: Any) -> None:
+    case.call_and_validate(checks=ENGINE_CHECKS)
