@@ -407,7 +407,7 @@ def test_admin_changes_are_recorded_before_they_are_made(env) -> None:  # type: 
     assert c.post("/admin/audit/holds", json={"team": "t", "reason": "case 8"}, headers=_auth(erin))
     assert store.holds(db)[0]["placed_by"] == erin_id
     bad = c.post("/admin/teams", json={"name": "x", "cost_center": "nope"}, headers=_auth(erin))
-    assert bad.status_code == 400
+    assert bad.status_code == 404  # the cost center named does not exist
     docs = [orjson.loads(r.doc) for r in entries(c, kind="admin")]
     acts = [(d["action"], d["actor"]) for d in docs]
     assert ("key.create", erin_id) in acts and ("audit.hold", erin_id) in acts

@@ -43,6 +43,9 @@ _STATUSES = {
 
 
 def _common(settings: Settings, aliases: list[str], streamable: bool) -> dict[str, Any]:
+    """The fields every endpoint shares. A field each of these models refuses (the engine-control
+    fields, `models.<alias>.engine_fields`) is declared as never valid; one only some refuse is
+    left open (the description is per endpoint, not per model)."""
     limits = settings.limits
     count = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT}
     choices = {"type": ["integer", "null"], "minimum": 1, "maximum": limits.max_n}
@@ -65,6 +68,12 @@ def _common(settings: Settings, aliases: list[str], streamable: bool) -> dict[st
             "properties": {"include_usage": {"type": ["boolean", "null"]}},
         },
     }
+    refused = (
+        frozenset.intersection(*(settings.models[a].engine_fields.refused for a in aliases))
+        if aliases
+        else frozenset()
+    )
+    props.update({field: False for field in sorted(refused)})
     return props
 
 
