@@ -125,13 +125,6 @@ def control_plane_schema(control_plane: Gateway, request: pytest.FixtureRequest)
     return surface_schema(control_plane, request.node.name.split("_")[1])
 
 
-@pytest.fixture(autouse=True)
-def _node_id(request: pytest.FixtureRequest) -> None:
-    """schemathesis' pytest plugin renames the test per operation through `node._nodeid`,
-    which pytest 9 no longer has: give it one to write to."""
-    request.node._nodeid = request.node.nodeid
-
-
 def _lazy(surface: str) -> Any:
     """The surface's operations of the fixture's document (the filter must be the lazy
     schema's: schemathesis replaces the fixture schema's own with it)."""

@@ -92,12 +92,6 @@ def v1_schema(v1: tuple[Gateway, Any]) -> Any:
     return schema
 
 
-@pytest.fixture(autouse=True)
-def _node_id(request: pytest.FixtureRequest) -> None:
-    """schemathesis' pytest plugin writes `node._nodeid`, which pytest 9 no longer has."""
-    request.node._nodeid = request.node.nodeid
-
-
 schema = schemathesis.pytest.from_fixture("v1_schema")
 
 
