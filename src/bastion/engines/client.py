@@ -132,7 +132,11 @@ class EngineClient:
 
     async def start(self) -> None:
         # No connection cap of our own: admission control belongs to the limits layer.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # Idle connections are dropped before the engine drops them (vLLM's uvicorn closes them
+        # after 5 s): reusing one the engine is closing fails the request mid-send (502).
+        connector = aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=300, keepalive_timeout=IDLE_KEEPALIVE_SECONDS
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             json_serialize=lambda o: orjson.dumps(o).decode(),
@@ -187,6 +191,10 @@ class EngineClient:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+
+#: Below every engine's own keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default).
+IDLE_KEEPALIVE_SECONDS = 4.0
 
 
 async def _engine_error(resp: aiohttp.ClientResponse) -> UpstreamError | UpstreamRejected:
