@@ -72,6 +72,8 @@ class Call:
         headers = {"x-request-id": self.rec.request_id}
         if self.ticket is not None:
             headers.update(self.ticket.headers)
+        if self.req is not None:
+            headers.update(self.req.response_headers)
         return headers
 
 
