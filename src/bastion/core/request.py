@@ -61,6 +61,8 @@ class ParsedRequest:
     session: str | None = None
     #: Headers the answer carries about what Bastion changed (e.g. a clamped output ceiling).
     response_headers: dict[str, str] = field(default_factory=dict)
+    #: Client headers an engine serving this API natively receives too (`anthropic-version`).
+    forward_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:

@@ -43,6 +43,12 @@ from bastion.gateway.wire.openai import (
 
 BILLING_PREFIX = "x-anthropic-billing-header"
 ROLES = ("user", "assistant", "system")
+#: Output ceilings are reserved in 64-bit counters: bounded so a reservation always fits.
+MAX_OUTPUT = 10**12
+#: The usage records' `client_user` column holds this many characters.
+MAX_USER = 256
+#: Headers of Anthropic's clients an engine that serves Messages natively receives too.
+FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 
 #: Anthropic's error types by HTTP status (its SDK picks the exception class by status).
 _ERROR_TYPES = {
@@ -120,8 +126,8 @@ def _check(body: dict[str, Any], needs_max_tokens: bool) -> None:
     max_tokens = body.get("max_tokens")
     if max_tokens is None and needs_max_tokens:
         raise InvalidRequest("max_tokens: Field required", param="max_tokens", code="missing")
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise _type_error("max_tokens", "an integer of at least 1")
+    if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_OUTPUT):
+        raise _type_error("max_tokens", f"an integer from 1 to {MAX_OUTPUT}")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _type_error("messages", "a non-empty array of messages")
@@ -249,12 +255,15 @@ class Messages(WireAdapter):
         _check(body, needs_max_tokens=True)
         meta = body.get("metadata") or {}
         user = meta.get("user_id")
+        # A label for reference only (the audit trail keeps the whole body): clipped to fit.
+        user = user.replace("\x00", "")[:MAX_USER] if isinstance(user, str) else None
+        body["max_tokens"] = int(body["max_tokens"])
         req = ParsedRequest(
             self,
             body,
             model,
             bool(body.get("stream")),
-            client_user=user if isinstance(user, str) else None,
+            client_user=user or None,
             client_wants_usage=True,
             session=_session(headers, body),
             fields=frozenset(body),
@@ -263,6 +272,7 @@ class Messages(WireAdapter):
             max_output_param="max_tokens",
             output_fields=[("max_tokens", body["max_tokens"])],
         )
+        req.forward_headers = {h: v for h in FORWARDED_HEADERS if (v := headers.get(h))}
         return req
 
     def prompt(self, req: ParsedRequest) -> tuple[list[str], int]:
@@ -286,10 +296,14 @@ class Messages(WireAdapter):
             body["max_tokens"] = req.max_output
         return orjson.dumps(body)
 
+    def engine_headers(self, req: ParsedRequest) -> dict[str, str]:
+        return dict(req.forward_headers)
+
     def answer(self, raw: bytes, alias: str) -> Answer:
         obj = _json_object(raw)
         engine_model = obj.get("model")
         obj["model"] = alias
+        obj.setdefault("stop_sequence", None)  # always present in Anthropic's schema
         return Answer(orjson.dumps(obj), read_anthropic_usage(obj.get("usage")), engine_model, obj)
 
     def stream(self, req: ParsedRequest, alias: str, collect: bool) -> StreamTranslator:
@@ -416,8 +430,12 @@ class MessagesStream(StreamTranslator):
         if kind == "message_start" and isinstance(message := obj.get("message"), dict):
             state.engine_model = message.get("model")
             message["model"] = self.alias
+            message.setdefault("stop_reason", None)
+            message.setdefault("stop_sequence", None)
             self._usage(message.get("usage"))
         elif kind == "message_delta":
+            if isinstance(delta := obj.get("delta"), dict):
+                delta.setdefault("stop_sequence", None)
             self._usage(obj.get("usage"))
         elif kind == "content_block_delta":
             state.output_chunk()

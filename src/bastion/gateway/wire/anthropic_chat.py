@@ -22,6 +22,7 @@ from bastion.core.request import ParsedRequest
 from bastion.engines.client import read_usage
 from bastion.engines.settings import DeploymentSettings
 from bastion.gateway.wire.anthropic import (
+    FORWARDED_HEADERS,
     Assembler,
     Messages,
     _check,
@@ -251,6 +252,9 @@ class MessagesViaChat(Messages):
     def stream(self, req: ParsedRequest, alias: str, collect: bool) -> StreamTranslator:
         return ChatToMessagesStream(alias, True, collect)
 
+    def engine_headers(self, req: ParsedRequest) -> dict[str, str]:
+        return {}  # anthropic-version / -beta mean nothing to a chat completions engine
+
     def via(self, deployment: DeploymentSettings) -> WireAdapter:
         return self
 
@@ -409,10 +413,12 @@ class CountTokens(Messages):
         body = _read_body(raw)
         model = _model(body)
         _check(body, needs_max_tokens=False)
-        return ParsedRequest(
+        req = ParsedRequest(
             self, body, model, False, generates=False, messages=len(body["messages"]),
             fields=frozenset(body),
         )  # fmt: skip
+        req.forward_headers = {h: v for h in FORWARDED_HEADERS if (v := headers.get(h))}
+        return req
 
     def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
         body = normalise(req.body)
@@ -437,6 +443,9 @@ class CountTokensViaChat(CountTokens):
     (the engine's own tokenizer and template; the one generated token is not counted)."""
 
     engine_path = "/v1/chat/completions"
+
+    def engine_headers(self, req: ParsedRequest) -> dict[str, str]:
+        return {}
 
     def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
         chat = chat_body(req, served_name)

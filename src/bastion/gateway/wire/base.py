@@ -108,6 +108,10 @@ class WireAdapter(ABC):
     def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
         """The body the engine receives (its `model` is the deployment's served name)."""
 
+    def engine_headers(self, req: ParsedRequest) -> dict[str, str]:
+        """Headers the engine receives besides its key (an API's version header, …)."""
+        return {}
+
     @abstractmethod
     def answer(self, raw: bytes, alias: str) -> Answer:
         """The engine's whole answer in this API's format (UpstreamError if unreadable)."""
