@@ -8,11 +8,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
 from bastion.core.errors import RateLimited
 from bastion.gateway.wire.anthropic import MESSAGES, MessagesStream, normalise, parse_event
 from bastion.gateway.wire.anthropic_chat import MESSAGES_VIA_CHAT, ChatToMessagesStream, chat_body
+from bastion.limits.tokens import prompt_upper_bound
 
 HEADERS = Headers({"x-claude-code-session-id": "sess-1"})
 
@@ -237,3 +240,82 @@ def test_errors_use_anthropic_envelope() -> None:
         "error": {"type": "rate_limit_error", "message": "slow down"},
         "request_id": "req_1",
     }
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_TEXT = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=4)})
+#: Blocks whose checked fields are right and whose other fields are anything: what the
+#: translation must survive (Claude Code and other clients add fields the schema lacks).
+_BLOCK = (
+    _TEXT
+    | st.fixed_dictionaries(
+        {"type": st.just("tool_use"), "input": st.dictionaries(st.text(max_size=3), _JSON)},
+        optional={"id": _JSON, "name": _JSON},
+    )
+    | st.fixed_dictionaries(
+        {"type": st.just("tool_result")},
+        optional={
+            "tool_use_id": _JSON,
+            "content": st.text(max_size=4)
+            | st.lists(_TEXT | _JSON | st.fixed_dictionaries({"type": st.just("text")}), max_size=2)
+            | _JSON,
+            "is_error": _JSON,
+        },
+    )
+    | st.fixed_dictionaries({"type": st.sampled_from(["image", "document"]), "source": _JSON})
+    | st.fixed_dictionaries(
+        {"type": st.sampled_from(["thinking", "x"])}, optional={"thinking": _JSON, "x": _JSON}
+    )
+)
+_MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant", "system"]),
+        "content": st.text(max_size=4) | st.lists(_BLOCK, max_size=3),
+    },
+    optional={"cache_control": _JSON},
+)
+_TOOL = st.fixed_dictionaries(
+    {"name": st.text(max_size=3)},
+    optional={"input_schema": _JSON, "description": _JSON, "strict": _JSON, "type": _JSON},
+)
+_BODY = st.fixed_dictionaries(
+    {
+        "model": st.just("m"),
+        "max_tokens": st.integers(1, 64),
+        "messages": st.lists(_MESSAGE, min_size=1, max_size=3),
+    },
+    optional={
+        "system": st.text(max_size=4) | st.lists(_BLOCK, max_size=2),
+        "tools": st.lists(_TOOL, max_size=2),
+        "tool_choice": st.fixed_dictionaries(
+            {"type": st.sampled_from(["auto", "any", "none"])},
+            optional={"disable_parallel_tool_use": _JSON},
+        ),
+        "metadata": st.dictionaries(st.sampled_from(["user_id", "x"]), _JSON),
+        "stop_sequences": st.lists(st.text(max_size=3), max_size=2),
+        "stream": st.booleans(),
+        "thinking": st.dictionaries(st.text(max_size=3), _JSON),
+        "temperature": _JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_BODY)
+def test_any_body_is_a_400_or_translates(body: dict[str, Any]) -> None:
+    """Whatever a client sends, the adapter answers 400 or builds both engine bodies."""
+    from bastion.core.errors import InvalidRequest
+
+    try:
+        req = MESSAGES.parse(orjson.dumps(body), HEADERS)
+    except InvalidRequest:
+        return
+    assert prompt_upper_bound(req) > 0  # what the limits reserve for the prompt
+    orjson.loads(MESSAGES.engine_body(req, "served"))
+    orjson.loads(MESSAGES_VIA_CHAT.engine_body(req, "served"))

@@ -188,10 +188,9 @@ def _texts(content: Any, texts: list[str]) -> int:
         if not isinstance(block, dict):
             continue
         kind = block.get("type")
-        if kind == "text":
-            texts.append(block.get("text") or "")
-        elif kind == "thinking":
-            texts.append(block.get("thinking") or "")
+        if kind in ("text", "thinking"):
+            text = block.get(kind)
+            texts.append(text if isinstance(text, str) else orjson.dumps(text).decode())
         elif kind == "tool_use":
             texts.append(str(block.get("name")) + orjson.dumps(block.get("input")).decode())
         elif kind == "tool_result":

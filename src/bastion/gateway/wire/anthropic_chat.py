@@ -44,22 +44,32 @@ STOP_REASONS = {
 }
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    """A field that should be an object; anything else reads as empty (the engine, not the
+    translation, judges what the client meant)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     parts = []
     for b in content if isinstance(content, list) else ():
         if isinstance(b, dict) and b.get("type") == "text" and not is_billing_block(b):
-            parts.append(b.get("text") or "")
+            parts.append(_str(b.get("text")))
         elif isinstance(b, dict) and b.get("type") == "document":
-            src = b.get("source") or {}
+            src = _obj(b.get("source"))
             if src.get("type") == "text":
-                parts.append(src.get("data") or "")
+                parts.append(_str(src.get("data")))
     return "".join(parts)
 
 
 def _image(block: dict[str, Any]) -> dict[str, Any] | None:
-    src = block.get("source") or {}
+    src = _obj(block.get("source"))
     if src.get("type") == "base64":
         url = f"data:{src.get('media_type')};base64,{src.get('data')}"
     elif src.get("type") == "url":
@@ -83,13 +93,13 @@ def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         for block in content or ():
             kind = block.get("type")
             if kind == "text":
-                parts.append({"type": "text", "text": block.get("text") or ""})
+                parts.append({"type": "text", "text": _str(block.get("text"))})
             elif kind == "image" and (image := _image(block)) is not None:
                 parts.append(image)
             elif kind == "document" and (text := _text_of([block])):
                 parts.append({"type": "text", "text": text})
             elif kind == "tool_use":
-                args = orjson.dumps(block.get("input") or {}).decode()
+                args = orjson.dumps(_obj(block.get("input"))).decode()
                 calls.append(
                     {
                         "id": block.get("id"),
