@@ -188,10 +188,19 @@ def test_count_tokens(client: anthropic.Anthropic, msg_gateway: Gateway, model: 
     assert not row.cost_micros and not row.completion_tokens  # counting is not billed
 
 
-def test_models_list_in_anthropic_shape(client: anthropic.Anthropic, keys: dict[str, str]) -> None:
+def test_models_list_in_anthropic_shape(
+    client: anthropic.Anthropic, msg_gateway: Gateway, keys: dict[str, str]
+) -> None:
     ids = [m.id for m in client.models.list()]
     assert sorted(ids) == sorted([NATIVE, TRANSLATED, CAPPED])
     assert client.models.retrieve(TRANSLATED).id == TRANSLATED
+    narrow = anthropic.Anthropic(base_url=msg_gateway.url, api_key=keys["narrow"], max_retries=0)
+    assert [m.id for m in narrow.models.list()] == [TRANSLATED]
+    with pytest.raises(anthropic.NotFoundError):
+        narrow.models.retrieve(NATIVE)
+    # Without anthropic-version: OpenAI's shape, whichever header carries the key.
+    plain = httpx.get(msg_gateway.url + "/v1/models", headers={"x-api-key": keys["narrow"]})
+    assert plain.json()["object"] == "list" and plain.json()["data"][0]["id"] == TRANSLATED
 
 
 def test_claude_code_max_tokens_is_clamped(
@@ -284,7 +293,9 @@ def test_claude_code_system_messages_normalised(
             timeout=60,
         )
         assert r.status_code == 200, r.text
-        assert r.json()["content"]
+        answer = r.json()
+        assert answer["content"] and answer["model"] == model
+        assert "stop_sequence" in answer and answer["type"] == "message"  # the documented shape
     short = client.messages.count_tokens(model=NATIVE, messages=HELLO)
     counted = httpx.post(
         msg_gateway.url + "/v1/messages/count_tokens",

@@ -346,9 +346,9 @@ class Assembler:
         if kind == "message_start" and isinstance(obj.get("message"), dict):
             self.message = {k: v for k, v in obj["message"].items() if k != "content"}
         elif kind == "content_block_start" and isinstance(obj.get("content_block"), dict):
-            self.blocks[obj.get("index", 0)] = dict(obj["content_block"])
+            self.blocks[_index(obj)] = dict(obj["content_block"])
         elif kind == "content_block_delta" and isinstance(delta := obj.get("delta"), dict):
-            index = obj.get("index", 0)
+            index = _index(obj)
             # Some engines send deltas without a start (CLIENTS.md): the delta opens the block.
             block = self.blocks.setdefault(index, {"type": _DELTA_BLOCK.get(delta.get("type"))})
             dtype = delta.get("type")
@@ -375,6 +375,12 @@ class Assembler:
                     block["input"] = raw  # what the engine sent, even if not JSON
             content.append(block)
         return {**self.message, "content": content}
+
+
+def _index(obj: dict[str, Any]) -> int:
+    """A block's index; an engine's malformed one must not break the relay."""
+    index = obj.get("index")
+    return index if _is_int(index) else 0
 
 
 _DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature"}
