@@ -228,6 +228,8 @@ def test_error_classes(msg_gateway: Gateway, keys: dict[str, str]) -> None:
     # A key's model restriction applies to this API too.
     with pytest.raises(anthropic.PermissionDeniedError):
         sdk(keys["narrow"]).messages.create(model=NATIVE, max_tokens=4, messages=HELLO)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        sdk(keys["narrow"]).messages.count_tokens(model=NATIVE, messages=HELLO)
     assert sdk(keys["narrow"]).messages.create(model=TRANSLATED, max_tokens=2, messages=HELLO)
     with pytest.raises(anthropic.NotFoundError) as e404:
         c.messages.create(model="no-such-model", max_tokens=4, messages=HELLO)

@@ -53,6 +53,7 @@ def test_chat_stream_becomes_the_full_event_sequence() -> None:
     names = [n for n, _ in events]
     assert names == [
         "message_start",
+        "ping",
         "content_block_start",  # thinking
         "content_block_delta",
         "content_block_delta",

@@ -303,7 +303,8 @@ class ChatToMessagesStream(StreamTranslator):
             # Chat completions reports usage only at the end: it comes with message_delta.
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
-        return self._emit("message_start", {"type": "message_start", "message": message})
+        start = self._emit("message_start", {"type": "message_start", "message": message})
+        return start + sse("ping", {"type": "ping"})  # as Anthropic sends one after the start
 
     def _close(self) -> bytes:
         if self.open is None:
