@@ -31,3 +31,7 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import bastion" 
 bash scripts/install-engine.sh 2>&1 | grep -v "^WARNING: Location"
+if [ -n "$extra" ]; then
+  # The coding assistants the tests run for real (Claude Code, …), from npm.
+  bash scripts/install-clients.sh
+fi

@@ -59,6 +59,10 @@ class ParsedRequest:
     #: A hint that requests belong to one session (`x-session-affinity`, `prompt_cache_key`,
     #: `user`), for routing that keeps a session on one replica.
     session: str | None = None
+    #: Headers the answer carries about what Bastion changed (e.g. a clamped output ceiling).
+    response_headers: dict[str, str] = field(default_factory=dict)
+    #: Client headers an engine serving this API natively receives too (`anthropic-version`).
+    forward_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:

@@ -153,9 +153,15 @@ class EngineClient:
         assert self._session is not None, "EngineClient.start() was not awaited"
         return self._session
 
-    async def post(self, dep: DeploymentSettings, path: str, body: bytes) -> EngineResponse:
+    async def post(
+        self,
+        dep: DeploymentSettings,
+        path: str,
+        body: bytes,
+        extra_headers: dict[str, str] | None = None,
+    ) -> EngineResponse:
         """Sends the request; returns once the engine's response headers are in and say OK."""
-        headers = {"Content-Type": "application/json"}
+        headers = {**(extra_headers or {}), "Content-Type": "application/json"}
         if dep.api_key:
             headers["Authorization"] = f"Bearer {dep.api_key}"
         timeout = aiohttp.ClientTimeout(

@@ -72,6 +72,8 @@ class Call:
         headers = {"x-request-id": self.rec.request_id}
         if self.ticket is not None:
             headers.update(self.ticket.headers)
+        if self.req is not None:
+            headers.update(self.req.response_headers)
         return headers
 
 
@@ -265,7 +267,9 @@ class Gateway:
             try:
                 spoken = wire.via(dep.settings)
                 body = spoken.engine_body(req, dep.settings.served_name)
-                upstream = await self.client.post(dep.settings, spoken.engine_path, body)
+                upstream = await self.client.post(
+                    dep.settings, spoken.engine_path, body, spoken.engine_headers(req)
+                )
                 return lease, upstream, spoken
             except EngineConnectError as exc:
                 lease.release()

@@ -23,6 +23,7 @@ from bastion.core.errors import (
 )
 from bastion.gateway.pipeline import Gateway
 from bastion.gateway.wire import ADAPTERS, WireAdapter
+from bastion.gateway.wire.anthropic import MESSAGES, anthropic_error, anthropic_model_list
 from bastion.identity.access import bearer_is
 from bastion.routing.balancer import ModelRoute
 
@@ -41,25 +42,38 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         return {"id": alias, "object": "model", "created": 0, "owned_by": route.settings.owned_by}
 
     async def list_models(request: Request) -> Response:
+        # Anthropic's SDKs send `anthropic-version` (and the key in x-api-key): their shape.
+        anthropic = "anthropic-version" in request.headers
         try:
-            principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+            principal = await gateway.keys.authenticate(MESSAGES.credential(request.headers))
         except BastionError as exc:
-            return error_response(exc)
-        data = [model_card(a, r) for a, r in routes.items() if principal.may_use(a)]
+            return anthropic_error(exc) if anthropic else error_response(exc)
+        allowed = [a for a in routes if principal.may_use(a)]
+        if anthropic:
+            return Response(anthropic_model_list(allowed), media_type="application/json")
+        data = [model_card(a, routes[a]) for a in allowed]
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )
 
     async def retrieve_model(request: Request) -> Response:
+        anthropic = "anthropic-version" in request.headers
+        fail = anthropic_error if anthropic else error_response
         try:
-            principal = await gateway.keys.authenticate(request.headers.get("authorization"))
+            principal = await gateway.keys.authenticate(MESSAGES.credential(request.headers))
         except BastionError as exc:
-            return error_response(exc)
+            return fail(exc)
         alias = request.path_params["model"]
         route = routes.get(alias)
         if route is None or not principal.may_use(alias):
-            return error_response(NotFound(f"The model '{alias}' does not exist."))
+            return fail(NotFound(f"The model '{alias}' does not exist."))
+        if anthropic:
+            return Response(anthropic_model_list([alias], one=True), media_type="application/json")
         return Response(orjson.dumps(model_card(alias, route)), media_type="application/json")
+
+    async def root(_request: Request) -> Response:
+        # Claude Code checks that its base URL answers (HEAD /) before its first request.
+        return Response(b"", status_code=200)
 
     async def healthz(_request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -101,6 +115,7 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         *(Route(wire.path, endpoint(wire), methods=["POST"]) for wire in ADAPTERS),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
+        Route("/", root, methods=["GET", "HEAD"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),

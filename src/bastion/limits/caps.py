@@ -39,6 +39,8 @@ def check_caps(settings: Settings, req: ParsedRequest) -> None:
         # generated, so budgets and token limits hold even when clients set no limit.
         req.wire.set_output_ceiling(req, min(model.default_max_tokens, model.max_tokens or 1 << 31))
     ceiling = model.max_tokens
+    if ceiling is not None and getattr(req.wire, "clamps_output", False):
+        _clamp(req, ceiling)
     if ceiling is not None:
         for name, value in req.output_fields:
             if value > ceiling:
@@ -48,3 +50,13 @@ def check_caps(settings: Settings, req: ParsedRequest) -> None:
                     param=name,
                     code="max_tokens_too_large",
                 )
+
+
+def _clamp(req: ParsedRequest, ceiling: int) -> None:
+    """Lowers an output ceiling above the model's to it, saying so in a response header."""
+    asked = max((value for _name, value in req.output_fields), default=0)
+    if asked <= ceiling:
+        return
+    req.wire.set_output_ceiling(req, ceiling)
+    req.output_fields = [(name, min(value, ceiling)) for name, value in req.output_fields]
+    req.response_headers["x-bastion-max-tokens-clamped"] = f"{asked}->{ceiling}"

@@ -8,10 +8,12 @@ route in `bastion.gateway.routes`; the stages stay as they are.
 
 from __future__ import annotations
 
+from bastion.gateway.wire.anthropic import MESSAGES
+from bastion.gateway.wire.anthropic_chat import COUNT_TOKENS
 from bastion.gateway.wire.base import Answer, StreamState, StreamTranslator, WireAdapter
 from bastion.gateway.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS
 
 #: Every wire API the gateway serves.
-ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS)
+ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, COUNT_TOKENS)
 
 __all__ = ["ADAPTERS", "Answer", "StreamState", "StreamTranslator", "WireAdapter"]

@@ -88,6 +88,9 @@ class WireAdapter(ABC):
     engine_path: str
     #: Model kinds (`models.<alias>.kind`) this API may call.
     serves: tuple[str, ...]
+    #: An output ceiling above the model's `max_tokens` is lowered to it (and said so in a
+    #: response header) instead of refused: for APIs whose clients ask more than any model has.
+    clamps_output: bool = False
 
     @abstractmethod
     def parse(self, raw: bytes, headers: Headers) -> ParsedRequest:
@@ -104,6 +107,10 @@ class WireAdapter(ABC):
     @abstractmethod
     def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
         """The body the engine receives (its `model` is the deployment's served name)."""
+
+    def engine_headers(self, req: ParsedRequest) -> dict[str, str]:
+        """Headers the engine receives besides its key (an API's version header, …)."""
+        return {}
 
     @abstractmethod
     def answer(self, raw: bytes, alias: str) -> Answer:
