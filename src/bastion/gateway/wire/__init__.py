@@ -9,9 +9,14 @@ route in `bastion.gateway.routes`; the stages stay as they are.
 from __future__ import annotations
 
 from bastion.gateway.wire.base import Answer, StreamState, StreamTranslator, WireAdapter
-from bastion.gateway.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS
+from bastion.gateway.wire.fim import FIM_CHAT, FIM_COMPLETIONS
+from bastion.gateway.wire.openai import CHAT, EMBEDDINGS
+from bastion.gateway.wire.rerank import RERANK, RERANK_ALIASES, SCORE
 
-#: Every wire API the gateway serves.
-ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS)
+#: Every wire API the gateway serves (completions render fill-in-the-middle: wire/fim.py).
+ADAPTERS: tuple[WireAdapter, ...] = (CHAT, FIM_COMPLETIONS, EMBEDDINGS)
+#: Rerank and score for retrieval pipelines (wire/rerank.py), and the alternative paths of an
+#: API (listed first: where a name is looked up, its main path comes last and wins).
+ADAPTERS = (FIM_CHAT, *RERANK_ALIASES, *ADAPTERS, RERANK, SCORE)
 
 __all__ = ["ADAPTERS", "Answer", "StreamState", "StreamTranslator", "WireAdapter"]
