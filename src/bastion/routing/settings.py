@@ -63,7 +63,9 @@ class FimTemplate(Strict):
         "token, suffix, prefix token, prefix, middle token.",
     )
     stop: list[str] = Field(
-        default_factory=list, description="Stop sequences added to every FIM request's `stop`."
+        default_factory=list,
+        description="Stop sequences added to every FIM request's `stop` (after the client's, up "
+        "to the four an engine accepts).",
     )
 
 

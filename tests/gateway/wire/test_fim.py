@@ -7,6 +7,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
@@ -52,7 +54,8 @@ def test_presets_render_each_familys_tokens(preset: str, expected: str) -> None:
     body = engine(req)
     assert body["prompt"] == expected and "suffix" not in body
     assert body["model"] == "served" and body["stream_options"] == {"include_usage": True}
-    assert set(PRESETS[preset].stop) <= set(body["stop"])
+    # The family's stops, as many as the engine takes (vLLM refuses more than four).
+    assert body["stop"] == PRESETS[preset].stop[:4]
     # Limits count the rendered prompt, the one the engine reads.
     assert FIM_COMPLETIONS.prompt(req) == ([expected], 0)
     # The request as the client sent it is untouched (it is what the audit trail records).
@@ -67,6 +70,8 @@ def test_custom_template_and_client_stops_kept() -> None:
     body = engine(req)
     assert body["prompt"] == ["<S>z<P>a<M>", "<S>z<P>b<M>"]
     assert body["stop"] == ["\n\n", "<E>"]
+    req = bound({"prompt": "a", "suffix": "z", "stop": ["1", "2", "3"]}, model(fim="qwen-coder"))
+    assert engine(req)["stop"] == ["1", "2", "3", "<|endoftext|>"]
 
 
 def test_no_suffix_is_a_plain_completion() -> None:
@@ -151,6 +156,17 @@ def test_rerank_and_score_parse_and_count_every_pair() -> None:
     assert err.value.param == "text_2"
 
 
+def test_rerank_needs_an_engine_that_serves_it() -> None:
+    from bastion.engines.settings import DeploymentSettings
+
+    vllm = DeploymentSettings(url="http://127.0.0.1:1", served_name="s")
+    assert RERANK.via(vllm) is RERANK and SCORE.via(vllm) is SCORE
+    llamacpp = DeploymentSettings(kind="llamacpp", url="http://127.0.0.1:1", served_name="s")
+    with pytest.raises(InvalidRequest) as err:
+        RERANK.via(llamacpp)
+    assert err.value.code == "wrong_endpoint" and "deployments[].apis" in err.value.message
+
+
 def test_strict_shapes() -> None:
     answer = {
         "choices": [
@@ -174,3 +190,44 @@ def test_strict_shapes() -> None:
     chunk = {"choices": [{"delta": {"content": "x", "annotations": None, "function_call": None}}]}
     normalise(chunk)
     assert chunk["choices"][0]["delta"] == {"content": "x"}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**31), 2**31) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+FIELDS = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "suffix",
+        "query",
+        "documents",
+        "text_1",
+        "text_2",
+        "queries",
+        "top_n",
+        "stream",
+        "stop",
+    ]
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([FIM_COMPLETIONS, FIM_CHAT, RERANK, SCORE]),
+    st.dictionaries(FIELDS, json_values, max_size=6),
+)
+def test_only_clear_400s_for_any_body(wire: Any, body: dict[str, Any]) -> None:
+    """Parse, bind to a FIM model, count and build the engine body: nothing but InvalidRequest."""
+    body.setdefault("model", "m")
+    try:
+        req = wire.parse(orjson.dumps(body), Headers({}))
+        wire.bind(req, model(fim="codestral"))
+        wire.prompt(req)
+        orjson.loads(wire.engine_body(req, "served"))
+    except InvalidRequest:
+        pass

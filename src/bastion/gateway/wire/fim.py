@@ -95,9 +95,16 @@ class FimRequest(ParsedRequest):
         return [render(self.fim, p, suffix) for p in prefixes]
 
 
+#: Stop sequences an engine accepts (vLLM 0.32 refuses a fifth with 400, as OpenAI does).
+MAX_STOPS = 4
+
+
 def _stop(client: Any, extra: list[str]) -> list[str]:
+    """The client's stops, then the template's while there is room: the client's own choice
+    is never dropped (more than the engine takes is the engine's 400 to give)."""
     have = [client] if isinstance(client, str) else list(client or ())
-    return have + [s for s in extra if s not in have]
+    room = max(MAX_STOPS - len(have), 0)
+    return have + [s for s in extra if s not in have][:room]
 
 
 class FimCompletions(Completions):

@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import read_usage
+from bastion.engines.settings import DeploymentSettings
 from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
 from bastion.gateway.wire.openai import UNSIZED_PART, _model, _read_body, _type_error
 
@@ -103,6 +104,18 @@ class _Pairs(WireAdapter):
 
     def set_output_ceiling(self, req: ParsedRequest, tokens: int) -> None:
         """Nothing is generated: there is no ceiling to write."""
+
+    def via(self, deployment: DeploymentSettings) -> WireAdapter:
+        # A ranking cannot be made from chat completions: an engine without the API is a
+        # configuration the client cannot fix, said plainly instead of the engine's 404.
+        if not deployment.serves_natively(self.name):
+            raise InvalidRequest(
+                f"The engines of this model do not serve {self.path} "
+                f"(deployments[].apis of {deployment.display_url} lacks '{self.name}').",
+                param="model",
+                code="wrong_endpoint",
+            )
+        return self
 
     def engine_body(self, req: ParsedRequest, served_name: str) -> bytes:
         req.body["model"] = served_name
