@@ -16,7 +16,7 @@ import pytest
 
 from bastion.gateway.wire.fim import PRESETS, render
 from bastion.local.launcher import VllmProcess
-from tests.conftest import RERANK, TINY, Gateway, base_config, usage_rows
+from tests.conftest import EMBED, RERANK, TINY, Gateway, base_config, usage_rows
 
 pytestmark = pytest.mark.engine
 
@@ -28,6 +28,7 @@ def gw(
     make_gateway: Callable[..., Gateway],
     chat_engine: VllmProcess,
     rerank_engine: VllmProcess,
+    embed_engine: VllmProcess,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Gateway:
     chat = [{"url": chat_engine.url, "served_name": TINY}]
@@ -43,9 +44,13 @@ def gw(
                 "kind": "rerank",
                 "deployments": [{"url": rerank_engine.url, "served_name": RERANK}],
             },
+            "minilm": {
+                "kind": "embedding",
+                "deployments": [{"url": embed_engine.url, "served_name": EMBED}],
+            },
         },
     )
-    cfg["teams"]["beta"]["model_limits"] = {"reranker": {"tpm": 40}}
+    cfg["teams"]["beta"]["model_limits"] = {"reranker": {"tpm": 40}, "coder": {"tpm": 50}}
     g = make_gateway(cfg)
     g.wait_ready()
     return g
@@ -191,6 +196,20 @@ def test_suffix_on_a_model_without_fim_is_a_clear_400(gw: Gateway, keys: dict[st
     assert "models.tiny.fim" in err["message"]
 
 
+def test_limits_count_the_rendered_prompt(gw: Gateway, keys: dict[str, str]) -> None:
+    """Team beta may reserve 50 tokens a minute on `coder` (no tokenizer configured: one
+    token per byte). Prefix and suffix with the output ceiling are 28; rendered with the
+    Qwen-Coder tokens they are 70, which is what the engine would read: refused."""
+    headers = {"Authorization": f"Bearer {keys['limited']}"}
+    body = {"model": "coder", "prompt": "a" * 10, "suffix": "b" * 10, "max_tokens": 8}
+    r = httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 429, r.text
+    del body["suffix"]
+    body["prompt"] = "a" * 20
+    r = httpx.post(gw.url + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_non_streamed_fim_with_the_openai_sdk(gw: Gateway, keys: dict[str, str]) -> None:
     import openai
 
@@ -206,7 +225,11 @@ def test_chat_answers_have_the_published_shape(gw: Gateway, keys: dict[str, str]
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
     assert r.status_code == 200
-    msg = orjson.loads(r.content)["choices"][0]["message"]
+    answer = orjson.loads(r.content)
+    msg = answer["choices"][0]["message"]
+    # Optional fields the schema types as objects or strings are absent rather than null.
+    assert answer.get("system_fingerprint", "") is not None
+    assert all(v is not None for k, v in answer["usage"].items() if k.endswith("_details"))
     # vLLM sends annotations: null and function_call: null; the schema has an array and an
     # optional object.
     assert msg["annotations"] == [] and "function_call" not in msg
@@ -263,6 +286,30 @@ def test_score_and_vllm_rerank_aliases(gw: Gateway, keys: dict[str, str]) -> Non
         )
         assert r.status_code == 200, (path, r.text)
         assert len(r.json()["results"]) == 1
+
+
+def test_score_and_rerank_on_an_embedding_model(gw: Gateway, keys: dict[str, str]) -> None:
+    """vLLM scores with an embedding model by cosine similarity: a question is closer to its
+    answer than to an unrelated sentence (all-MiniLM-L6-v2 is a real model)."""
+    headers = {"Authorization": f"Bearer {keys['dev']}"}
+    q, docs = "Where is the capital of France?", ["Paris is the capital of France.", "I like jazz."]
+    r = httpx.post(
+        gw.url + "/v1/score",
+        json={"model": "minilm", "text_1": q, "text_2": docs},
+        headers=headers,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    near, far = (d["score"] for d in r.json()["data"])
+    assert near > far
+    r = httpx.post(
+        gw.url + "/v1/rerank",
+        json={"model": "minilm", "query": q, "documents": docs},
+        headers=headers,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["index"] == 0
 
 
 def test_rerank_has_the_same_controls(gw: Gateway, keys: dict[str, str]) -> None:

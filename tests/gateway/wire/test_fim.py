@@ -165,10 +165,22 @@ def test_rerank_needs_an_engine_that_serves_it() -> None:
     with pytest.raises(InvalidRequest) as err:
         RERANK.via(llamacpp)
     assert err.value.code == "wrong_endpoint" and "deployments[].apis" in err.value.message
+    # Completions (and so FIM) are not translated to chat either.
+    assert FIM_COMPLETIONS.via(llamacpp) is FIM_COMPLETIONS
+    chat_only = DeploymentSettings(url="http://127.0.0.1:1", served_name="s", apis=["chat"])
+    with pytest.raises(InvalidRequest) as err:
+        FIM_CHAT.via(chat_only)
+    assert err.value.code == "wrong_endpoint"
 
 
 def test_strict_shapes() -> None:
     answer = {
+        "system_fingerprint": None,
+        "usage": {
+            "prompt_tokens": 1,
+            "prompt_tokens_details": None,
+            "completion_tokens_details": None,
+        },
         "choices": [
             {
                 "message": {
@@ -179,9 +191,10 @@ def test_strict_shapes() -> None:
                 },
                 "logprobs": None,
             }
-        ]
+        ],
     }
     normalise(answer)
+    assert "system_fingerprint" not in answer and answer["usage"] == {"prompt_tokens": 1}
     assert answer["choices"][0]["message"] == {
         "role": "assistant",
         "content": "x",

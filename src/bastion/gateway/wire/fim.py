@@ -27,7 +27,8 @@ from starlette.datastructures import Headers
 
 from bastion.core.errors import InvalidRequest
 from bastion.core.request import ParsedRequest
-from bastion.gateway.wire.base import Answer, StreamTranslator
+from bastion.engines.settings import DeploymentSettings
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
 from bastion.gateway.wire.openai import Completions, OpenAIStream
 from bastion.routing.settings import FimTemplate, ModelSettings
 
@@ -146,6 +147,18 @@ class FimCompletions(Completions):
                 code="invalid_type",
             )
         req.fim = template
+
+    def via(self, deployment: DeploymentSettings) -> WireAdapter:
+        # A raw prompt has no chat equivalent (a chat template would wrap the FIM tokens):
+        # an engine without completions is a configuration error, said plainly.
+        if not deployment.serves_natively("completions"):
+            raise InvalidRequest(
+                f"The engines of this model do not serve completions (deployments[].apis of "
+                f"{deployment.display_url} lacks 'completions').",
+                param="model",
+                code="wrong_endpoint",
+            )
+        return self
 
     def prompt(self, req: ParsedRequest) -> tuple[list[str], int]:
         if isinstance(req, FimRequest) and req.fim is not None:

@@ -14,6 +14,15 @@ from typing import Any
 _NULL_ARRAYS = ("annotations",)
 #: Deprecated message fields the schema types as objects (never null): left out when null.
 _NULL_OBJECTS = ("function_call",)
+#: Optional, non-nullable fields of the answer and of its usage: left out when null.
+_TOP_OPTIONAL = ("system_fingerprint",)
+_USAGE_OPTIONAL = ("prompt_tokens_details", "completion_tokens_details")
+
+
+def _drop_nulls(obj: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key in obj and obj[key] is None:
+            del obj[key]
 
 
 def _message(msg: dict[str, Any]) -> None:
@@ -34,6 +43,9 @@ def _delta(delta: dict[str, Any]) -> None:
 
 def normalise(obj: dict[str, Any]) -> None:
     """Fixes, in place, one chat or completions answer or stream chunk."""
+    _drop_nulls(obj, _TOP_OPTIONAL)
+    if isinstance(usage := obj.get("usage"), dict):
+        _drop_nulls(usage, _USAGE_OPTIONAL)
     choices = obj.get("choices")
     if not isinstance(choices, list):
         return
