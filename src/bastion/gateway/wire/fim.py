@@ -44,27 +44,28 @@ PRESETS: dict[str, FimTemplate] = {
         prefix="<|fim_prefix|>",
         suffix="<|fim_suffix|>",
         middle="<|fim_middle|>",
+        # In order of need: only the first that fit beside the client's are sent (MAX_STOPS).
         stop=[
             "<|endoftext|>",
+            "<|file_sep|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
             "<|fim_prefix|>",
             "<|fim_suffix|>",
             "<|fim_middle|>",
-            "<|fim_pad|>",
-            "<|repo_name|>",
-            "<|file_sep|>",
         ],
     ),
     "deepseek-coder": FimTemplate(
         prefix=_deepseek("fim begin"),
         suffix=_deepseek("fim hole"),
         middle=_deepseek("fim end"),
-        stop=[_deepseek(t) for t in ("fim begin", "fim hole", "fim end", "end of sentence")],
+        stop=[_deepseek(t) for t in ("end of sentence", "fim begin", "fim hole", "fim end")],
     ),
     "starcoder": FimTemplate(
         prefix="<fim_prefix>",
         suffix="<fim_suffix>",
         middle="<fim_middle>",
-        stop=["<|endoftext|>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>"],
+        stop=["<|endoftext|>", "<file_sep>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
     ),
     "codestral": FimTemplate(
         prefix="[PREFIX]", suffix="[SUFFIX]", middle="", order="spm", stop=["[PREFIX]", "[SUFFIX]"]
