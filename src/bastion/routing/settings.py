@@ -48,7 +48,8 @@ class EngineFieldPolicy(Strict):
 
 
 #: Fill-in-the-middle presets by model family (their tokens: docs/gateway.md, "Fill in the middle").
-FimPreset = Literal["qwen-coder", "deepseek-coder", "starcoder", "codestral"]
+#: `engine`: the engine renders `suffix` itself (vLLM does for DeepSeek-V4): passed through.
+FimPreset = Literal["qwen-coder", "deepseek-coder", "starcoder", "codestral", "engine"]
 
 
 class FimTemplate(Strict):
@@ -98,8 +99,9 @@ class ModelSettings(Strict):
         None,
         description="The model's fill-in-the-middle template: a preset (qwen-coder, "
         "deepseek-coder, starcoder, codestral) or {prefix, suffix, middle, order, stop}. "
-        "`/v1/completions` with `suffix` is rendered with it (engines reject `suffix`); "
-        "without it such a request answers 400.",
+        "`/v1/completions` with `suffix` is rendered with it (vLLM refuses `suffix` for most "
+        "models); `engine` passes `suffix` to an engine that renders it itself; without a "
+        "value such a request answers 400.",
     )
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Limits for the model as a whole."

@@ -94,6 +94,14 @@ def test_suffix_without_a_template_is_a_clear_400() -> None:
         FIM_COMPLETIONS.parse(b'{"model": "m", "prompt": "x", "suffix": 3}', Headers({}))
 
 
+def test_engine_rendered_fim_passes_suffix_and_echo_is_refused() -> None:
+    req = bound({"prompt": "x", "suffix": "y"}, model(fim="engine"))
+    assert req.fim is None and engine(req)["suffix"] == "y" and engine(req)["prompt"] == "x"
+    with pytest.raises(InvalidRequest) as err:
+        bound({"prompt": "x", "suffix": "y", "echo": True}, model(fim="starcoder"))
+    assert err.value.param == "suffix"
+
+
 def test_fim_endpoint_needs_a_template_and_answers_chat_shapes() -> None:
     with pytest.raises(InvalidRequest) as err:
         bound({"prompt": "x"}, model(), FIM_CHAT)

@@ -1,7 +1,8 @@
 """Fill-in-the-middle on `/v1/completions`: editor autocompletion (Tabby, Continue) sends the
-code before the cursor as `prompt` and the code after it as `suffix`. vLLM rejects `suffix`
-("suffix is not currently supported"), so Bastion renders the model's FIM template
-(`models.<alias>.fim`) into a plain prompt and forwards that, without `suffix`.
+code before the cursor as `prompt` and the code after it as `suffix`. vLLM renders `suffix`
+only for the few models whose renderer implements FIM and refuses it (400) for the rest, so
+Bastion renders the model's FIM template (`models.<alias>.fim`) into a plain prompt and
+forwards that, without `suffix` (`fim: engine` passes it to an engine that renders it).
 
 The audit trail records the request as the client sent it (prefix and suffix apart); limits
 and budgets count the rendered prompt, which is what the engine reads.
@@ -75,6 +76,8 @@ PRESETS: dict[str, FimTemplate] = {
 
 def template_of(model: ModelSettings) -> FimTemplate | None:
     fim = model.fim
+    if fim == "engine":
+        return None
     return PRESETS[fim] if isinstance(fim, str) else fim
 
 
@@ -128,6 +131,12 @@ class FimCompletions(Completions):
         if suffix is None:
             body.pop("suffix", None)  # Tabby sends `"suffix": null`: nothing to fill in
             return
+        if body.get("echo"):  # as vLLM: the echoed prompt would be the rendered one
+            raise InvalidRequest(
+                "'echo' is not supported with 'suffix'.", param="suffix", code="invalid_value"
+            )
+        if model.fim == "engine":
+            return  # the engine renders the suffix itself
         template = template_of(model)
         if template is None:
             if suffix == "":  # nothing after the cursor: a plain completion means the same
