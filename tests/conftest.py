@@ -58,6 +58,7 @@ TINY_CONTEXT = 65536
 #: `tool_choice: "auto"` needs a tool-call parser; the tiny model's ChatML fits hermes.
 TOOL_CALLING = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 EMBED = "all-minilm-l6-v2"
+RERANK = "tiny-rerank"
 
 
 # -- engines --------------------------------------------------------------------------------------
@@ -112,6 +113,25 @@ def chat_engine(engines: dict[str, VllmProcess]) -> VllmProcess:
 @pytest.fixture(scope="session")
 def embed_engine(engines: dict[str, VllmProcess]) -> VllmProcess:
     return engines["embed"]
+
+
+@pytest.fixture(scope="session")
+def rerank_engine(engine_logs: Path) -> Iterator[VllmProcess]:
+    """A tiny cross-encoder (src/bastion/local/tiny_reranker.py) serving /v1/rerank and
+    /v1/score; started only by the tests that ask for it, so the rest of the suite does not
+    pay for it."""
+    from bastion.local.tiny_reranker import ensure_tiny_reranker
+
+    if not engine_installed():
+        subprocess.run(["bash", str(ROOT / "scripts/install-engine.sh")], check=True)
+    spec = EngineSpec(ensure_tiny_reranker(), RERANK, free_port(), gpu_memory_utilization=0.05)
+    proc = VllmProcess(spec, log_path=engine_logs / "rerank.log")
+    try:
+        proc.start()
+        proc.wait_ready(timeout=420)
+        yield proc
+    finally:
+        proc.stop()
 
 
 # -- databases ------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ class Gateway:
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
             route = self._authorize(principal, req, wire)
+            wire.bind(req, route.settings)
             check_caps(self.settings, req)
             call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
             if (queue := self.queues.get(route.alias)) is not None:

@@ -47,12 +47,37 @@ class EngineFieldPolicy(Strict):
         return frozenset(self.deny) - frozenset(self.allow)
 
 
+#: Fill-in-the-middle presets by model family (their tokens: docs/gateway.md, "Fill in the middle").
+#: `engine`: the engine renders `suffix` itself (vLLM does for DeepSeek-V4): passed through.
+FimPreset = Literal["qwen-coder", "deepseek-coder", "starcoder", "codestral", "engine"]
+
+
+class FimTemplate(Strict):
+    """A model's fill-in-the-middle prompt, for families without a preset."""
+
+    prefix: str = Field(description="The token that opens the code before the cursor.")
+    suffix: str = Field(description="The token that opens the code after the cursor.")
+    middle: str = Field("", description="The token after which the model writes the middle.")
+    order: Literal["psm", "spm"] = Field(
+        "psm",
+        description="psm: prefix token, prefix, suffix token, suffix, middle token; spm: suffix "
+        "token, suffix, prefix token, prefix, middle token.",
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop sequences added to every FIM request's `stop` (after the client's, up "
+        "to the four an engine accepts).",
+    )
+
+
 class ModelSettings(Strict):
     deployments: list[DeploymentSettings] = Field(
         min_length=1, description="Engine replicas serving this alias."
     )
-    kind: Literal["chat", "completion", "embedding"] = Field(
-        "chat", description="What the model does; embeddings models only serve /v1/embeddings."
+    kind: Literal["chat", "completion", "embedding", "rerank"] = Field(
+        "chat",
+        description="What the model does; embeddings models only serve /v1/embeddings (and "
+        "/v1/score, /v1/rerank); rerank (cross-encoder) models serve /v1/rerank and /v1/score.",
     )
     owned_by: str = Field("bastion", description="Shown in /v1/models.")
     max_tokens: int | None = Field(
@@ -69,6 +94,14 @@ class ModelSettings(Strict):
         ge=1,
         description="`max_tokens` for requests that set none: sent to the engine and reserved "
         "against token limits and budgets. Keep it within the engine's context length.",
+    )
+    fim: FimPreset | FimTemplate | None = Field(
+        None,
+        description="The model's fill-in-the-middle template: a preset (qwen-coder, "
+        "deepseek-coder, starcoder, codestral) or {prefix, suffix, middle, order, stop}. "
+        "`/v1/completions` with `suffix` is rendered with it (vLLM refuses `suffix` for most "
+        "models); `engine` passes `suffix` to an engine that renders it itself; without a "
+        "value such a request answers 400.",
     )
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Limits for the model as a whole."

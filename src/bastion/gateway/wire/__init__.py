@@ -11,9 +11,14 @@ from __future__ import annotations
 from bastion.gateway.wire.anthropic import MESSAGES
 from bastion.gateway.wire.anthropic_chat import COUNT_TOKENS
 from bastion.gateway.wire.base import Answer, StreamState, StreamTranslator, WireAdapter
-from bastion.gateway.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS
+from bastion.gateway.wire.fim import FIM_CHAT, FIM_COMPLETIONS
+from bastion.gateway.wire.openai import CHAT, EMBEDDINGS
+from bastion.gateway.wire.rerank import RERANK, RERANK_ALIASES, SCORE
 
-#: Every wire API the gateway serves.
-ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, COUNT_TOKENS)
+#: Every wire API the gateway serves (completions render fill-in-the-middle: wire/fim.py).
+ADAPTERS: tuple[WireAdapter, ...] = (CHAT, FIM_COMPLETIONS, EMBEDDINGS, MESSAGES, COUNT_TOKENS)
+#: Rerank and score for retrieval pipelines (wire/rerank.py), and the alternative paths of an
+#: API (listed first: where a name is looked up, its main path comes last and wins).
+ADAPTERS = (FIM_CHAT, *RERANK_ALIASES, *ADAPTERS, RERANK, SCORE)
 
 __all__ = ["ADAPTERS", "Answer", "StreamState", "StreamTranslator", "WireAdapter"]

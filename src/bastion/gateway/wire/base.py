@@ -14,6 +14,7 @@ from bastion.core.errors import BastionError, error_response
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import Usage
 from bastion.engines.settings import DeploymentSettings
+from bastion.routing.settings import ModelSettings
 
 
 @dataclass(slots=True)
@@ -95,6 +96,12 @@ class WireAdapter(ABC):
     @abstractmethod
     def parse(self, raw: bytes, headers: Headers) -> ParsedRequest:
         """Validates the body (InvalidRequest naming the param) into the canonical request."""
+
+    def bind(self, req: ParsedRequest, model: ModelSettings) -> None:
+        """Adapts the request to the model it calls, once authorized and before caps and
+        limits see it (e.g. a fill-in-the-middle template: the prompt they count is the one
+        the engine gets). InvalidRequest where the model cannot serve it."""
+        return None
 
     @abstractmethod
     def prompt(self, req: ParsedRequest) -> tuple[list[str], int]:

@@ -19,6 +19,7 @@ from bastion.core.request import ParsedRequest
 from bastion.core.settings import MAX_COUNT
 from bastion.engines.client import read_usage
 from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire.strict import normalise
 
 PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
 PER_CHAT_OVERHEAD = 8  # the template's start and the assistant's generation prompt
@@ -266,6 +267,7 @@ class _OpenAI(WireAdapter):
             raise UpstreamError("the engine returned a body that is not JSON") from None
         if not isinstance(obj, dict):
             raise UpstreamError("the engine returned JSON that is not an object")
+        normalise(obj)
         engine_model = obj.get("model")
         if "model" in obj:
             obj["model"] = alias
@@ -346,6 +348,7 @@ class OpenAIStream(StreamTranslator):
             return event + b"\n\n"
         if not isinstance(obj, dict):
             return event + b"\n\n"
+        normalise(obj)
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else str(err)
