@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from bastion.core.errors import AuthenticationFailed, BastionError, NotFound, error_response
 from bastion.gateway.pipeline import Gateway
+from bastion.gateway.responses_api import responses_routes
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.identity.access import bearer_is
 from bastion.routing.balancer import ModelRoute
@@ -92,6 +93,7 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
 
     return [
         *(Route(wire.path, endpoint(wire), methods=["POST"]) for wire in ADAPTERS),
+        *responses_routes(gateway),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

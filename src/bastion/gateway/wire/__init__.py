@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from bastion.gateway.wire.base import Answer, StreamState, StreamTranslator, WireAdapter
 from bastion.gateway.wire.openai import CHAT, COMPLETIONS, EMBEDDINGS
+from bastion.gateway.wire.responses import RESPONSES
 
 #: Every wire API the gateway serves.
-ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS)
+ADAPTERS: tuple[WireAdapter, ...] = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
 
 __all__ = ["ADAPTERS", "Answer", "StreamState", "StreamTranslator", "WireAdapter"]
