@@ -49,15 +49,19 @@ class Pair:
 @pytest.fixture(scope="module")
 def pair(make_gateway: Callable[..., Gateway], chat_engine: VllmProcess) -> Iterator[Pair]:
     models = {
-        NATIVE: {"deployments": [{"url": chat_engine.url, "served_name": TINY}]},
+        NATIVE: {
+            "max_tokens": 512,
+            "deployments": [{"url": chat_engine.url, "served_name": TINY}],
+        },
         TRANSLATED: {
+            "max_tokens": 512,
             "deployments": [
                 {
                     "url": chat_engine.url,
                     "served_name": TINY,
                     "apis": ["chat", "completions", "embeddings"],
                 }
-            ]
+            ],
         },
     }
     with pg_database() as url:
@@ -268,6 +272,10 @@ def test_error_classes(pair: Pair) -> None:
         with pytest.raises(openai.BadRequestError) as bad:
             client.responses.create(model=NATIVE, input="hi", max_output_tokens=0)
         assert bad.value.body["param"] == "max_output_tokens"  # type: ignore[index]
+        # The output ceiling is max_output_tokens: capped by the model's max_tokens.
+        with pytest.raises(openai.BadRequestError) as cap:
+            client.responses.create(model=TRANSLATED, input="hi", max_output_tokens=513)
+        assert cap.value.body["param"] == "max_output_tokens"  # type: ignore[index]
         with pytest.raises(openai.BadRequestError) as bg:
             client.responses.create(model=NATIVE, input="hi", background=True)
         assert bg.value.body["param"] == "background"  # type: ignore[index]
