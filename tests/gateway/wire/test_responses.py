@@ -145,6 +145,9 @@ def test_stream_events(pair: Pair, model: str) -> None:
     assert final.usage is not None and 0 < final.usage.output_tokens <= 24
     numbers = [e.sequence_number for e in events]
     assert numbers == sorted(numbers)
+    # Stored (store defaults to true) once the stream completed, readable on the other replica.
+    with pair.client(pair.b) as other:
+        assert other.responses.retrieve(final.id).output_text == text
     _metered(pair, raw.headers["x-request-id"], model, text)
 
 
