@@ -73,6 +73,11 @@ def test_translated_whole_answer_and_what_the_engine_got(env: Any) -> None:
     c, key, _ = env
     got = c.get(f"/v1/responses/{body['id']}", headers={"Authorization": f"Bearer {key}"})
     assert got.status_code == 200 and got.json()["id"] == body["id"]
+    auth = {"Authorization": f"Bearer {key}"}
+    gone = c.delete(f"/v1/responses/{body['id']}", headers=auth)
+    assert gone.json() == {"id": body["id"], "object": "response", "deleted": True}
+    assert c.get(f"/v1/responses/{body['id']}", headers=auth).status_code == 404
+    assert c.delete(f"/v1/responses/{body['id']}", headers=auth).status_code == 404
 
 
 @pytest.mark.parametrize(("mode", "status"), [("500", 502), ("400", 400), ("garbage", 502)])

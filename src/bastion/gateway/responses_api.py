@@ -50,12 +50,11 @@ def responses_routes(gateway: Gateway) -> list[Route]:
 
         return handle
 
-    async def retrieve(p: Principal, rid: str, _r: Request) -> Any:
+    async def one(p: Principal, rid: str, request: Request) -> Any:
+        if request.method == "DELETE":
+            await store.delete(p.team, rid)
+            return {"id": rid, "object": "response", "deleted": True}
         return await store.get(p.team, rid)
-
-    async def remove(p: Principal, rid: str, _r: Request) -> Any:
-        await store.delete(p.team, rid)
-        return {"id": rid, "object": "response", "deleted": True}
 
     async def items(p: Principal, rid: str, _r: Request) -> Any:
         data = await store.input_items(p.team, rid)
@@ -71,8 +70,8 @@ def responses_routes(gateway: Gateway) -> list[Route]:
         )
 
     return [
-        Route("/v1/responses/{response_id}", guarded(retrieve), methods=["GET"]),
-        Route("/v1/responses/{response_id}", guarded(remove), methods=["DELETE"]),
+        # One route per path, so a 405 names every method the path answers.
+        Route("/v1/responses/{response_id}", guarded(one), methods=["GET", "DELETE"]),
         Route("/v1/responses/{response_id}/input_items", guarded(items), methods=["GET"]),
         Route("/v1/responses/{response_id}/cancel", guarded(cancel), methods=["POST"]),
     ]
