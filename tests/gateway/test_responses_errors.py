@@ -42,14 +42,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, 
                             "read_timeout": 1.0,
                         }
                     ]
-                }
+                },
+                "other": {"deployments": [{"url": stub.url, "served_name": "o"}]},
             },
         }
     )
     app = build_app(settings, health_interval=0.5)
     try:
         with TestClient(app) as c:
-            key = create_key(app.state.db, team="t", known_models={"stub"})[1]
+            key = create_key(app.state.db, team="t", known_models={"stub", "other"})[1]
             yield c, key, stub
     finally:
         stub.stop()
@@ -113,3 +114,11 @@ def test_broken_stream_ends_with_an_error_event(env: Any) -> None:
     rid = events[0]["response"]["id"]
     got = c.get(f"/v1/responses/{rid}", headers={"Authorization": f"Bearer {key}"})
     assert got.status_code == 404 and got.json()["error"]["code"] == "not_found"
+
+
+def test_a_model_restriction_holds_for_responses(env: Any) -> None:
+    c = env[0]
+    app_db = c.app.state.db  # type: ignore[attr-defined]
+    only_other = create_key(app_db, team="t", models=["other"], known_models={"stub", "other"})[1]
+    resp = c.post("/v1/responses", json=BODY, headers={"Authorization": f"Bearer {only_other}"})
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "model_not_allowed"
