@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Mount
@@ -25,12 +26,13 @@ from bastion.admin.api import router as admin_router
 from bastion.admin.app import control_plane, http_error
 from bastion.admin.approvals import router as approvals_router
 from bastion.audit import api as audit_api
-from bastion.audit.trail import AuditTrail
+from bastion.audit.trail import AuditTrail, TeamKeys
 from bastion.config import Settings
 from bastion.core.lifecycle import Component, running
 from bastion.engines.client import EngineClient
 from bastion.gateway.pipeline import Gateway
 from bastion.gateway.routes import gateway_routes
+from bastion.gateway.stored_responses import ResponseStore, TeamSealer
 from bastion.identity import api as identity_api
 from bastion.identity.keystore import KeyStore
 from bastion.identity.sso import SsoAuthenticator
@@ -74,7 +76,10 @@ def build_app(
         keys.login = DirectoryLogin(settings.identity, db, audit)
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, _counters(settings), db, metrics)
-    gateway = Gateway(settings, keys, usage, client, metrics, routes, admission, audit)
+    responses = _response_store(settings, db, audit)
+    gateway = Gateway(
+        settings, keys, usage, client, metrics, routes, admission, audit, {"responses": responses}
+    )
     health = HealthChecker(
         client, [d for r in routes.values() for d in r.deployments], interval=health_interval
     )
@@ -89,6 +94,7 @@ def build_app(
         keys,
         keys.login,
         admission,
+        responses,
         health,
     ]
 
@@ -125,6 +131,17 @@ def build_app(
     app.state.gateway = gateway
     app.state.health = health
     return app
+
+
+def _response_store(settings: Settings, db: Engine, audit: AuditTrail | None) -> ResponseStore:
+    """Stored responses are sealed like audit contents: with the team's audit data keys."""
+    if audit is not None:
+        keys = audit.keys
+    else:
+        from bastion.audit.keys import load_master_key
+
+        keys = TeamKeys(db, load_master_key(settings.audit))
+    return ResponseStore(settings.responses, db, TeamSealer(db, keys))
 
 
 def _counters(settings: Settings) -> CounterBackend:

@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -38,7 +38,7 @@ from bastion.core.errors import (
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
 from bastion.gateway.relay import Receive, SSERelay, wait_disconnect
-from bastion.gateway.wire import StreamTranslator, WireAdapter
+from bastion.gateway.wire import Answer, StreamTranslator, WireAdapter
 from bastion.identity.keystore import KeyStore
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
@@ -52,6 +52,18 @@ from bastion.observability.metrics import Metrics
 from bastion.routing.balancer import Lease, ModelRoute
 
 log = logging.getLogger("bastion.gateway")
+
+
+class AnswerHook(Protocol):
+    """What a stateful wire API adds to the path (the Responses API's stored conversations):
+    `prepare` after authorization, before anything is counted; `complete` rewrites a whole
+    answer; `keep` runs once the answer is recorded, before the client has all of it."""
+
+    async def prepare(self, principal: Principal, req: ParsedRequest) -> None: ...
+
+    def complete(self, req: ParsedRequest, answer: Answer) -> Answer: ...
+
+    async def keep(self, rec: UsageRecord, req: ParsedRequest, content: Any) -> None: ...
 
 
 @dataclass(slots=True)
@@ -88,6 +100,7 @@ class Gateway:
         routes: dict[str, ModelRoute],
         admission: Admission,
         audit: AuditTrail | None = None,
+        hooks: dict[str, AnswerHook] | None = None,
     ):
         self.settings = settings
         self.keys = keys
@@ -99,6 +112,8 @@ class Gateway:
         self.prices: dict[str, PriceSettings] = resolved_prices(settings)
         self.admission = admission
         self.audit = audit
+        #: Per wire API name (`WireAdapter.name`).
+        self.hooks = hooks or {}
         self.queues = {
             alias: FairQueue(cap, settings.limits.queue_timeout_seconds)
             for alias, route in routes.items()
@@ -121,6 +136,8 @@ class Gateway:
             call.rec.client_user = req.client_user
             route = self._authorize(principal, req, wire)
             wire.bind(req, route.settings)
+            if (hook := self.hooks.get(wire.name)) is not None:
+                await hook.prepare(principal, req)
             check_caps(self.settings, req)
             call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
             if (queue := self.queues.get(route.alias)) is not None:
@@ -197,6 +214,7 @@ class Gateway:
         wire: WireAdapter,
         receive: Receive,
     ) -> Response | SSERelay:
+        hook = self.hooks.get(wire.name)
         if req.stream:
             lease, upstream, spoken = await self._connect(call, route, req, wire)
 
@@ -205,24 +223,34 @@ class Gateway:
 
             async def before_done(tr: StreamTranslator) -> BastionError | None:
                 self._count_stream(call, tr)
-                return await self._record_answer(call, tr.assembled(), tr.state.engine_model)
+                failure = None
+                if self.audit is not None:
+                    failure = await self._record_answer(call, tr.assembled(), tr.state.engine_model)
+                if failure is None and hook is not None:
+                    failure = await self._keep(call, hook, req, tr.assembled())
+                return failure
 
-            translator = spoken.stream(req, route.alias, collect=self.audit is not None)
+            collect = self.audit is not None or hook is not None
+            translator = spoken.stream(req, route.alias, collect=collect)
             return SSERelay(
                 upstream,
                 lease,
                 translator,
                 call.headers,
                 on_end,
-                before_done if self.audit is not None else None,
+                before_done if collect else None,
             )
         raw, spoken = await self._whole_answer(call, route, req, wire, receive)
         answer = spoken.answer(raw, route.alias)
+        if hook is not None:
+            answer = hook.complete(req, answer)
         self._count(call.rec, answer.usage)
         if self.audit is not None:
             failure = await self._record_answer(call, answer.content, answer.engine_model)
             if failure is not None:
                 raise failure
+        if hook is not None and (failure := await self._keep(call, hook, req, answer.content)):
+            raise failure
         self._finish(call, 200, "ok", None)
         return Response(answer.body, media_type="application/json", headers=call.headers)
 
@@ -328,6 +356,16 @@ class Gateway:
             await self.audit.completion(rec, content=content, engine_model=engine_model)
         except Exception as exc:
             return self.audit.failed(rec, exc, "the answer, so it is withheld")
+        return None
+
+    async def _keep(
+        self, call: Call, hook: AnswerHook, req: ParsedRequest, content: Any
+    ) -> BastionError | None:
+        try:
+            await hook.keep(call.rec, req, content)
+        except Exception:
+            log.exception("could not store the answer of %s", call.rec.request_id)
+            return InternalError("Bastion could not store this response; try again.")
         return None
 
     def _end_stream(self, call: Call, tr: StreamTranslator, cancelled: bool) -> None:

@@ -22,6 +22,7 @@ from bastion.core.errors import (
     error_response,
 )
 from bastion.gateway.pipeline import Gateway
+from bastion.gateway.responses_api import responses_routes
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.gateway.wire.anthropic import MESSAGES, anthropic_error, anthropic_model_list
 from bastion.identity.access import bearer_is
@@ -113,6 +114,7 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
 
     table = [
         *(Route(wire.path, endpoint(wire), methods=["POST"]) for wire in ADAPTERS),
+        *responses_routes(gateway),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/", root, methods=["GET", "HEAD"]),

@@ -47,3 +47,28 @@ section(
     "Where and how the gateway listens.",
     env={"metrics_key": "BASTION_METRICS_KEY"},
 )
+
+
+class ResponsesSettings(Strict):
+    store: bool = Field(
+        True,
+        description="Keep responses of `POST /v1/responses` asked with `store: true` (the API's "
+        "default) in Bastion's database, sealed with the team's audit data key, so "
+        "`previous_response_id` and `GET /v1/responses/{id}` work on every replica. Off: "
+        "nothing is kept, and `previous_response_id` is refused.",
+    )
+    retention_days: int = Field(
+        30,
+        ge=1,
+        description="Days a stored response stays readable; expired ones are deleted.",
+    )
+    purge_interval_seconds: float = Field(
+        3600.0, gt=0, description="How often each replica deletes expired stored responses."
+    )
+
+
+section(
+    "responses",
+    ResponsesSettings,
+    "Stored responses of the OpenAI Responses API (`store`, `previous_response_id`).",
+)

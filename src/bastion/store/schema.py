@@ -205,3 +205,21 @@ audit_holds = Table(
     Column("placed_by", String(256), nullable=False),
     Column("placed_at", DateTime(timezone=True), nullable=False),
 )
+
+#: Responses of the OpenAI Responses API kept for `previous_response_id` and retrieval (never in
+#: an engine's memory): the whole stored document is sealed with the team's audit data key.
+responses = Table(
+    "responses",
+    metadata,
+    Column("id", String(128), primary_key=True),
+    Column("team", String(128), nullable=False),
+    Column("key_id", String(64), nullable=True),
+    Column("request_id", String(64), nullable=False),
+    Column("model", String(256), nullable=False),
+    Column("previous_id", String(128), nullable=True),
+    # The audit_keys row that sealed `content`; shredding the team makes it unreadable.
+    Column("content_key", String(32), nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+)

@@ -14,9 +14,12 @@ from bastion.gateway.wire.base import Answer, StreamState, StreamTranslator, Wir
 from bastion.gateway.wire.fim import FIM_CHAT, FIM_COMPLETIONS
 from bastion.gateway.wire.openai import CHAT, EMBEDDINGS
 from bastion.gateway.wire.rerank import RERANK, RERANK_ALIASES, SCORE
+from bastion.gateway.wire.responses import RESPONSES
 
 #: Every wire API the gateway serves (completions render fill-in-the-middle: wire/fim.py).
-ADAPTERS: tuple[WireAdapter, ...] = (CHAT, FIM_COMPLETIONS, EMBEDDINGS, MESSAGES, COUNT_TOKENS)
+ADAPTERS: tuple[WireAdapter, ...] = (
+    CHAT, FIM_COMPLETIONS, EMBEDDINGS, MESSAGES, COUNT_TOKENS, RESPONSES,
+)  # fmt: skip
 #: Rerank and score for retrieval pipelines (wire/rerank.py), and the alternative paths of an
 #: API (listed first: where a name is looked up, its main path comes last and wins).
 ADAPTERS = (FIM_CHAT, *RERANK_ALIASES, *ADAPTERS, RERANK, SCORE)
