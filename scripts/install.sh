@@ -27,20 +27,11 @@ if [ "${1:-}" = "--dev" ]; then
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
-  # OpenAI's Codex CLI, run unmodified by tests/clients/test_codex.py: pinned in
-  # tests/clients/codex/, installed once into the cache (again only when the pin changes).
-  codex_dir="${XDG_CACHE_HOME:-$HOME/.cache}/bastion/clients-codex"
-  if ! cmp -s tests/clients/codex/package-lock.json "$codex_dir/package-lock.json" \
-    || [ ! -x "$codex_dir/node_modules/.bin/codex" ]; then
-    mkdir -p "$codex_dir" && cp tests/clients/codex/package.json tests/clients/codex/package-lock.json "$codex_dir/"
-    (cd "$codex_dir" && npm ci --no-audit --no-fund --loglevel=error) \
-      || { echo "installing @openai/codex from npm failed: is the npm registry reachable?" >&2; exit 1; }
-  fi
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import bastion" 
 bash scripts/install-engine.sh 2>&1 | grep -v "^WARNING: Location"
 if [ -n "$extra" ]; then
-  # The coding assistants the tests run for real (Claude Code, …), from npm.
+  # The coding assistants the tests run for real (Claude Code, Codex CLI), from npm.
   bash scripts/install-clients.sh
 fi

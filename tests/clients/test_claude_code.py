@@ -24,7 +24,10 @@ from tests.gateway.wire.anthropic_gw import (
 
 pytestmark = pytest.mark.engine
 __all__ = ["msg_gateway"]
-CLIENTS = Path(os.environ.get("BASTION_CLIENTS_DIR", Path.home() / ".cache/bastion/clients"))
+CLIENTS = Path(
+    os.environ.get("BASTION_CLIENTS_DIR")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bastion/clients"
+)
 
 
 @pytest.fixture(scope="module")
