@@ -42,7 +42,7 @@ from bastion.limits.counters import CounterBackend, MemoryCounters
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.routing.balancer import LeastOutstanding, ModelRoute
+from bastion.routing.balancer import ModelRoute
 from bastion.routing.health import HealthChecker
 from bastion.store.db import Database
 
@@ -59,8 +59,7 @@ def build_app(
         if settings.audit.enabled
         else None
     )
-    balancer = LeastOutstanding()
-    routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}
+    routes = {alias: ModelRoute.build(alias, m) for alias, m in settings.models.items()}
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
     keys = KeyStore(

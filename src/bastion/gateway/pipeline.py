@@ -290,7 +290,8 @@ class Gateway:
         deployment is spoken to in the API it serves (`wire.via`): natively, or translated."""
         last: BastionError | None = None
         gauge = self.metrics.in_flight.labels(route.alias)
-        for dep in route.candidates():
+        plan = route.plan(req)
+        for dep, reason in plan.choices:
             call.rec.deployment = dep.name
             lease = dep.lease(gauge)
             try:
@@ -299,6 +300,8 @@ class Gateway:
                 upstream = await self.client.post(
                     dep.settings, spoken.engine_path, body, spoken.engine_headers(req)
                 )
+                route.served(plan, dep, reason)
+                self.metrics.routing.labels(dep.name, reason).inc()
                 return lease, upstream, spoken
             except EngineConnectError as exc:
                 lease.release()
@@ -409,6 +412,9 @@ class Gateway:
             m.tokens.labels(model, "cached").inc(rec.cached_tokens)
         if rec.completion_tokens:
             m.tokens.labels(model, "completion").inc(rec.completion_tokens)
+        if rec.deployment is not None and rec.prompt_tokens and not rec.tokens_estimated:
+            m.deployment_tokens.labels(rec.deployment, "prompt").inc(rec.prompt_tokens)
+            m.deployment_tokens.labels(rec.deployment, "cached").inc(rec.cached_tokens or 0)
         if call.queue is not None:
             call.queue.release()
             call.queue = None
