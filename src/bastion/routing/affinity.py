@@ -70,11 +70,17 @@ def prefix_blocks(body: dict[str, Any]) -> list[int]:
         if size >= limit:
             break
     text = b"".join(parts)
-    blocks: list[int] = []
-    prev = b""
-    for start in range(0, min(len(text), limit) - BLOCK_BYTES + 1, BLOCK_BYTES):
-        prev = blake2b(prev + text[start : start + BLOCK_BYTES], digest_size=8).digest()
-        blocks.append(int.from_bytes(prev, "big"))
+    end = min(len(text), limit) - BLOCK_BYTES + 1
+    if end <= 0:
+        return []
+    # The first block's hash places the prefix on the ring, so it is the same in every gateway
+    # process; the chain after it only meets this process's own map, so it uses the built-in
+    # (SipHash) hash: four times faster than blake2b per block.
+    prev = _h64(text[:BLOCK_BYTES])
+    blocks = [prev]
+    for start in range(BLOCK_BYTES, end, BLOCK_BYTES):
+        prev = hash((prev, text[start : start + BLOCK_BYTES]))
+        blocks.append(prev)
     return blocks
 
 
