@@ -3,6 +3,7 @@ the one load assertion the real engine answers too fast for) two slow stub upstr
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from collections import Counter
@@ -168,6 +169,15 @@ def test_a_killed_replicas_groups_move_and_cache_is_reported(pair, replicas) -> 
     prompt = m[("bastion_deployment_prompt_tokens", f"deployment={survivor}", "kind=prompt")]
     cached = m[("bastion_deployment_prompt_tokens", f"deployment={survivor}", "kind=cached")]
     assert 0 < cached < prompt
+    # The same tallies, from the CLI that asks the running gateway.
+    out = gw.cli("routing", "status", "--url", gw.url, "--format", "json").stdout
+    status = {r["deployment"]: r for r in json.loads(out)}
+    assert status[survivor]["cached_tokens"] == cached
+    assert status[survivor]["prompt_tokens"] == prompt
+    assert status[survivor]["mode"] == "affinity" and status[survivor]["available"]
+    assert status[survivor]["decisions"].get("fallback-to-available", 0) >= 1
+    table = gw.cli("routing", "status", "--url", gw.url).stdout
+    assert survivor in table and "prefix=" in table
     moved = sum(
         v for k, v in m.items() if "reason=fallback-to-available" in k or "reason=prefix" in k
     )

@@ -49,7 +49,7 @@ from bastion.limits.tokens import prompt_upper_bound
 from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.routing.balancer import Lease, ModelRoute
+from bastion.routing.balancer import Deployment, Lease, ModelRoute
 
 log = logging.getLogger("bastion.gateway")
 
@@ -78,6 +78,8 @@ class Call:
     audited: bool = False
     #: The closing audit entry is written (or on its way).
     audit_closed: bool = False
+    #: The deployment the request was sent to (its cache-hit tally).
+    deployment: Deployment | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -301,6 +303,7 @@ class Gateway:
                     dep.settings, spoken.engine_path, body, spoken.engine_headers(req)
                 )
                 route.served(plan, dep, reason)
+                call.deployment = dep
                 self.metrics.routing.labels(dep.name, reason).inc()
                 return lease, upstream, spoken
             except EngineConnectError as exc:
@@ -412,9 +415,12 @@ class Gateway:
             m.tokens.labels(model, "cached").inc(rec.cached_tokens)
         if rec.completion_tokens:
             m.tokens.labels(model, "completion").inc(rec.completion_tokens)
-        if rec.deployment is not None and rec.prompt_tokens and not rec.tokens_estimated:
-            m.deployment_tokens.labels(rec.deployment, "prompt").inc(rec.prompt_tokens)
-            m.deployment_tokens.labels(rec.deployment, "cached").inc(rec.cached_tokens or 0)
+        if call.deployment is not None and rec.prompt_tokens and not rec.tokens_estimated:
+            dep = call.deployment
+            dep.prompt_tokens += rec.prompt_tokens
+            dep.cached_tokens += rec.cached_tokens or 0
+            m.deployment_tokens.labels(dep.name, "prompt").inc(rec.prompt_tokens)
+            m.deployment_tokens.labels(dep.name, "cached").inc(rec.cached_tokens or 0)
         if call.queue is not None:
             call.queue.release()
             call.queue = None

@@ -36,6 +36,11 @@ class Deployment:
     #: Last active health check result; None until the first check has run.
     healthy: bool | None = None
     ejected_until: float = 0.0
+    #: Since start: requests sent here by the balancer's reason, and the prompt tokens its
+    #: usage reported (all, and read from its prefix cache): `bastion routing status`.
+    decisions: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -168,7 +173,29 @@ class ModelRoute:
         return [d for d, _ in self.plan(req).choices]
 
     def served(self, plan: Plan, deployment: Deployment, reason: str) -> None:
+        deployment.decisions[reason] = deployment.decisions.get(reason, 0) + 1
         self.balancer.served(plan.key, deployment, reason)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each deployment's routing state, for `GET /admin/routing`."""
+        mode = self.settings.routing.mode if len(self.deployments) > 1 else "only"
+        return [
+            {
+                "model": self.alias,
+                "deployment": d.name,
+                "url": d.settings.display_url,
+                "mode": mode,
+                "available": d.available,
+                "in_flight": d.in_flight,
+                "decisions": dict(sorted(d.decisions.items())),
+                "prompt_tokens": d.prompt_tokens,
+                "cached_tokens": d.cached_tokens,
+                "cache_hit_ratio": round(d.cached_tokens / d.prompt_tokens, 4)
+                if d.prompt_tokens
+                else None,
+            }
+            for d in self.deployments
+        ]
 
     @property
     def capacity(self) -> int | None:
