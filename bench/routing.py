@@ -16,7 +16,7 @@ cache (usage `prompt_tokens_details.cached_tokens`), max/mean of the replicas' t
 in-flight requests (sampled from the engines' own `vllm:num_requests_running` + `_waiting`),
 TTFT p50/p95 (streamed), throughput, and requests per replica. Run from the repository root:
 
-    .venv/bin/python -m bench.routing --groups 12 --requests 120 --rate 3
+    .venv/bin/python -m bench.routing --groups 12 --requests 120 --rate 5 --gpu-blocks 240
 """
 
 from __future__ import annotations
@@ -105,6 +105,7 @@ class Result:
             "ttft_p95_ms": q[18] * 1000,
             "req_per_s": len(self.ttft) / self.seconds if self.seconds else 0.0,
             "errors": self.errors,
+            "prompt_tokens_per_request": round(self.prompt / max(1, len(self.ttft))),
             "per_replica": self.sent,
             "avg_in_flight": {k: round(v, 2) for k, v in self.load.items()},
         }
@@ -226,6 +227,15 @@ async def play(
     return res
 
 
+def routed(gw_url: str, alias: str) -> dict[str, Any]:
+    req = urllib.request.Request(
+        f"{gw_url}/admin/routing?model={alias}", headers={"authorization": f"Bearer {ADMIN}"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        rows = json.loads(r.read())
+    return {r["deployment"]: r["decisions"] for r in rows}
+
+
 def reset(engines: list[str]) -> None:
     for u in engines:
         req = urllib.request.Request(u + "/reset_prefix_cache", method="POST", data=b"")
@@ -318,8 +328,8 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--groups", type=int, default=12)
     ap.add_argument("--requests", type=int, default=120)
-    ap.add_argument("--rate", type=float, default=3.0, help="Poisson arrivals per second")
-    ap.add_argument("--gpu-blocks", type=int, default=160, help="KV blocks (32 tokens) per replica")
+    ap.add_argument("--rate", type=float, default=5.0, help="Poisson arrivals per second")
+    ap.add_argument("--gpu-blocks", type=int, default=240, help="KV blocks (32 tokens) per replica")
     ap.add_argument("--load-factor", type=float, default=1.25)
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--modes", default="round-robin,least-outstanding,affinity,pinned")
@@ -370,6 +380,8 @@ def main() -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {mode} ...", flush=True)
             via = (gw_url, key) if mode in ("least-outstanding", "affinity") else None
             row = asyncio.run(play(mode, work, engines, via)).row()
+            if via is not None:  # where the gateway sent them, from its own tallies
+                row["per_replica"] = routed(gw_url, mode)
             rows.append(row)
             print("   ", json.dumps(row), flush=True)
     finally:
