@@ -111,13 +111,15 @@ class Result:
         }
 
 
-def workload(groups: int, requests: int, rate: float, seed: int) -> list[tuple[float, int, list]]:
+def workload(
+    groups: int, requests: int, rate: float, seed: int, words: int = 560
+) -> list[tuple[float, int, list]]:
     """(arrival second, group, messages): Poisson arrivals, groups drawn uniformly."""
     rng = random.Random(seed)
     systems = []
     for g in range(groups):
-        words = [rng.choice(WORDS) for _ in range(560)]
-        systems.append(f"Group {g} desk. Policy: " + " ".join(words))
+        policy = " ".join(rng.choice(WORDS) for _ in range(words))
+        systems.append(f"Group {g} desk. Policy: {policy}")
     t, out = 0.0, []
     for i in range(requests):
         t += rng.expovariate(rate)
@@ -332,6 +334,9 @@ def main() -> int:
     ap.add_argument("--gpu-blocks", type=int, default=240, help="KV blocks (32 tokens) per replica")
     ap.add_argument("--load-factor", type=float, default=1.25)
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument(
+        "--prefix-words", type=int, default=560, help="words per shared prefix (~2.5 tokens each)"
+    )
     ap.add_argument("--modes", default="round-robin,least-outstanding,affinity,pinned")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--micro", action="store_true", help="only the balancer's per-request cost")
@@ -372,7 +377,7 @@ def main() -> int:
             p.wait_ready(timeout=600)
         engines = [p.url for p in procs]
         gw, gw_url, key = start_gateway(engines, args.load_factor, workdir)
-        work = workload(args.groups, args.requests, args.rate, args.seed)
+        work = workload(args.groups, args.requests, args.rate, args.seed, args.prefix_words)
         # Warm-up off the record (compiles, first-request costs), then caches are reset.
         asyncio.run(play("round-robin", work[:4], engines, None))
         for mode in args.modes.split(","):
