@@ -147,3 +147,18 @@ def test_no_key_and_one_replica() -> None:
         ),
     )
     assert lo.plan(None).choices[0][1] == "least-outstanding"
+
+
+def test_key_from_the_parsed_request() -> None:
+    from bastion.core.request import ParsedRequest
+    from bastion.gateway.wire.openai import CHAT
+
+    route = _route(2)
+    body = {"model": "m", "messages": [SYSTEM, {"role": "user", "content": "hi"}]}
+    plain = route.balancer.key(ParsedRequest(CHAT, body, "m", False))
+    assert plain.session is None and plain.blocks == prefix_blocks(body)
+    hinted = route.balancer.key(ParsedRequest(CHAT, body, "m", False, session="codex-7"))
+    assert hinted.session == "codex-7" and hinted.blocks == []  # the hint wins, nothing hashed
+    assert route.plan(ParsedRequest(CHAT, body, "m", False, session="codex-7")).choices[0][1] == (
+        "session"
+    )
