@@ -354,7 +354,7 @@ def main() -> int:
                 SERVED,
                 free_port(),
                 gpu_memory_utilization=0.05,
-                max_model_len=min(4096, 32 * args.gpu_blocks),
+                max_model_len=min(2048, 32 * (args.gpu_blocks - 2)),
                 extra_args=(
                     "--block-size",
                     "32",
