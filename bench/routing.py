@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -199,7 +200,8 @@ async def play(
     async def sampler() -> None:
         while not done.is_set():
             for u in engines:
-                samples[u].append(await asyncio.to_thread(engine_load, u))
+                with contextlib.suppress(OSError):  # too busy to answer in time: no sample
+                    samples[u].append(await asyncio.to_thread(engine_load, u))
             await asyncio.sleep(0.05)
 
     sent: dict[str, int] = {}
