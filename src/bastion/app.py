@@ -42,7 +42,8 @@ from bastion.limits.counters import CounterBackend, MemoryCounters
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.routing.balancer import LeastOutstanding, ModelRoute
+from bastion.routing import api as routing_api
+from bastion.routing.balancer import ModelRoute
 from bastion.routing.health import HealthChecker
 from bastion.store.db import Database
 
@@ -59,8 +60,7 @@ def build_app(
         if settings.audit.enabled
         else None
     )
-    balancer = LeastOutstanding()
-    routes = {alias: ModelRoute.build(alias, m, balancer) for alias, m in settings.models.items()}
+    routes = {alias: ModelRoute.build(alias, m) for alias, m in settings.models.items()}
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
     keys = KeyStore(
@@ -115,6 +115,7 @@ def build_app(
             audit_api.router,
             audit_api.admin_router,
             identity_api.router,
+            routing_api.router,
         ],
         openapi_public=settings.admin.openapi_public,
     )
@@ -128,6 +129,7 @@ def build_app(
     for state in (app.state, admin.state):
         state.settings, state.db, state.keys = settings, db, keys
         state.admission, state.audit = admission, audit
+    admin.state.routes = routes
     app.state.gateway = gateway
     app.state.health = health
     return app

@@ -195,6 +195,43 @@ def cmd_limits_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing_status(args: argparse.Namespace) -> int:
+    """Asks the running gateway: routing state lives in its memory."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from bastion.metering.reports import render
+
+    settings = _settings(args)
+    base = (
+        args.url
+        or settings.server.public_url
+        or f"http://{settings.server.host}:{settings.server.port}"
+    )
+    query = "?" + urllib.parse.urlencode({"model": args.model}) if args.model else ""
+    req = urllib.request.Request(
+        base.rstrip("/") + "/admin/routing" + query,
+        headers={"Authorization": f"Bearer {settings.admin.key or ''}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            rows = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        sys.stderr.write(f"error: the gateway answered {exc.code}: {exc.read().decode()}\n")
+        return 2
+    except (urllib.error.URLError, OSError) as exc:
+        sys.stderr.write(f"error: cannot reach the gateway at {base}: {exc}\n")
+        return 2
+    if args.format == "json":
+        _print_json(rows)
+        return 0
+    for r in rows:
+        r["decisions"] = " ".join(f"{k}={v}" for k, v in r["decisions"].items()) or "-"
+    sys.stdout.write(render(rows, args.format) if rows else "no models configured\n")
+    return 0
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from bastion.identity.keys import list_keys
     from bastion.metering.reports import render
@@ -397,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help="gateway URL (default: from the config's server section)")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
     s.set_defaults(func=cmd_limits_status)
+
+    rt = sub.add_parser("routing", help="how requests are spread over deployments")
+    rts = rt.add_subparsers(dest="routing_cmd", required=True)
+    s = rts.add_parser(
+        "status", parents=[common], help="per deployment: decisions, load, cache hits (gateway)"
+    )
+    s.add_argument("--model")
+    s.add_argument("--url", help="gateway URL (default: from the config's server section)")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.set_defaults(func=cmd_routing_status)
 
     s = sub.add_parser("usage", parents=[common], help="usage and cost summaries")
     s.add_argument(

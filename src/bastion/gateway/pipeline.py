@@ -49,7 +49,7 @@ from bastion.limits.tokens import prompt_upper_bound
 from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
-from bastion.routing.balancer import Lease, ModelRoute
+from bastion.routing.balancer import Deployment, Lease, ModelRoute
 
 log = logging.getLogger("bastion.gateway")
 
@@ -78,6 +78,8 @@ class Call:
     audited: bool = False
     #: The closing audit entry is written (or on its way).
     audit_closed: bool = False
+    #: The deployment the request was sent to (its cache-hit tally).
+    deployment: Deployment | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -290,7 +292,8 @@ class Gateway:
         deployment is spoken to in the API it serves (`wire.via`): natively, or translated."""
         last: BastionError | None = None
         gauge = self.metrics.in_flight.labels(route.alias)
-        for dep in route.candidates():
+        plan = route.plan(req)
+        for dep, reason in plan.choices:
             call.rec.deployment = dep.name
             lease = dep.lease(gauge)
             try:
@@ -299,6 +302,9 @@ class Gateway:
                 upstream = await self.client.post(
                     dep.settings, spoken.engine_path, body, spoken.engine_headers(req)
                 )
+                route.served(plan, dep, reason)
+                call.deployment = dep
+                self.metrics.routing.labels(dep.name, reason).inc()
                 return lease, upstream, spoken
             except EngineConnectError as exc:
                 lease.release()
@@ -409,6 +415,12 @@ class Gateway:
             m.tokens.labels(model, "cached").inc(rec.cached_tokens)
         if rec.completion_tokens:
             m.tokens.labels(model, "completion").inc(rec.completion_tokens)
+        if call.deployment is not None and rec.prompt_tokens and not rec.tokens_estimated:
+            dep = call.deployment
+            dep.prompt_tokens += rec.prompt_tokens
+            dep.cached_tokens += rec.cached_tokens or 0
+            m.deployment_tokens.labels(dep.name, "prompt").inc(rec.prompt_tokens)
+            m.deployment_tokens.labels(dep.name, "cached").inc(rec.cached_tokens or 0)
         if call.queue is not None:
             call.queue.release()
             call.queue = None

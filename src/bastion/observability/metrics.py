@@ -70,6 +70,20 @@ class Metrics:
             ["deployment"],
             registry=r,
         )
+        self.routing = Counter(
+            "bastion_routing_decisions",
+            "Requests sent to a deployment, by why the balancer chose it (session, prefix, ring, "
+            "spill, fallback-to-available, least-loaded, least-outstanding, only).",
+            ["deployment", "reason"],
+            registry=r,
+        )
+        self.deployment_tokens = Counter(
+            "bastion_deployment_prompt_tokens",
+            "Prompt tokens by deployment and kind (prompt: all; cached: read from the engine's "
+            "prefix cache): cached / prompt is the deployment's cache-hit ratio.",
+            ["deployment", "kind"],
+            registry=r,
+        )
         self.audit_failures = Counter(
             "bastion_audit_failures",
             "Audit entries that could not be made durable, by what happened to the request "

@@ -4,7 +4,8 @@ A balancer orders a model's deployments by preference; the pipeline tries them i
 and moves to the next only when a connection could not be made (nothing was sent yet). A
 request holds a `Lease` on the deployment it uses: taken when it is tried, given back exactly
 once, whatever happens, so the in-flight counts balancers rely on never drift.
-Cache-aware (prefix-affinity) routing will be another `Balancer`.
+Each choice carries a reason (for metrics): why this replica, e.g. `session`, `prefix`, `spill`.
+Prefix-affinity routing is `bastion.routing.affinity.Affinity`; `least-outstanding` is here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.engines.settings import DeploymentSettings
 from bastion.routing.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from bastion.core.request import ParsedRequest
 
 #: After a refused connection, a deployment is skipped for this long unless nothing else is up.
 EJECT_SECONDS = 5.0
@@ -32,6 +36,11 @@ class Deployment:
     #: Last active health check result; None until the first check has run.
     healthy: bool | None = None
     ejected_until: float = 0.0
+    #: Since start: requests sent here by the balancer's reason, and the prompt tokens its
+    #: usage reported (all, and read from its prefix cache): `bastion routing status`.
+    decisions: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,19 +97,50 @@ class Lease:
 
 
 class Balancer(Protocol):
-    def order(self, deployments: Sequence[Deployment]) -> list[Deployment]: ...
+    def key(self, req: ParsedRequest | None) -> Any:
+        """What the balancer routes this request by (computed once per request), or None."""
+        ...
+
+    def order(
+        self, deployments: Sequence[Deployment], key: Any = None
+    ) -> list[tuple[Deployment, str]]:
+        """Every deployment, most preferred first, each with the reason it is where it is."""
+        ...
+
+    def served(self, key: Any, deployment: Deployment, reason: str) -> None:
+        """The request was sent to `deployment` (for balancers that learn)."""
+        ...
 
 
 class LeastOutstanding:
     """Fewest requests in flight relative to weight; available replicas first; ties at random."""
 
-    def order(self, deployments: Sequence[Deployment]) -> list[Deployment]:
+    def key(self, req: ParsedRequest | None) -> None:
+        return None
+
+    def order(
+        self, deployments: Sequence[Deployment], key: Any = None
+    ) -> list[tuple[Deployment, str]]:
         if len(deployments) == 1:
-            return list(deployments)
-        return sorted(
+            return [(deployments[0], "only")]
+        ranked = sorted(
             deployments,
             key=lambda d: (not d.available, (d.in_flight + 1) / d.settings.weight, random.random()),
         )
+        return [(ranked[0], "least-outstanding")] + [
+            (d, "fallback-to-available") for d in ranked[1:]
+        ]
+
+    def served(self, key: Any, deployment: Deployment, reason: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class Plan:
+    """One request's routing: the deployments to try in order, why, and the balancer's key."""
+
+    choices: list[tuple[Deployment, str]]
+    key: Any
 
 
 @dataclass
@@ -111,12 +151,51 @@ class ModelRoute:
     balancer: Balancer
 
     @classmethod
-    def build(cls, alias: str, settings: ModelSettings, balancer: Balancer) -> ModelRoute:
+    def build(
+        cls, alias: str, settings: ModelSettings, balancer: Balancer | None = None
+    ) -> ModelRoute:
+        """A route with the balancer its settings name (`routing.mode`), unless one is given."""
         deps = [Deployment(alias, i, d) for i, d in enumerate(settings.deployments)]
+        if balancer is None:
+            if settings.routing.mode == "affinity":
+                from bastion.routing.affinity import Affinity
+
+                balancer = Affinity(deps, settings.routing.load_factor)
+            else:
+                balancer = LeastOutstanding()
         return cls(alias, settings, deps, balancer)
 
-    def candidates(self) -> list[Deployment]:
-        return self.balancer.order(self.deployments)
+    def plan(self, req: ParsedRequest | None = None) -> Plan:
+        key = self.balancer.key(req)
+        return Plan(self.balancer.order(self.deployments, key), key)
+
+    def candidates(self, req: ParsedRequest | None = None) -> list[Deployment]:
+        return [d for d, _ in self.plan(req).choices]
+
+    def served(self, plan: Plan, deployment: Deployment, reason: str) -> None:
+        deployment.decisions[reason] = deployment.decisions.get(reason, 0) + 1
+        self.balancer.served(plan.key, deployment, reason)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each deployment's routing state, for `GET /admin/routing`."""
+        mode = self.settings.routing.mode if len(self.deployments) > 1 else "only"
+        return [
+            {
+                "model": self.alias,
+                "deployment": d.name,
+                "url": d.settings.display_url,
+                "mode": mode,
+                "available": d.available,
+                "in_flight": d.in_flight,
+                "decisions": dict(sorted(d.decisions.items())),
+                "prompt_tokens": d.prompt_tokens,
+                "cached_tokens": d.cached_tokens,
+                "cache_hit_ratio": round(d.cached_tokens / d.prompt_tokens, 4)
+                if d.prompt_tokens
+                else None,
+            }
+            for d in self.deployments
+        ]
 
     @property
     def capacity(self) -> int | None:

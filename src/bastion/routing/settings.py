@@ -70,6 +70,24 @@ class FimTemplate(Strict):
     )
 
 
+class RoutingSettings(Strict):
+    """How a request picks one of the model's deployments (docs/routing.md)."""
+
+    mode: Literal["affinity", "least-outstanding"] = Field(
+        "affinity",
+        description="affinity: requests sharing a session hint or a prompt prefix go to the "
+        "replica likely to hold its KV cache, within the load bound; least-outstanding: the "
+        "replica with the fewest requests in flight (per weight).",
+    )
+    load_factor: float = Field(
+        1.25,
+        ge=1.0,
+        description="affinity: no replica takes a request that would put it above "
+        "ceil(load_factor * mean in-flight) over the available replicas (the request counted); "
+        "the request spills to the next replica on the ring instead.",
+    )
+
+
 class ModelSettings(Strict):
     deployments: list[DeploymentSettings] = Field(
         min_length=1, description="Engine replicas serving this alias."
@@ -105,6 +123,9 @@ class ModelSettings(Strict):
     )
     limits: LimitSettings = Field(
         default_factory=LimitSettings, description="Limits for the model as a whole."
+    )
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="How requests pick a deployment."
     )
     engine_fields: EngineFieldPolicy = Field(
         default_factory=EngineFieldPolicy,
