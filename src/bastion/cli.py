@@ -160,33 +160,37 @@ def cmd_keys_limits(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_limits_status(args: argparse.Namespace) -> int:
-    """Asks the running gateway: with the in-memory backend only it knows the counters."""
+def _ask_gateway(args: argparse.Namespace, path: str, query: dict[str, str | None]) -> Any:
+    """GET an admin endpoint of the running gateway with the admin key: its rows, or None
+    (the error already told on stderr)."""
     import urllib.error
     import urllib.parse
     import urllib.request
 
-    from bastion.metering.reports import render
-
     settings = _settings(args)
-    base = (
-        args.url
-        or settings.server.public_url
-        or (f"http://{settings.server.host}:{settings.server.port}")
-    )
-    query = "?" + urllib.parse.urlencode({"team": args.team}) if args.team else ""
+    server = settings.server
+    base = args.url or server.public_url or f"http://{server.host}:{server.port}"
+    params = {k: v for k, v in query.items() if v}
     req = urllib.request.Request(
-        base.rstrip("/") + "/admin/limits" + query,
+        base.rstrip("/") + path + ("?" + urllib.parse.urlencode(params) if params else ""),
         headers={"Authorization": f"Bearer {settings.admin.key or ''}"},
     )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            rows = orjson.loads(resp.read())
+            return orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
         sys.stderr.write(f"error: the gateway answered {exc.code}: {exc.read().decode()}\n")
-        return 2
     except (urllib.error.URLError, OSError) as exc:
         sys.stderr.write(f"error: cannot reach the gateway at {base}: {exc}\n")
+    return None
+
+
+def cmd_limits_status(args: argparse.Namespace) -> int:
+    """Asks the running gateway: with the in-memory backend only it knows the counters."""
+    from bastion.metering.reports import render
+
+    rows = _ask_gateway(args, "/admin/limits", {"team": args.team})
+    if rows is None:
         return 2
     if args.format == "json":
         _print_json(rows)
@@ -197,31 +201,10 @@ def cmd_limits_status(args: argparse.Namespace) -> int:
 
 def cmd_routing_status(args: argparse.Namespace) -> int:
     """Asks the running gateway: routing state lives in its memory."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
     from bastion.metering.reports import render
 
-    settings = _settings(args)
-    base = (
-        args.url
-        or settings.server.public_url
-        or f"http://{settings.server.host}:{settings.server.port}"
-    )
-    query = "?" + urllib.parse.urlencode({"model": args.model}) if args.model else ""
-    req = urllib.request.Request(
-        base.rstrip("/") + "/admin/routing" + query,
-        headers={"Authorization": f"Bearer {settings.admin.key or ''}"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            rows = orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        sys.stderr.write(f"error: the gateway answered {exc.code}: {exc.read().decode()}\n")
-        return 2
-    except (urllib.error.URLError, OSError) as exc:
-        sys.stderr.write(f"error: cannot reach the gateway at {base}: {exc}\n")
+    rows = _ask_gateway(args, "/admin/routing", {"model": args.model})
+    if rows is None:
         return 2
     if args.format == "json":
         _print_json(rows)

@@ -29,7 +29,7 @@ from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import Usage
 from bastion.engines.settings import DeploymentSettings
-from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter, engine_json_object
 from bastion.gateway.wire.openai import (
     PER_CHAT_OVERHEAD,
     PER_MESSAGE_OVERHEAD,
@@ -299,7 +299,7 @@ class Messages(WireAdapter):
         return dict(req.forward_headers)
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        obj = _json_object(raw)
+        obj = engine_json_object(raw)
         engine_model = obj.get("model")
         obj["model"] = alias
         obj.setdefault("stop_sequence", None)  # always present in Anthropic's schema
@@ -321,16 +321,6 @@ class Messages(WireAdapter):
 
     def error_response(self, exc: BastionError, request_id: str) -> Response:
         return anthropic_error(exc, request_id)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise UpstreamError("the engine returned a body that is not JSON") from None
-    if not isinstance(obj, dict):
-        raise UpstreamError("the engine returned JSON that is not an object")
-    return obj
 
 
 class Assembler:

@@ -26,14 +26,13 @@ from bastion.gateway.wire.anthropic import (
     Assembler,
     Messages,
     _check,
-    _json_object,
     error_body,
     is_billing_block,
     message_id,
     normalise,
     sse,
 )
-from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter, engine_json_object
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -224,7 +223,7 @@ class MessagesViaChat(Messages):
         return orjson.dumps(chat_body(req, served_name))
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        obj = _json_object(raw)
+        obj = engine_json_object(raw)
         choices = obj.get("choices")
         choice = choices[0] if isinstance(choices, list) and choices else {}
         msg = choice.get("message") or {}
@@ -439,7 +438,7 @@ class CountTokens(Messages):
         return orjson.dumps(body)
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        obj = _json_object(raw)
+        obj = engine_json_object(raw)
         count = obj.get("input_tokens")
         if not isinstance(count, int):
             raise UpstreamError("the engine's token count has no input_tokens")
@@ -464,7 +463,7 @@ class CountTokensViaChat(CountTokens):
         return orjson.dumps(chat)
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        usage = read_usage(_json_object(raw).get("usage"))
+        usage = read_usage(engine_json_object(raw).get("usage"))
         if usage is None:
             raise UpstreamError("the engine's answer has no usage to count from")
         count = {"input_tokens": usage.prompt_tokens}

@@ -7,14 +7,26 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from bastion.core.errors import BastionError, error_response
+from bastion.core.errors import BastionError, UpstreamError, error_response
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import Usage
 from bastion.engines.settings import DeploymentSettings
 from bastion.routing.settings import ModelSettings
+
+
+def engine_json_object(raw: bytes) -> dict[str, Any]:
+    """An engine's whole answer as a JSON object (UpstreamError when it is not one)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamError("the engine returned a body that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise UpstreamError("the engine returned JSON that is not an object")
+    return obj
 
 
 @dataclass(slots=True)

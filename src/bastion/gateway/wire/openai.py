@@ -18,7 +18,7 @@ from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
 from bastion.core.request import ParsedRequest
 from bastion.core.settings import MAX_COUNT
 from bastion.engines.client import read_usage
-from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter, engine_json_object
 from bastion.gateway.wire.strict import normalise
 
 PER_MESSAGE_OVERHEAD = 8  # chat-template tokens around each message, generously
@@ -261,12 +261,7 @@ class _OpenAI(WireAdapter):
         return orjson.dumps(body)
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("the engine returned a body that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamError("the engine returned JSON that is not an object")
+        obj = engine_json_object(raw)
         normalise(obj)
         engine_model = obj.get("model")
         if "model" in obj:

@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 from starlette.datastructures import Headers
 
-from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
+from bastion.core.errors import BastionError, InvalidRequest
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import read_usage
 from bastion.engines.settings import DeploymentSettings
-from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter, engine_json_object
 from bastion.gateway.wire.openai import UNSIZED_PART, _model, _read_body, _type_error
 
 #: The special tokens a cross-encoder puts round each (query, document) pair ([CLS], [SEP] twice).
@@ -122,12 +122,7 @@ class _Pairs(WireAdapter):
         return orjson.dumps(req.body)
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("the engine returned a body that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamError("the engine returned JSON that is not an object")
+        obj = engine_json_object(raw)
         engine_model = obj.get("model")
         if "model" in obj:
             obj["model"] = alias

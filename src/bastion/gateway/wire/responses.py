@@ -21,7 +21,7 @@ from bastion.core.errors import BastionError, InvalidRequest, UpstreamError
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import Usage
 from bastion.engines.settings import DeploymentSettings
-from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire.base import Answer, StreamTranslator, WireAdapter, engine_json_object
 from bastion.gateway.wire.openai import (
     PER_CHAT_OVERHEAD,
     PER_MESSAGE_OVERHEAD,
@@ -224,12 +224,7 @@ class Responses(WireAdapter):
         return orjson.dumps(body)
 
     def answer(self, raw: bytes, alias: str) -> Answer:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("the engine returned a body that is not JSON") from None
-        if not isinstance(obj, dict):
-            raise UpstreamError("the engine returned JSON that is not an object")
+        obj = engine_json_object(raw)
         engine_model = obj.get("model")
         obj["model"] = alias
         normalise(obj)
