@@ -1,6 +1,8 @@
 """The affinity balancer's ordering, deterministically: no engine, no clock, no randomness."""
 
+import time
 from collections import Counter
+from typing import Any
 
 from bastion.engines.settings import DeploymentSettings
 from bastion.routing.affinity import BLOCK_BYTES, Affinity, Key, prefix_blocks
@@ -10,11 +12,11 @@ from bastion.routing.settings import ModelSettings
 SYSTEM = {"role": "system", "content": "You are the bank's assistant. " * 40}
 
 
-def _route(n: int = 2, load_factor: float = 1.25) -> ModelRoute:
+def _route(n: int = 2, load_factor: float = 1.25, **routing: Any) -> ModelRoute:
     deps = [
         DeploymentSettings(url=f"http://10.0.0.{i + 1}:8000", served_name="m") for i in range(n)
     ]
-    settings = ModelSettings(deployments=deps, routing={"load_factor": load_factor})
+    settings = ModelSettings(deployments=deps, routing={"load_factor": load_factor, **routing})
     route = ModelRoute.build("m", settings)
     assert isinstance(route.balancer, Affinity)  # the default mode
     return route
@@ -65,7 +67,7 @@ def test_a_conversation_follows_its_longest_known_prefix() -> None:
     assert _first(route, grown) == (owner, "prefix")
     # Learned even where the ring points elsewhere: teach a different replica, it is followed.
     elsewhere = (owner + 1) % 3
-    route.balancer.served(grown, route.deployments[elsewhere], "fallback-to-available")
+    route.balancer.served(grown, route.deployments[elsewhere], "prefix")
     longer = _key(SYSTEM, user, {"role": "assistant", "content": "ok " * 200}, user, user)
     assert _first(route, longer) == (elsewhere, "prefix")
 
@@ -162,3 +164,65 @@ def test_key_from_the_parsed_request() -> None:
     assert route.plan(ParsedRequest(CHAT, body, "m", False, session="codex-7")).choices[0][1] == (
         "session"
     )
+
+
+def test_the_load_floor_keeps_light_load_on_the_owner() -> None:
+    key = Key("light", [])
+    for floor, expected in ((2, "session"), (1, "spill")):
+        route = _route(4, load_floor=floor)
+        owner, _ = _first(route, key)
+        route.deployments[owner].in_flight = 1  # 2 with this one: ceil(1.25 * 2 / 4) = 1
+        assert _first(route, key)[1] == expected
+    route = _route(4)
+    route.deployments[owner].in_flight = 2  # the floor is a floor: a third request spills
+    assert _first(route, key)[1] == "spill"
+
+
+def _groups(n: int) -> list[Key]:
+    return [_key({"role": "system", "content": f"Desk {i} instructions. " * 30}) for i in range(n)]
+
+
+def test_a_recovered_replica_takes_its_groups_back_gradually() -> None:
+    route = _route(2, slow_start_s=30)
+    a, b = route.deployments
+    keys = [k for k in _groups(200) if _first(route, k)[0] == 0]  # groups a owns
+    a.checked(True)
+    b.checked(True)
+    assert a.warmth == 1.0  # the first verdict is no recovery
+    a.checked(False)  # a goes down: its groups move to b, learned as displaced
+    for k in keys:
+        assert _first(route, k) == (1, "fallback-to-available")
+        route.balancer.served(k, b, "fallback-to-available")
+        assert _first(route, k) == (1, "prefix")
+    a.checked(True)  # back: slow-start begins at 10 % of its weight
+    assert 0.1 <= a.warmth < 0.12
+    a.warm_from = time.monotonic() - 15  # halfway through the window
+    first = [_first(route, k) for k in keys]
+    back = [k for k, (i, reason) in zip(keys, first, strict=True) if reason == "return"]
+    assert all(i == 0 for i, reason in first if reason == "return")
+    assert all((i, reason) == (1, "prefix") for i, reason in first if reason != "return")
+    assert 0.35 < len(back) / len(keys) < 0.65
+    assert [_first(route, k) for k in keys] == first  # fixed per group: no flapping
+    for k in back:
+        route.balancer.served(k, a, "return")
+    a.warm_from = time.monotonic() - 31  # the window is over: every group is home
+    assert all(_first(route, k) in ((0, "return"), (0, "prefix")) for k in keys)
+    assert all(_first(route, k) == (0, "prefix") for k in back)
+
+
+def test_new_groups_reach_a_warming_replica_by_its_warmth() -> None:
+    route = _route(2, slow_start_s=30)
+    a = route.deployments[0]
+    keys = [k for k in _groups(200) if _first(route, k)[0] == 0]
+    a.healthy = False
+    a.checked(True)
+    a.warm_from = time.monotonic() - 6  # 20 % warm
+    reasons = Counter(_first(route, k)[1] for k in keys)
+    assert set(reasons) == {"ring", "slow-start"}
+    assert 0.1 < reasons["ring"] / len(keys) < 0.3
+    sessions = Counter(_first(route, Key(f"s{i}", []))[1] for i in range(400))
+    assert sessions["slow-start"] > 100  # sessions a owns, not yet taken back
+    no_start = _route(2, slow_start_s=0)
+    no_start.deployments[0].healthy = False
+    no_start.deployments[0].checked(True)
+    assert no_start.deployments[0].warmth == 1.0

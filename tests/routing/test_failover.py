@@ -26,6 +26,18 @@ def _readyz(url: str) -> tuple[int, dict]:
         return e.code, orjson.loads(e.read())
 
 
+def _wait_healthy(gw, model: str, expected: list[bool], timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+    """Until /readyz reports the model's deployments so (a busy machine can fail one check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, body = _readyz(gw.url)
+        seen = [d["healthy"] for d in body["models"][model]["deployments"]]
+        if seen == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == expected, body
+
+
 def test_two_deployments_one_killed(
     make_gateway,
     chat_engine,
@@ -56,19 +68,23 @@ def test_two_deployments_one_killed(
             )
         )
         gw.wait_ready()
+        _wait_healthy(gw, "pair", [True, True])
         key = gw.create_key("alpha")
         with openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0) as c:
-            for i in range(12):
+            # Both replicas take traffic: each `user` is a session the ring places, so the
+            # first 40 fall on one replica only with probability 2**-39.
+            used: Counter[str] = Counter()
+            for i in range(40):
                 c.chat.completions.create(
                     model="pair",
                     max_tokens=2,
                     user=f"before-{i}",
                     messages=[{"role": "user", "content": "hi"}],
                 )
-            used = Counter(
-                usage_rows(db, client_user=f"before-{i}")[0].deployment for i in range(12)
-            )
-            assert set(used) == {"pair[0]", "pair[1]"}  # both replicas take traffic
+                used[usage_rows(db, client_user=f"before-{i}")[0].deployment] += 1
+                if len(used) == 2:
+                    break
+            assert set(used) == {"pair[0]", "pair[1]"}, used
 
             second.kill()  # SIGKILL: a crashed engine
             for i in range(10):  # every request still succeeds, on the surviving replica

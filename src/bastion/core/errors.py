@@ -226,7 +226,9 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class EngineConnectError(UpstreamUnavailable):
-    """No connection could be made: the request never reached the engine (safe to retry)."""
+    """No connection could be made, or the engine dropped it before answering at all: nothing
+    reached the client, so another replica may take the request. (A dropped request may have
+    begun generating on the lost engine; generation has no side effect but its compute.)"""
 
 
 class QueueTimeout(UpstreamUnavailable):

@@ -176,6 +176,13 @@ class EngineClient:
             raise EngineConnectError(
                 f"engine at {dep.display_url} is unreachable: {exc.os_error}"
             ) from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # Closed or reset before a status line: the engine went away (a crash, a restart,
+            # a partition) while this request was being sent.
+            raise EngineConnectError(
+                f"engine at {dep.display_url} dropped the connection before answering "
+                f"({type(exc).__name__})"
+            ) from exc
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"the engine did not answer within {dep.first_byte_timeout:g}s"

@@ -293,7 +293,15 @@ class Gateway:
         last: BastionError | None = None
         gauge = self.metrics.in_flight.labels(route.alias)
         plan = route.plan(req)
-        for dep, reason in plan.choices:
+        for attempt, (dep, reason) in enumerate(plan.choices):
+            if attempt and not route.retries.try_retry():
+                self.metrics.retries.labels(route.alias, "budget-spent").inc()
+                raise UpstreamUnavailable(
+                    f"No engine for model '{route.alias}' is reachable right now ({last}); "
+                    "the retry budget is spent, so no other replica is tried."
+                )
+            if attempt:
+                self.metrics.retries.labels(route.alias, "retried").inc()
             call.rec.deployment = dep.name
             lease = dep.lease(gauge)
             try:

@@ -73,8 +73,16 @@ class Metrics:
         self.routing = Counter(
             "bastion_routing_decisions",
             "Requests sent to a deployment, by why the balancer chose it (session, prefix, ring, "
-            "spill, fallback-to-available, least-loaded, least-outstanding, only).",
+            "spill, return, slow-start, fallback-to-available, least-loaded, least-outstanding, "
+            "only).",
             ["deployment", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "bastion_routing_retries",
+            "Requests moved to another replica after a refused connection (retried), or answered "
+            "503 instead because the model's retry budget was spent (budget-spent).",
+            ["model", "outcome"],
             registry=r,
         )
         self.deployment_tokens = Counter(

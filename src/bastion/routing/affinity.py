@@ -90,13 +90,30 @@ class Key:
 
     session: str | None
     blocks: list[int]
+    #: Set by `order`: the learned replica holds this prefix only because its owner was down or
+    #: warming up (the group returns to the owner once it is back).
+    displaced: bool = False
+
+    @property
+    def point(self) -> int:
+        """Where the key sits on the ring."""
+        return _h64(self.session.encode()) if self.session is not None else self.blocks[0]
+
+    @property
+    def rank(self) -> float:
+        """A fixed number in [0, 1) per key: during a replica's slow-start, the keys ranked
+        below its warmth go (or return) to it. Fixed, so a key moves once, never back and forth."""
+        return ((self.point * 0x9E3779B97F4A7C15) >> 40 & 0xFFFFFF) / 0x1000000
 
 
 class Affinity:
     """A `Balancer` for one model's deployments (its ring and learned map are per model)."""
 
-    def __init__(self, deployments: Sequence[Deployment], load_factor: float = 1.25):
+    def __init__(
+        self, deployments: Sequence[Deployment], load_factor: float = 1.25, load_floor: int = 2
+    ):
         self.load_factor = load_factor
+        self.load_floor = load_floor
         self._deps = list(deployments)
         self._learned: OrderedDict[int, int] = OrderedDict()
         points: list[tuple[int, int]] = []
@@ -137,35 +154,29 @@ class Affinity:
             return [(deps[0], "only")]
         if key is None or (key.session is None and not key.blocks):
             # Nothing to be affine to (no prompt prefix of a full block): the least loaded.
-            ranked = sorted(deps, key=lambda d: (not d.available, d.in_flight / d.settings.weight))
+            ranked = sorted(deps, key=lambda d: (not d.available, d.in_flight / d.effective_weight))
             return [(ranked[0], "least-loaded")] + [
                 (d, "fallback-to-available") for d in ranked[1:]
             ]
-        target: int | None = None
-        if key.session is not None:
-            walk, reason = self._walk(_h64(key.session.encode())), "session"
-        else:
-            walk, reason = self._walk(key.blocks[0]), "ring"
-            learned = self._learned
-            for h in reversed(key.blocks):
-                target = learned.get(h)
-                if target is not None:
-                    reason = "prefix"
-                    break
-        if target is not None and walk[0] != target:
-            walk = (target, *(i for i in walk if i != target))
+        walk = self._walk(key.point)
+        owner = deps[walk[0]]
+        reason = "session" if key.session is not None else "ring"
+        target, key.displaced = self._learned_target(key)
+        if target is not None and target != walk[0]:
+            if key.displaced and owner.available and key.rank < owner.warmth:
+                reason = "return"  # its owner is back: the group goes home
+            else:
+                walk, reason = (target, *(i for i in walk if i != target)), "prefix"
+        elif target is not None:
+            reason = "prefix"
+        if reason in ("session", "ring") and owner.available and key.rank >= owner.warmth:
+            # The owner is in slow-start and this key is not yet among those it takes.
+            walk, reason = (*walk[1:], walk[0]), "slow-start"
         up = [i for i in walk if deps[i].available]
         if not up:  # nothing known to be up: try them all in ring order
             rest = [(deps[i], "fallback-to-available") for i in walk[1:]]
             return [(deps[walk[0]], reason), *rest]
-        total = sum(deps[i].in_flight for i in up) + 1
-        weight = sum(deps[i].settings.weight for i in up)
-        chosen = up[0]
-        for i in up:
-            cap = math.ceil(self.load_factor * total * deps[i].settings.weight / weight)
-            if deps[i].in_flight + 1 <= cap:
-                chosen = i
-                break
+        chosen = self._within_bound(up)
         if chosen != walk[0]:
             reason = "spill" if deps[walk[0]].available else "fallback-to-available"
         out = [(deps[chosen], reason)]
@@ -173,19 +184,50 @@ class Affinity:
         out += [(deps[i], "fallback-to-available") for i in walk if i not in up]
         return out
 
+    def _learned_target(self, key: Key) -> tuple[int | None, bool]:
+        """The replica that served the longest known prefix of the key, and whether it holds it
+        only because the owner was unavailable. Learned values are the replica index, negated
+        (minus one) for displaced groups."""
+        if key.session is not None:
+            return None, False
+        learned = self._learned
+        for h in reversed(key.blocks):
+            value = learned.get(h)
+            if value is not None:
+                return (value, False) if value >= 0 else (-value - 1, True)
+        return None, False
+
+    def _within_bound(self, up: list[int]) -> int:
+        """The first replica in `up` (preference order) whose in-flight count stays within its
+        bound with this request: `ceil(load_factor * total * share)`, share by effective weight,
+        but never below `load_floor`. The last resort is the first one."""
+        deps = self._deps
+        total = sum(deps[i].in_flight for i in up) + 1
+        weight = sum(deps[i].effective_weight for i in up)
+        for i in up:
+            d = deps[i]
+            cap = max(
+                self.load_floor, math.ceil(self.load_factor * total * d.effective_weight / weight)
+            )
+            if d.in_flight + 1 <= cap:
+                return i
+        return up[0]
+
     def served(self, key: Key | None, deployment: Deployment, reason: str) -> None:
         """Learns where a prompt's blocks went. A spill adds only blocks not known yet: the
-        prefix stays with its replica, the conversation that spilled follows its own tail."""
+        prefix stays with its replica, the conversation that spilled follows its own tail. A
+        group moved because its owner was down or warming up is learned as displaced."""
         if key is None or not key.blocks:
             return
         learned = self._learned
-        index = deployment.index
         keep = reason == "spill"
+        displaced = reason in ("fallback-to-available", "slow-start") or (
+            reason == "prefix" and key.displaced
+        )
+        value = -deployment.index - 1 if displaced else deployment.index
         for h in key.blocks:
-            if keep and h in learned:
-                learned.move_to_end(h)
-            else:
-                learned[h] = index
-                learned.move_to_end(h)
+            if not (keep and h in learned):
+                learned[h] = value
+            learned.move_to_end(h)
         while len(learned) > LEARNED_BLOCKS:
             learned.popitem(last=False)

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.engines.settings import DeploymentSettings
+from bastion.routing.retry_budget import RetryBudget
 from bastion.routing.settings import ModelSettings
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 #: After a refused connection, a deployment is skipped for this long unless nothing else is up.
 EJECT_SECONDS = 5.0
+#: Share of its weight a replica takes at the start of its slow-start window (Envoy's default).
+MIN_WARMTH = 0.1
 
 
 @dataclass(eq=False)
@@ -36,6 +39,10 @@ class Deployment:
     #: Last active health check result; None until the first check has run.
     healthy: bool | None = None
     ejected_until: float = 0.0
+    #: Seconds a recovering replica takes to reach its full weight (`routing.slow_start_s`),
+    #: and when its current window began (-inf: never recovered, no window).
+    slow_start: float = 0.0
+    warm_from: float = float("-inf")
     #: Since start: requests sent here by the balancer's reason, and the prompt tokens its
     #: usage reported (all, and read from its prefix cache): `bastion routing status`.
     decisions: dict[str, int] = field(default_factory=dict)
@@ -50,8 +57,34 @@ class Deployment:
     def available(self) -> bool:
         return self.healthy is not False and self.ejected_until <= time.monotonic()
 
+    @property
+    def warmth(self) -> float:
+        """Share of its weight the replica takes: below 1 only during slow-start, rising from
+        MIN_WARMTH linearly. A replica back from a failure has cold caches (and on some engines
+        cold kernels): the full share at once would be slow for everyone sent there."""
+        if not self.slow_start:
+            return 1.0
+        elapsed = time.monotonic() - self.warm_from
+        if elapsed >= self.slow_start:
+            return 1.0
+        return max(MIN_WARMTH, elapsed / self.slow_start)
+
+    @property
+    def effective_weight(self) -> float:
+        return self.settings.weight * self.warmth
+
     def eject(self) -> None:
         self.ejected_until = time.monotonic() + EJECT_SECONDS
+        self.warm_from = self.ejected_until
+
+    def checked(self, ok: bool) -> None:
+        """The active health check's verdict. Coming back from DOWN, or passing the check
+        while ejected, starts slow-start now."""
+        if ok and (self.healthy is False or self.ejected_until > time.monotonic()):
+            self.warm_from = time.monotonic()
+        self.healthy = ok
+        if ok:
+            self.ejected_until = 0.0
 
     def lease(self, gauge: Gauge | None = None) -> Lease:
         """A slot on this deployment for one request (also counted in `gauge`, if given)."""
@@ -113,7 +146,8 @@ class Balancer(Protocol):
 
 
 class LeastOutstanding:
-    """Fewest requests in flight relative to weight; available replicas first; ties at random."""
+    """Fewest requests in flight relative to (effective) weight; available replicas first;
+    ties at random."""
 
     def key(self, req: ParsedRequest | None) -> None:
         return None
@@ -125,7 +159,11 @@ class LeastOutstanding:
             return [(deployments[0], "only")]
         ranked = sorted(
             deployments,
-            key=lambda d: (not d.available, (d.in_flight + 1) / d.settings.weight, random.random()),
+            key=lambda d: (
+                not d.available,
+                (d.in_flight + 1) / d.effective_weight,
+                random.random(),
+            ),
         )
         return [(ranked[0], "least-outstanding")] + [
             (d, "fallback-to-available") for d in ranked[1:]
@@ -149,23 +187,32 @@ class ModelRoute:
     settings: ModelSettings
     deployments: list[Deployment]
     balancer: Balancer
+    retries: RetryBudget = field(default_factory=RetryBudget)
 
     @classmethod
     def build(
         cls, alias: str, settings: ModelSettings, balancer: Balancer | None = None
     ) -> ModelRoute:
         """A route with the balancer its settings name (`routing.mode`), unless one is given."""
-        deps = [Deployment(alias, i, d) for i, d in enumerate(settings.deployments)]
+        routing = settings.routing
+        deps = [
+            Deployment(alias, i, d, slow_start=routing.slow_start_s)
+            for i, d in enumerate(settings.deployments)
+        ]
         if balancer is None:
-            if settings.routing.mode == "affinity":
+            if routing.mode == "affinity":
                 from bastion.routing.affinity import Affinity
 
-                balancer = Affinity(deps, settings.routing.load_factor)
+                balancer = Affinity(deps, routing.load_factor, routing.load_floor)
             else:
                 balancer = LeastOutstanding()
-        return cls(alias, settings, deps, balancer)
+        budget = routing.retry_budget
+        retries = RetryBudget(budget.ratio, budget.min_per_second, budget.window_s)
+        return cls(alias, settings, deps, balancer, retries)
 
     def plan(self, req: ParsedRequest | None = None) -> Plan:
+        """The deployments to try for one request (which also counts for the retry budget)."""
+        self.retries.request()
         key = self.balancer.key(req)
         return Plan(self.balancer.order(self.deployments, key), key)
 
@@ -186,6 +233,7 @@ class ModelRoute:
                 "url": d.settings.display_url,
                 "mode": mode,
                 "available": d.available,
+                "warmth": round(d.warmth, 3),
                 "in_flight": d.in_flight,
                 "decisions": dict(sorted(d.decisions.items())),
                 "prompt_tokens": d.prompt_tokens,

@@ -12,6 +12,9 @@ from bastion.routing.balancer import Deployment
 
 log = logging.getLogger("bastion.routing")
 
+#: Delay before a failed check of a healthy deployment is repeated to confirm it.
+CONFIRM_SECONDS = 1.0
+
 
 class HealthChecker:
     def __init__(
@@ -22,11 +25,23 @@ class HealthChecker:
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
 
+    async def _check(self, deployments: list[Deployment]) -> list[bool]:
+        return list(await asyncio.gather(*(self._client.healthy(d.settings) for d in deployments)))
+
     async def check_all(self) -> None:
-        results = await asyncio.gather(
-            *(self._client.healthy(d.settings) for d in self._deployments)
-        )
-        for dep, ok in zip(self._deployments, results, strict=True):
+        deps = self._deployments
+        results = await self._check(deps)
+        # One failed check on a healthy replica is confirmed by a second before it is marked
+        # DOWN: a busy engine can miss one 2-second deadline, and DOWN moves its traffic (and
+        # its cache affinity) away. A refused connection needs no check: it ejects at once.
+        doubted = [
+            i for i, (d, ok) in enumerate(zip(deps, results, strict=True)) if d.healthy and not ok
+        ]
+        if doubted:
+            await asyncio.sleep(CONFIRM_SECONDS)
+            for i, ok in zip(doubted, await self._check([deps[i] for i in doubted]), strict=True):
+                results[i] = ok
+        for dep, ok in zip(deps, results, strict=True):
             if dep.healthy is not ok:
                 log.log(
                     logging.INFO if ok else logging.WARNING,
@@ -35,9 +50,7 @@ class HealthChecker:
                     dep.settings.display_url,
                     "up" if ok else "DOWN",
                 )
-            dep.healthy = ok
-            if ok:
-                dep.ejected_until = 0.0
+            dep.checked(ok)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="bastion-health")

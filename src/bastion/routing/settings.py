@@ -70,6 +70,20 @@ class FimTemplate(Strict):
     )
 
 
+class RetryBudgetSettings(Strict):
+    """Retries (a request moved to another replica after a refused connection) allowed per
+    model: `ratio` of the requests in the last `window_s`, plus `min_per_second` always. A
+    failing fleet then answers 503 fast instead of being hammered by every request's retries."""
+
+    ratio: float = Field(
+        0.2, ge=0, le=1, description="Share of recent requests that may be retried."
+    )
+    min_per_second: float = Field(
+        3.0, ge=0, description="Retries always allowed per second, however few requests came."
+    )
+    window_s: float = Field(10.0, gt=0, le=300, description="The window both count over.")
+
+
 class RoutingSettings(Strict):
     """How a request picks one of the model's deployments (docs/routing.md)."""
 
@@ -85,6 +99,24 @@ class RoutingSettings(Strict):
         description="affinity: no replica takes a request that would put it above "
         "ceil(load_factor * mean in-flight) over the available replicas (the request counted); "
         "the request spills to the next replica on the ring instead.",
+    )
+    load_floor: int = Field(
+        2,
+        ge=1,
+        description="affinity: a replica may always hold this many requests in flight before "
+        "its requests spill, whatever the mean: at low load the mean-based bound is too coarse "
+        "to balance anything and spilling only costs cache hits.",
+    )
+    slow_start_s: float = Field(
+        30.0,
+        ge=0,
+        description="A replica that comes back (health check passes again, or its ejection "
+        "ends) takes a share of its weight growing from 10 % to 100 % over this many seconds, "
+        "and the prefix groups that moved away return to it gradually; 0 turns it off.",
+    )
+    retry_budget: RetryBudgetSettings = Field(
+        default_factory=lambda: RetryBudgetSettings(),
+        description="How many requests may move to another replica after a failed connection.",
     )
 
 
