@@ -81,7 +81,13 @@ def tiers(
             prices=prices,
         )
     )
-    gw.wait_ready()
+    # /readyz stays 503 (flash never has a healthy deployment): wait for the real engine.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        body = httpx.get(gw.url + "/readyz").json()
+        if body["models"]["pro"]["ready"] and body["models"]["busy"]["ready"]:
+            break
+        time.sleep(0.2)
     return gw, db
 
 
@@ -114,13 +120,11 @@ def test_a_down_alias_falls_back_and_says_who_served(tiers: tuple[Gateway, str])
         assert raw.headers["x-bastion-routed-to"] == "pro[0]"
         assert raw.headers["x-bastion-fallback-from"] == "flash; reason=unavailable"
         rid = raw.headers["x-request-id"]
-        with c.chat.completions.with_raw_response.create(
+        streamed = c.chat.completions.with_raw_response.create(
             model="flash", messages=HI, max_tokens=3, stream=True, user="fb-stream"
-        ) as streamed:
-            assert streamed.headers["x-bastion-routed-to"] == "pro[0]"
-            assert "".join(
-                ch.choices[0].delta.content or "" for ch in streamed.parse() if ch.choices
-            )
+        )
+        assert streamed.headers["x-bastion-routed-to"] == "pro[0]"
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed.parse() if ch.choices)
     (row,) = usage_rows(db, client_user="fb-whole")
     assert (row.model, row.served_model, row.deployment) == ("flash", "pro", "pro[0]")
     assert row.status == 200 and row.cost_micros > 0  # charged at pro's price
@@ -130,7 +134,9 @@ def test_a_down_alias_falls_back_and_says_who_served(tiers: tuple[Gateway, str])
     assert done["kind"] == "completion" and done["outcome"] == "ok"
     assert (done["model"], done["served_model"], done["deployment"]) == ("flash", "pro", "pro[0]")
     metrics = httpx.get(gw.url + "/metrics").text
-    assert 'bastion_fallbacks_total{from="flash",reason="unavailable",to="pro"}' in metrics
+    (line,) = [ln for ln in metrics.splitlines() if ln.startswith("bastion_fallbacks_total{")]
+    for label in ('from="flash"', 'to="pro"', 'reason="unavailable"'):
+        assert label in line, line
 
 
 @pytest.mark.parametrize(("alias", "reason"), [("busy", "overloaded"), ("gone", "unavailable")])
@@ -149,12 +155,12 @@ def test_no_first_byte_in_time_falls_back(
     asked = len(stubs["late-first-event"].requests)
     with _client(gw, gw.create_key("alpha")) as c:
         t0 = time.monotonic()
-        with c.chat.completions.with_raw_response.create(
+        raw = c.chat.completions.with_raw_response.create(
             model="late", messages=HI, max_tokens=2, stream=True
-        ) as raw:
-            assert raw.headers["x-bastion-routed-to"] == "pro[0]"
-            assert raw.headers["x-bastion-fallback-from"] == "late; reason=first_byte_timeout"
-            assert list(raw.parse())
+        )
+        assert raw.headers["x-bastion-routed-to"] == "pro[0]"
+        assert raw.headers["x-bastion-fallback-from"] == "late; reason=first_byte_timeout"
+        assert list(raw.parse())
         assert time.monotonic() - t0 < 4.5  # not the stub's 5 s
     assert len(stubs["late-first-event"].requests) == asked + 1
 
@@ -208,4 +214,5 @@ def test_router_rules_with_the_sdk(tiers: tuple[Gateway, str]) -> None:
     with _client(gw, alpha) as c:
         assert "auto" in [m.id for m in c.models.list()]
     metrics = httpx.get(gw.url + "/metrics").text
-    assert 'bastion_router_decisions_total{router="auto",rule="agent",target="pro"}' in metrics
+    lines = [ln for ln in metrics.splitlines() if ln.startswith("bastion_router_decisions_total{")]
+    assert any('rule="agent"' in ln and 'target="pro"' in ln for ln in lines), lines
