@@ -56,6 +56,24 @@ class StubEngine:
             return web.json_response(
                 {"error": {"message": "context too long", "type": "BadRequestError"}}, status=400
             )
+        if self.mode in ("429", "503"):  # saturated / unavailable: another alias may serve
+            return web.json_response({"error": {"message": "busy"}}, status=int(self.mode))
+        if self.mode == "drop-stream":  # a first event, then the connection breaks
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(
+                b'data: {"id":"x","model":"stub","choices":[{"index":0,"delta":'
+                b'{"content":"a"}}]}\n\n'
+            )
+            await asyncio.sleep(0.2)
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if self.mode == "late-first-event":  # headers at once, the first event 5 s later
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(5)
+            return await self._stream(request, body, resp)
         if self.mode == "garbage":
             return web.Response(text="<html>proxy error</html>", status=200)
         if self.mode == "stall-stream":
@@ -86,9 +104,12 @@ class StubEngine:
             }
         )
 
-    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], resp: web.StreamResponse | None = None
+    ) -> web.StreamResponse:
+        if resp is None:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
         chunk = {"id": "x", "model": body["model"], "choices": [{"index": 0, "delta": {}}]}
         chunk["choices"][0]["delta"] = {"content": "hi"}
         await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")

@@ -93,7 +93,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             models=models,
             expires_in=expires,
             name=args.name or "",
-            known_models=set(settings.models),
+            known_models={*settings.models, *settings.routers},
             role=args.role,
             created_by=cli_actor(),
         )

@@ -174,7 +174,7 @@ async def post_key(body: KeyIn, ctx: Manager) -> NewKeyOut:
                 models=body.models,
                 expires_in=expires,
                 name=body.name,
-                known_models=set(ctx.settings.models),
+                known_models={*ctx.settings.models, *ctx.settings.routers},
                 limits=body.limits,
                 role=body.role,
                 created_by=ctx.actor.name,

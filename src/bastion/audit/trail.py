@@ -284,6 +284,7 @@ class AuditTrail:
             **_who(rec),
             "endpoint": rec.endpoint,
             "model": rec.model,
+            "served_model": rec.served_model,
             "deployment": rec.deployment,
             "engine_model": engine_model,
             "status": rec.status,

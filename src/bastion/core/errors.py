@@ -18,8 +18,10 @@
     └── UpstreamError                    502    upstream_error         upstream_error
         ├── UpstreamUnavailable          503    service_unavailable    engine_unavailable
         │   ├── EngineConnectError       503    service_unavailable    engine_unavailable
+        │   ├── EngineOverloaded         503    service_unavailable    engine_overloaded
         │   └── QueueTimeout             503    service_unavailable    queue_timeout
         └── UpstreamTimeout              504    timeout                engine_timeout
+            └── FirstByteTimeout         504    timeout                first_byte_timeout
 
 Who raises what: the wire adapters `InvalidRequest`/`BodyTooLarge`; identity
 `AuthenticationFailed`, `PermissionDenied` and (LDAP sign-in) `DirectoryDown`; routing
@@ -231,6 +233,12 @@ class EngineConnectError(UpstreamUnavailable):
     begun generating on the lost engine; generation has no side effect but its compute.)"""
 
 
+class EngineOverloaded(UpstreamUnavailable):
+    """The engine answered 429: it is saturated (not the client's fault, so not a 4xx)."""
+
+    default_code = "engine_overloaded"
+
+
 class QueueTimeout(UpstreamUnavailable):
     """No engine slot became free within `limits.queue_timeout_seconds` (fair share)."""
 
@@ -241,3 +249,9 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout"
     default_code = "engine_timeout"
+
+
+class FirstByteTimeout(UpstreamTimeout):
+    """No byte of the answer within `models.<alias>.routing.first_byte_timeout_s`."""
+
+    default_code = "first_byte_timeout"

@@ -21,6 +21,7 @@ import orjson
 
 from bastion.core.errors import (
     EngineConnectError,
+    EngineOverloaded,
     UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
@@ -72,12 +73,27 @@ class EngineResponse:
     `events()`; then the connection goes back to the pool, or, if the answer was not read to
     the end, is dropped (`close()`), which makes the engine abort the request."""
 
-    __slots__ = ("_resp", "finished")
+    __slots__ = ("_first", "_resp", "_stream", "finished")
 
     def __init__(self, resp: aiohttp.ClientResponse):
         self._resp = resp
         #: The body was read to its end.
         self.finished = False
+        #: A stream read ahead to its first events (`prime`): they come out of `events()` first.
+        self._stream: AsyncIterator[list[bytes]] | None = None
+        self._first: list[bytes] | None = None
+
+    async def prime(self) -> None:
+        """Reads a stream up to its first events without passing them on yet, so that the
+        caller learns the engine has begun answering before anything reaches the client (the
+        point after which a request must not move elsewhere). Drops the connection on failure
+        or cancellation (a timeout)."""
+        self._stream = self._read_events()
+        try:
+            self._first = await anext(self._stream, None)
+        except BaseException:
+            self.close()
+            raise
 
     async def read(self) -> bytes:
         try:
@@ -95,6 +111,15 @@ class EngineResponse:
     async def events(self) -> AsyncIterator[list[bytes]]:
         """The stream's server-sent events (without their blank-line terminator), a batch per
         network read, so that what arrived together is relayed together."""
+        if self._stream is None:
+            self._stream = self._read_events()
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for batch in self._stream:
+            yield batch
+
+    async def _read_events(self) -> AsyncIterator[list[bytes]]:
         buf = b""
         try:
             async for data in self._resp.content.iter_any():
@@ -210,7 +235,9 @@ class EngineClient:
 IDLE_KEEPALIVE_SECONDS = 4.0
 
 
-async def _engine_error(resp: aiohttp.ClientResponse) -> UpstreamError | UpstreamRejected:
+async def _engine_error(
+    resp: aiohttp.ClientResponse,
+) -> UpstreamError | UpstreamRejected:
     """An engine error status in Bastion's terms (the body is read and the response released)."""
     try:
         raw = await resp.read()
@@ -219,6 +246,8 @@ async def _engine_error(resp: aiohttp.ClientResponse) -> UpstreamError | Upstrea
     finally:
         resp.release()
     message = _engine_message(raw) or f"engine answered HTTP {resp.status}"
+    if resp.status == 429:  # the engine is saturated: another alias may take the request
+        return EngineOverloaded(f"engine overloaded: {message}")
     if 400 <= resp.status < 500:
         # The client's fault as the engine sees it (context too long, bad parameter, …).
         return UpstreamRejected(message)

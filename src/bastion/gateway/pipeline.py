@@ -16,7 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.requests import ClientDisconnect, Request
@@ -28,6 +28,7 @@ from bastion.core.errors import (
     BastionError,
     BodyTooLarge,
     EngineConnectError,
+    FirstByteTimeout,
     InternalError,
     InvalidRequest,
     NotFound,
@@ -38,6 +39,7 @@ from bastion.core.errors import (
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
 from bastion.gateway.relay import Receive, SSERelay, wait_disconnect
+from bastion.gateway.tiers import pick, serve
 from bastion.gateway.wire import Answer, StreamTranslator, WireAdapter
 from bastion.identity.keystore import KeyStore
 from bastion.identity.principal import Principal
@@ -50,6 +52,7 @@ from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.routing.balancer import Deployment, Lease, ModelRoute
+from bastion.routing.tiers import NotServed, not_served
 
 log = logging.getLogger("bastion.gateway")
 
@@ -80,10 +83,14 @@ class Call:
     audit_closed: bool = False
     #: The deployment the request was sent to (its cache-hit tally).
     deployment: Deployment | None = None
+    #: Reservations of the model limits of an alias serving a request called for another.
+    serving_tickets: list[Ticket] = field(default_factory=list)
+    #: How the request got where it went (response headers): a router's rule, a fallback.
+    routing_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def headers(self) -> dict[str, str]:
-        headers = {"x-request-id": self.rec.request_id}
+        headers = {"x-request-id": self.rec.request_id, **self.routing_headers}
         if self.ticket is not None:
             headers.update(self.ticket.headers)
         if self.req is not None:
@@ -136,19 +143,21 @@ class Gateway:
             call.req = req
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
+            if (router := self.settings.routers.get(req.model)) is not None:
+                self._may_call(principal, req.model)
+                decision = await pick(self, router, principal, req, request.headers)
+                req.model = decision.target  # every stage below reads the alias it goes to
+                call.rec.served_model = decision.target
+                call.routing_headers["x-bastion-router"] = (
+                    f"{call.rec.model}; rule={decision.rule}; target={decision.target}"
+                )
             route = self._authorize(principal, req, wire)
             wire.bind(req, route.settings)
             if (hook := self.hooks.get(wire.name)) is not None:
                 await hook.prepare(principal, req)
             check_caps(self.settings, req)
             call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
-            if (queue := self.queues.get(route.alias)) is not None:
-                await queue.acquire(principal.team, self._weight(principal.team))
-                call.queue = queue
-            if self.audit is not None:
-                req.body = await self.audit.request(call.rec, principal, req.body, call.source)
-                call.audited = True
-            return await self._relay(call, route, req, wire, request.receive)
+            return await serve(self, call, principal, route, req, wire, request.receive)
         except BastionError as exc:
             self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
             exc.headers = {**call.headers, **exc.headers}
@@ -188,6 +197,15 @@ class Gateway:
                 raise BodyTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
             chunks.append(chunk)
         return b"".join(chunks)
+
+    @staticmethod
+    def _may_call(principal: Principal, name: str) -> None:
+        if principal.role not in CALLERS:
+            raise PermissionDenied(
+                f"The {principal.role} role cannot call models.", code="role_not_allowed"
+            )
+        if not principal.may_use(name):
+            raise PermissionDenied(f"This key may not use the model '{name}'.", param="model")
 
     def _authorize(self, principal: Principal, req: ParsedRequest, wire: WireAdapter) -> ModelRoute:
         if principal.role not in CALLERS:
@@ -233,7 +251,7 @@ class Gateway:
                 return failure
 
             collect = self.audit is not None or hook is not None
-            translator = spoken.stream(req, route.alias, collect=collect)
+            translator = spoken.stream(req, call.rec.model or route.alias, collect=collect)
             return SSERelay(
                 upstream,
                 lease,
@@ -243,7 +261,7 @@ class Gateway:
                 before_done if collect else None,
             )
         raw, spoken = await self._whole_answer(call, route, req, wire, receive)
-        answer = spoken.answer(raw, route.alias)
+        answer = spoken.answer(raw, call.rec.model or route.alias)
         if hook is not None:
             answer = hook.complete(req, answer)
         self._count(call.rec, answer.usage)
@@ -293,25 +311,27 @@ class Gateway:
         last: BastionError | None = None
         gauge = self.metrics.in_flight.labels(route.alias)
         plan = route.plan(req)
+        call.rec.served_model = route.alias
         for attempt, (dep, reason) in enumerate(plan.choices):
             if attempt and not route.retries.try_retry():
+                # The alias's own fleet is spared; another alias of its chain may still serve.
                 self.metrics.retries.labels(route.alias, "budget-spent").inc()
-                raise UpstreamUnavailable(
-                    f"No engine for model '{route.alias}' is reachable right now ({last}); "
-                    "the retry budget is spent, so no other replica is tried."
+                spent = UpstreamUnavailable(
+                    f"No engine for model '{route.alias}' is reachable right now"
+                    + (f" ({last.message})" if last else "")
+                    + "; the retry budget is spent, so no other replica is tried."
                 )
+                raise NotServed(spent, "unavailable")
             if attempt:
                 self.metrics.retries.labels(route.alias, "retried").inc()
             call.rec.deployment = dep.name
             lease = dep.lease(gauge)
             try:
                 spoken = wire.via(dep.settings)
-                body = spoken.engine_body(req, dep.settings.served_name)
-                upstream = await self.client.post(
-                    dep.settings, spoken.engine_path, body, spoken.engine_headers(req)
-                )
+                upstream = await self._send(route, dep, spoken, req)
                 route.served(plan, dep, reason)
                 call.deployment = dep
+                call.routing_headers["x-bastion-routed-to"] = dep.name
                 self.metrics.routing.labels(dep.name, reason).inc()
                 return lease, upstream, spoken
             except EngineConnectError as exc:
@@ -323,15 +343,38 @@ class Gateway:
             except UpstreamError as exc:
                 lease.release()
                 self.metrics.upstream_errors.labels(dep.name, exc.default_code or "error").inc()
-                raise
+                if (moving := not_served(exc)) is exc:
+                    raise
+                raise moving from exc  # nothing reached the client: the next alias may serve
             except BaseException:
                 lease.release()
                 raise
-        raise UpstreamUnavailable(
+        down = UpstreamUnavailable(
             f"No engine for model '{route.alias}' is reachable right now"
             + (f" ({last.message})" if last else "")
             + "."
         )
+        raise NotServed(down, "unavailable")
+
+    async def _send(
+        self, route: ModelRoute, dep: Deployment, spoken: WireAdapter, req: ParsedRequest
+    ) -> EngineResponse:
+        """The engine's answer, begun: its headers in (and, with the model's
+        `first_byte_timeout_s`, a stream's first events read ahead, not yet relayed)."""
+        body = spoken.engine_body(req, dep.settings.served_name)
+        headers = spoken.engine_headers(req)
+        path = spoken.engine_path
+        limit = route.settings.routing.first_byte_timeout_s
+        if limit is None:
+            return await self.client.post(dep.settings, path, body, headers)
+        try:
+            async with asyncio.timeout(limit):
+                upstream = await self.client.post(dep.settings, path, body, headers)
+                if req.stream:
+                    await upstream.prime()
+        except TimeoutError:
+            raise FirstByteTimeout(f"{dep.name} sent no first byte within {limit:g}s") from None
+        return upstream
 
     # -- recording --------------------------------------------------------------------------
     def _count(self, rec: UsageRecord, usage: Usage | None) -> None:
@@ -411,9 +454,10 @@ class Gateway:
         elapsed = time.perf_counter() - call.started
         rec.latency_ms = elapsed * 1000
         rec.status, rec.outcome, rec.error_code = status, outcome, code
-        if rec.model is not None:
-            rec.price(self.prices.get(rec.model))
-        model = rec.model if rec.model in self.routes else "(unknown)"
+        if rec.model is not None:  # the alias that served is what is charged
+            rec.price(self.prices.get(rec.served_model or rec.model))
+        known = rec.model in self.routes or rec.model in self.settings.routers
+        model = rec.model if known else "(unknown)"
         m = self.metrics
         m.requests.labels(model, rec.endpoint, str(status)).inc()
         m.latency.labels(model, rec.endpoint).observe(elapsed)
@@ -434,6 +478,8 @@ class Gateway:
             call.queue = None
         if call.ticket is not None:
             self.admission.settle(call.ticket, rec)
+        for ticket in call.serving_tickets:
+            self.admission.settle(ticket, rec)
         self.usage.add(rec)
         if self.audit is not None and not call.audit_closed:
             call.audit_closed = True

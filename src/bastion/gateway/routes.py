@@ -26,11 +26,16 @@ from bastion.gateway.responses_api import responses_routes
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.gateway.wire.anthropic import MESSAGES, anthropic_error, anthropic_model_list
 from bastion.identity.access import bearer_is
-from bastion.routing.balancer import ModelRoute
 
 
 def gateway_routes(gateway: Gateway) -> list[Route]:
     routes, metrics = gateway.routes, gateway.metrics
+    routers = gateway.settings.routers
+    # What a caller may name as `model`, as /v1/models lists it: aliases, then routers.
+    owners = {
+        **{a: r.settings.owned_by for a, r in routes.items()},
+        **{n: r.owned_by for n, r in routers.items()},
+    }
     deployments = [d for r in routes.values() for d in r.deployments]
 
     def endpoint(wire: WireAdapter) -> Any:
@@ -39,8 +44,8 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
 
         return handle
 
-    def model_card(alias: str, route: ModelRoute) -> dict[str, Any]:
-        return {"id": alias, "object": "model", "created": 0, "owned_by": route.settings.owned_by}
+    def model_card(alias: str) -> dict[str, Any]:
+        return {"id": alias, "object": "model", "created": 0, "owned_by": owners[alias]}
 
     async def list_models(request: Request) -> Response:
         # Anthropic's SDKs send `anthropic-version` (and the key in x-api-key): their shape.
@@ -49,10 +54,10 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
             principal = await gateway.keys.authenticate(MESSAGES.credential(request.headers))
         except BastionError as exc:
             return anthropic_error(exc) if anthropic else error_response(exc)
-        allowed = [a for a in routes if principal.may_use(a)]
+        allowed = [a for a in owners if principal.may_use(a)]
         if anthropic:
             return Response(anthropic_model_list(allowed), media_type="application/json")
-        data = [model_card(a, routes[a]) for a in allowed]
+        data = [model_card(a) for a in allowed]
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )
@@ -65,12 +70,11 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         except BastionError as exc:
             return fail(exc)
         alias = request.path_params["model"]
-        route = routes.get(alias)
-        if route is None or not principal.may_use(alias):
+        if alias not in owners or not principal.may_use(alias):
             return fail(NotFound(f"The model '{alias}' does not exist."))
         if anthropic:
             return Response(anthropic_model_list([alias], one=True), media_type="application/json")
-        return Response(orjson.dumps(model_card(alias, route)), media_type="application/json")
+        return Response(orjson.dumps(model_card(alias)), media_type="application/json")
 
     async def root(_request: Request) -> Response:
         # Claude Code checks that its base URL answers (HEAD /) before its first request.

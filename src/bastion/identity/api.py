@@ -164,7 +164,7 @@ async def mint_key(body: SelfKeyIn, request: Request, who: User) -> dict[str, An
         made = await asyncio.to_thread(
             lambda: new_key(
                 state.db, team=who.team, user=who.user, name=body.name, expires_in=expires,
-                known_models=set(state.settings.models), created_by=who.name,
+                known_models={*state.settings.models, *state.settings.routers}, created_by=who.name,
                 source="sso" if who.key_id.startswith("sso_") else "self-service",
             )
         )  # fmt: skip

@@ -18,16 +18,25 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING
+from typing import Any
 
 import redis.exceptions
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, or_, select
 
 from bastion.config import Settings
 from bastion.core.errors import BudgetExceeded, LimitsUnavailable, PermissionDenied, RateLimited
 from bastion.core.request import ParsedRequest
 from bastion.identity.principal import Principal
 from bastion.limits.counters import Check, CounterBackend, MemoryCounters, Verdict
-from bastion.limits.levels import Level, Plan, applicable_levels, budget_period, checks_for
+from bastion.limits.levels import (
+    Level,
+    Plan,
+    applicable_levels,
+    budget_period,
+    checks_for,
+    model_level,
+    team_model_levels,
+)
 from bastion.limits.tokens import PromptCounter
 from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, cost_micros, money
@@ -62,6 +71,12 @@ def check_priced(plan: Plan, model: str, price: PriceSettings | None) -> None:
                 f"{level}; ask an administrator to price it (prices.{model}).",
                 code="model_not_priced",
             )
+
+
+def _for_model(alias: str) -> Any:
+    """Usage a model's limits counted: requests called for it, and those it served for another
+    alias (a fallback, a router's choice), as its admission saw both."""
+    return or_(usage.c.model == alias, usage.c.served_model == alias)
 
 
 @dataclass(slots=True)
@@ -133,6 +148,39 @@ class Admission:
         price = self.prices.get(req.model)
         check_priced(plan, req.model, price)
         prompt = await self.prompts.count(req)
+        return await self._reserve(plan, req, prompt, price, request_id)
+
+    async def admit_serving(
+        self, p: Principal, req: ParsedRequest, alias: str, request_id: str, prompt: int
+    ) -> Ticket | None:
+        """A request called for another alias is about to be served by `alias` (a fallback):
+        the caller's budgets must be able to count its price, and its own model limits (model,
+        team x model) must admit it too. The caller's other levels admitted it once already.
+        RateLimited or PermissionDenied: `alias` may not serve it."""
+        check_priced(self.plan(p, req.model), alias, self.prices.get(alias))
+        key = ("serving", p.team, alias)
+        plan = self._plans.get(key)
+        if plan is None:
+            levels = [
+                model_level(self.settings, alias),
+                *team_model_levels(self.settings, p.team, alias),
+            ]
+            levels = [lv for lv in levels if not lv.limits.is_empty()]
+            plan = self._plans[key] = Plan.compile(levels, self.settings.metering.currency)
+        if not plan.templates:
+            return None
+        price = self.prices.get(alias)
+        check_priced(plan, alias, price)
+        return await self._reserve(plan, req, prompt, price, request_id)
+
+    async def _reserve(
+        self,
+        plan: Plan,
+        req: ParsedRequest,
+        prompt: int,
+        price: PriceSettings | None,
+        request_id: str,
+    ) -> Ticket:
         completion = completion_reserve(req)
         micros = reserve_micros(prompt, completion, price)
         tokens = prompt + completion
@@ -195,7 +243,9 @@ class Admission:
         )
         if level.scope == "team_model":
             team, model = level.ident.split("|", 1)
-            q = q.where(usage.c.team == team, usage.c.model == model)
+            q = q.where(usage.c.team == team, _for_model(model))
+        elif level.scope == "model":
+            q = q.where(_for_model(level.ident))
         else:
             q = q.where(col[level.scope] == level.ident)
         with self.db.connect() as conn:

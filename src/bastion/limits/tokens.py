@@ -28,8 +28,9 @@ class PromptCounter:
             if model.tokenizer is not None:
                 self._tokenizers[alias] = _load(alias, model.tokenizer)
 
-    async def count(self, req: ParsedRequest) -> int:
-        tok = self._tokenizers.get(req.model)
+    async def count(self, req: ParsedRequest, alias: str | None = None) -> int:
+        """The prompt's tokens by the tokenizer of `alias` (default: the model called)."""
+        tok = self._tokenizers.get(alias or req.model)
         if tok is None:
             return prompt_upper_bound(req)
         texts, extra = req.prompt()

@@ -79,7 +79,9 @@ def quickstart_key(settings: Settings) -> str | None:
         if any(k.key_hash == hash_key(token) and k.status(now) == "active" for k in list_keys(db)):
             return token
     team = next(iter(settings.teams))
-    made = new_key(db, team=team, name="quickstart", known_models=set(settings.models))
+    made = new_key(
+        db, team=team, name="quickstart", known_models={*settings.models, *settings.routers}
+    )
     from bastion.audit.offline import cli_actor, cli_recorder
 
     record = cli_recorder(settings, db)

@@ -54,7 +54,11 @@ class UsageRecord:
     cost_center: str | None = None
     user: str | None = None
     client_user: str | None = None
+    #: The name the client called: an alias, or a router (`routers:`).
     model: str | None = None
+    #: The alias whose deployment served the call (a router's choice, a fallback), and that
+    #: deployment; for a call that failed, the last one tried.
+    served_model: str | None = None
     deployment: str | None = None
     stream: bool = False
     prompt_tokens: int = 0

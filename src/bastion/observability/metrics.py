@@ -85,6 +85,20 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            "bastion_fallbacks",
+            "Requests moved from one alias to the next of its `fallbacks`, by why (unavailable, "
+            "overloaded, first_byte_timeout, queue_timeout).",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.router_decisions = Counter(
+            "bastion_router_decisions",
+            "Requests a router (`routers:`) sent to a target, by the rule that matched "
+            "(`default`: none did).",
+            ["router", "rule", "target"],
+            registry=r,
+        )
         self.deployment_tokens = Counter(
             "bastion_deployment_prompt_tokens",
             "Prompt tokens by deployment and kind (prompt: all; cached: read from the engine's "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -118,6 +118,13 @@ class RoutingSettings(Strict):
         default_factory=lambda: RetryBudgetSettings(),
         description="How many requests may move to another replica after a failed connection.",
     )
+    first_byte_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds a deployment has to deliver the first byte of its answer (a "
+        "stream's first event; a whole answer's headers) before the request moves on to the "
+        "next alias of `fallbacks`; none: the deployment's own `first_byte_timeout`.",
+    )
 
 
 class ModelSettings(Strict):
@@ -163,6 +170,36 @@ class ModelSettings(Strict):
         default_factory=EngineFieldPolicy,
         description="Body fields that steer the engine: refused unless allowed here.",
     )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Aliases tried in this order when this one cannot take a request (every "
+        "deployment down, the engine answered 429 or 503, no first byte within "
+        "`routing.first_byte_timeout_s`, the queue timed out); never once a byte has reached "
+        "the client. Only this alias's own list is followed (docs/routing.md).",
+    )
+
+
+def _fallbacks(settings: Any) -> list[str]:
+    """Every fallback names another alias of the same kind, once, that renders the request as
+    this one does (the prompt was bound to the called alias's fill-in-the-middle template)."""
+    errors = []
+    for alias, model in settings.models.items():
+        where = f"models.{alias}.fallbacks"
+        for target in model.fallbacks:
+            other = settings.models.get(target)
+            if target == alias:
+                errors.append(f"{where}: '{alias}' falls back to itself (a cycle)")
+            elif other is None:
+                errors.append(f"{where}: unknown model '{target}'")
+            elif other.kind != model.kind:
+                errors.append(
+                    f"{where}: '{target}' is a {other.kind} model, '{alias}' a {model.kind} one"
+                )
+            elif other.fim != model.fim:
+                errors.append(f"{where}: '{target}' has another fill-in-the-middle template")
+        if len(set(model.fallbacks)) != len(model.fallbacks):
+            errors.append(f"{where}: an alias is listed twice")
+    return errors
 
 
 section(
@@ -170,4 +207,82 @@ section(
     dict[Annotated[str, Field(pattern=NAME)], ModelSettings],
     "Model aliases clients call, each → deployments.",
     default_factory=dict,
+    check=_fallbacks,
+)
+
+
+class HeaderMatch(Strict):
+    name: str = Field(description="A request header (case-insensitive).")
+    equals: str = Field(description="The value it must have, exactly.")
+
+
+class RouterRule(Strict):
+    """One rule of a router: every condition it sets must hold (at least one is required)."""
+
+    name: str = Field(pattern=NAME, description="Shown in logs, metrics and the response header.")
+    target: str = Field(description="The model alias a matching request goes to.")
+    prompt_tokens_over: int | None = Field(
+        None,
+        ge=0,
+        description="The prompt is longer than this many tokens (the target's tokenizer when "
+        "it has one, else Bastion's upper bound: one token per UTF-8 byte).",
+    )
+    tools: bool | None = Field(None, description="The request declares tools (true) or none.")
+    reasoning_effort: list[str] | None = Field(
+        None, description="`reasoning_effort` (Responses: `reasoning.effort`) is one of these."
+    )
+    header: HeaderMatch | None = Field(None, description="A request header has this value.")
+    teams: list[str] | None = Field(None, description="The caller's team is one of these.")
+
+
+class RouterSettings(Strict):
+    """A model name that is no model: it sends each request to one of its targets by rules."""
+
+    rules: list[RouterRule] = Field(
+        default_factory=list, description="Evaluated in order; the first that matches wins."
+    )
+    default: str = Field(description="The alias a request no rule matches goes to.")
+    owned_by: str = Field("bastion", description="Shown in /v1/models.")
+
+    @property
+    def targets(self) -> list[str]:
+        return [*(r.target for r in self.rules), self.default]
+
+
+CONDITIONS = ("prompt_tokens_over", "tools", "reasoning_effort", "header", "teams")
+
+
+def _routers(settings: Any) -> list[str]:
+    errors = []
+    for name, router in settings.routers.items():
+        where = f"routers.{name}"
+        if name in settings.models:
+            errors.append(f"{where}: a model alias has this name")
+        kinds = set()
+        for target in router.targets:
+            if target not in settings.models:
+                errors.append(f"{where}: unknown model '{target}' (routers target models)")
+            else:
+                kinds.add(settings.models[target].kind)
+        if len(kinds) > 1:
+            errors.append(f"{where}: targets of different kinds ({', '.join(sorted(kinds))})")
+        names = [r.name for r in router.rules]
+        if len(set(names)) != len(names):
+            errors.append(f"{where}: two rules have the same name")
+        for i, rule in enumerate(router.rules):
+            if all(getattr(rule, c) is None for c in CONDITIONS):
+                errors.append(
+                    f"{where}.rules[{i}]: no condition (one of {', '.join(CONDITIONS)}); "
+                    "use `default` for the rest"
+                )
+    return errors
+
+
+section(
+    "routers",
+    dict[Annotated[str, Field(pattern=NAME)], RouterSettings],
+    "Routing aliases (e.g. `auto`): a model name whose requests go to one of several models "
+    "by declared rules (docs/routing.md).",
+    default_factory=dict,
+    check=_routers,
 )

@@ -133,6 +133,8 @@ usage = Table(
     Column("user", String(256), nullable=True),
     Column("client_user", String(256), nullable=True),
     Column("model", String(128), nullable=True),
+    # The alias that served the call when it is not `model` too: a router's choice, a fallback.
+    Column("served_model", String(128), nullable=True),
     Column("deployment", String(256), nullable=True),
     Column("stream", Boolean, nullable=False, default=False),
     Column("prompt_tokens", Integer, nullable=False, default=0),
