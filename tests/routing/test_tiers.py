@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -216,3 +218,66 @@ def test_router_rules_with_the_sdk(tiers: tuple[Gateway, str]) -> None:
     metrics = httpx.get(gw.url + "/metrics").text
     lines = [ln for ln in metrics.splitlines() if ln.startswith("bastion_router_decisions_total{")]
     assert any('rule="agent"' in ln and 'target="pro"' in ln for ln in lines), lines
+
+
+def test_every_wire_api_says_who_served(tiers: tuple[Gateway, str]) -> None:
+    """Anthropic Messages and the Responses API fall back and say so like chat completions."""
+    gw, db = tiers
+    key = gw.create_key("alpha")
+    with anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0) as a:
+        raw = a.messages.with_raw_response.create(
+            model="flash", max_tokens=3, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.parse().content is not None
+        assert raw.headers["x-bastion-routed-to"] == "pro[0]"
+        assert raw.headers["x-bastion-fallback-from"] == "flash; reason=unavailable"
+        with a.messages.with_streaming_response.create(
+            model="flash", max_tokens=3, stream=True, messages=[{"role": "user", "content": "hi"}]
+        ) as streamed:
+            assert streamed.headers["x-bastion-routed-to"] == "pro[0]"
+            assert "message_stop" in "".join(streamed.iter_lines())
+    with _client(gw, key) as c:
+        raw = c.responses.with_raw_response.create(
+            model="flash", input="hi", max_output_tokens=16, store=False, user="fb-responses"
+        )
+        assert raw.parse().status in ("completed", "incomplete")
+        assert raw.headers["x-bastion-routed-to"] == "pro[0]"
+    (row,) = usage_rows(db, client_user="fb-responses")
+    assert (row.endpoint, row.model, row.served_model) == ("responses", "flash", "pro")
+
+
+def test_a_queue_timeout_falls_back(make_gateway: Any, chat_engine: VllmProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bastion's own queue for a saturated alias gives up: the next alias serves instead."""
+    slow = StubEngine().start()
+    slow.delay = 3.0
+    try:
+        models = {
+            "flash": {
+                "deployments": [{"url": slow.url, "served_name": "stub", "max_concurrency": 1}],
+                "fallbacks": ["pro"],
+            },
+            "pro": {"deployments": [{"url": chat_engine.url, "served_name": TINY}]},
+        }
+        db = f"sqlite:///{tmp_path}/q.db"
+        gw = make_gateway(base_config(db, models, limits={"queue_timeout_seconds": 0.5}))
+        gw.wait_ready()
+        key = gw.create_key("alpha")
+        with _client(gw, key) as c, ThreadPoolExecutor(2) as pool:
+            first = pool.submit(
+                c.chat.completions.with_raw_response.create,
+                model="flash",
+                messages=HI,
+                max_tokens=2,
+                user="q-holder",
+            )
+            time.sleep(0.5)  # the holder has flash's only slot; the next one queues, then moves
+            raw = c.chat.completions.with_raw_response.create(
+                model="flash", messages=HI, max_tokens=2, user="q-moved"
+            )
+            assert raw.headers["x-bastion-routed-to"] == "pro[0]"
+            assert raw.headers["x-bastion-fallback-from"] == "flash; reason=queue_timeout"
+            assert first.result().headers["x-bastion-routed-to"] == "flash[0]"
+        (row,) = usage_rows(db, client_user="q-moved")
+        assert (row.model, row.served_model, row.status) == ("flash", "pro", 200)
+    finally:
+        slow.stop()
