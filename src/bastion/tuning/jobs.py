@@ -147,6 +147,7 @@ def _launch(jdir: Path) -> None:
     spec = read_json(jdir / "job.json")
     state = read_json(jdir / "state.json")
     # Written before the worker starts: its own "running" must never be overwritten.
+    (jdir / "worker.pid").unlink(missing_ok=True)
     state.update(state="queued", error=None, launches=int(state.get("launches", 0)) + 1)
     write_json(jdir / "state.json", state)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -161,14 +162,15 @@ def _launch(jdir: Path) -> None:
             cwd=jdir,
             start_new_session=True,  # survives the CLI and a gateway restart; own process group
         )
-    (jdir / "worker.pid").write_text(str(proc.pid))
+    (jdir / "worker.pid").write_text(f"{proc.pid} {_start_time(proc.pid)}")
 
 
-def _pid(jdir: Path) -> int | None:
+def _worker(jdir: Path) -> tuple[int, str | None] | None:
     try:
-        return int((jdir / "worker.pid").read_text())
+        pid, start = (jdir / "worker.pid").read_text().split()
     except (OSError, ValueError):
         return None
+    return int(pid), start
 
 
 def job_dir(job_id: str, root: Path | None = None) -> Path:
@@ -178,31 +180,35 @@ def job_dir(job_id: str, root: Path | None = None) -> Path:
     return jdir
 
 
-def _alive(pid: int | None) -> bool:
-    """The worker is running (a recycled pid running something else does not count)."""
-    if not pid:
-        return False
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None
+    if there is no such live process: a pid plus its start time names one process for ever."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return str(WORKER).encode() in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _alive(worker: tuple[int, str | None] | None) -> bool:
+    """The worker still runs (a recycled pid running something else does not count)."""
+    return worker is not None and _start_time(worker[0]) == worker[1]
 
 
 def status(job_id: str, root: Path | None = None) -> dict[str, Any]:
     jdir = job_dir(job_id, root)
     state = read_json(jdir / "state.json")
-    pid = _pid(jdir)
-    if state["state"] not in TERMINAL and not _alive(pid):
+    worker = _worker(jdir)
+    launching = state["state"] == "queued" and worker is None  # between the two writes
+    if state["state"] not in TERMINAL and not launching and not _alive(worker):
         # Re-read: the worker may have finished between the two reads.
         state = read_json(jdir / "state.json")
-        if state["state"] not in TERMINAL and not _alive(pid):
+        if state["state"] not in TERMINAL and not _alive(worker):
             state.update(state="failed", error="the training process is gone (killed or crashed)")
             write_json(jdir / "state.json", state)
     if state["state"] not in TERMINAL and (jdir / "cancel").exists():
         state["state"] = "cancelling"
-    return {"id": job_id, **state, "pid": pid}
+    return {"id": job_id, **state, "pid": worker[0] if worker else None}
 
 
 def list_jobs(root: Path | None = None) -> list[dict[str, Any]]:
@@ -218,9 +224,9 @@ def cancel(job_id: str, root: Path | None = None) -> dict[str, Any]:
     if st["state"] in TERMINAL:
         raise JobError(f"job {job_id} is already {st['state']}")
     (jdir / "cancel").touch()
-    pid = st.get("pid")
-    if _alive(pid):
-        os.kill(int(pid), signal.SIGTERM)  # the worker checkpoints and stops after this step
+    worker = _worker(jdir)
+    if worker and _alive(worker):
+        os.kill(worker[0], signal.SIGTERM)  # the worker checkpoints and stops after this step
     return status(job_id, root)
 
 
