@@ -174,6 +174,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from bastion.local.launcher import EngineError
     from bastion.tuning.validate import ValidationError, run_validation, validate_with_own_engine
 
     kw = {"prompts": args.prompt or None, "max_samples": args.max_samples}
@@ -182,7 +183,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             res = run_validation(args.adapter, args.engine_url.rstrip("/"), **kw)
         else:
             res = validate_with_own_engine(args.adapter, **kw)
-    except ValidationError as exc:
+    except (ValidationError, EngineError, OSError) as exc:  # OSError: engine unreachable
         return _fail(str(exc))
     _print_json(res)
     return 0 if res["passed"] else 1
