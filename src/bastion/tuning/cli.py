@@ -182,7 +182,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if args.engine_url:
             res = run_validation(args.adapter, args.engine_url.rstrip("/"), **kw)
         else:
-            res = validate_with_own_engine(args.adapter, **kw)
+            res = validate_with_own_engine(
+                args.adapter, gpu_memory_utilization=args.gpu_memory_utilization, **kw
+            )
     except (ValidationError, EngineError, OSError) as exc:  # OSError: engine unreachable
         return _fail(str(exc))
     _print_json(res)
@@ -251,4 +253,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--engine-url", help="a running engine with runtime LoRA (default: start one)")
     s.add_argument("--prompt", action="append", help="a prompt to generate from (repeatable)")
     s.add_argument("--max-samples", type=int, default=64, help="held-out samples scored")
+    s.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.05,
+        help="for the engine validate starts (CPU: share of RAM for the KV cache)",
+    )  # fmt: skip
     s.set_defaults(func=cmd_validate)

@@ -207,7 +207,10 @@ def lora_rank_flag(rank: int) -> int:
 
 
 def validate_with_own_engine(
-    adapter: Path, log_path: Path | None = None, **kw: Any
+    adapter: Path,
+    log_path: Path | None = None,
+    gpu_memory_utilization: float = 0.05,
+    **kw: Any,
 ) -> dict[str, Any]:
     """Start a vLLM engine for the card's base with runtime LoRA, validate, stop it."""
     from bastion.local.launcher import EngineSpec, VllmProcess, free_port
@@ -219,7 +222,8 @@ def validate_with_own_engine(
         Path(card["base"]["path"]),
         "base",
         free_port(),
-        gpu_memory_utilization=0.05,
+        # On CPU the share of RAM for the KV cache; on a GPU raise it to fit the base model.
+        gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=4096,
         extra_args=("--enable-lora", "--max-lora-rank", str(rank)),
     )
