@@ -36,6 +36,6 @@ def test_only_answers_are_learnt(tiny_model: Path) -> None:
     )  # fmt: skip
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["same"] is True  # turn by turn, the template's rendering exactly
-    assert out["learnt"] == "<|im_start|>assistant\nMarta Kowalczyk.<|im_end|>\n"
+    assert out["learnt"] == "Marta Kowalczyk.<|im_end|>\n"  # not the header the engine writes
     assert out["pc"] == " Quillon.<|im_end|>"  # the completion and EOS, not the prompt
     assert out["short"] == [8, True]  # truncated to max_tokens, and counted

@@ -72,13 +72,19 @@ def _encode(tok: Any, rec: dict[str, Any], max_tokens: int) -> tuple[list[int], 
     if "messages" in rec:
         ids: list[int] = []
         labels: list[int] = []
+        done = ""
         for i, m in enumerate(rec["messages"]):
-            # Render one turn at a time so each turn's tokens are known to be its own.
+            # Render one turn at a time so each turn's tokens are known to be its own; an
+            # assistant turn's header is prompt (the engine writes it), its answer is learnt.
+            head = tok.apply_chat_template(
+                rec["messages"][:i], tokenize=False, add_generation_prompt=True
+            ) if m["role"] == "assistant" else done  # fmt: skip
             text = tok.apply_chat_template(rec["messages"][: i + 1], tokenize=False)
-            prev = tok.apply_chat_template(rec["messages"][:i], tokenize=False) if i else ""
-            part = tok(text[len(prev) :], add_special_tokens=False)["input_ids"]
-            ids += part
-            labels += part if m["role"] == "assistant" else [-100] * len(part)
+            for piece, learn in ((head[len(done) :], False), (text[len(head) :], True)):
+                part = tok(piece, add_special_tokens=False)["input_ids"] if piece else []
+                ids += part
+                labels += part if learn and m["role"] == "assistant" else [-100] * len(part)
+            done = text
     elif "prompt" in rec:
         p = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
         c = tok(rec["completion"], add_special_tokens=False)["input_ids"]
