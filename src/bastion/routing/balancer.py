@@ -161,6 +161,10 @@ class ModelRoute:
                 from bastion.routing.affinity import Affinity
 
                 balancer = Affinity(deps, settings.routing.load_factor)
+            elif settings.routing.mode == "precise":
+                from bastion.routing.precise import build_precise
+
+                balancer = build_precise(alias, deps, settings)
             else:
                 balancer = LeastOutstanding()
         return cls(alias, settings, deps, balancer)
