@@ -194,3 +194,18 @@ def test_vllm_metrics_are_parsed() -> None:
     }
     with pytest.raises(ValueError):
         parse_metrics("# nothing\n", "m")
+
+
+def test_precise_mode_needs_the_models_tokenizer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from bastion.config import ConfigError
+    from bastion.routing.balancer import ModelRoute
+    from bastion.routing.settings import ModelSettings
+
+    deps = [{"url": f"http://10.0.0.{i}:8000", "served_name": "m"} for i in range(2)]
+    with pytest.raises(ConfigError, match="needs models.m.tokenizer"):
+        ModelRoute.build("m", ModelSettings(deployments=deps, routing={"mode": "precise"}))
+    with pytest.raises(ConfigError, match="models.m.tokenizer: cannot load"):
+        ModelRoute.build(
+            "m",
+            ModelSettings(deployments=deps, routing={"mode": "precise"}, tokenizer=str(tmp_path)),
+        )

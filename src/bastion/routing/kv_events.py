@@ -395,6 +395,8 @@ class KvEventHub:
             return {}
         return {
             "kv_events": sub.state,
+            # The last batch applied: compare with the engine's replay buffer to see lag.
+            "kv_events_seq": sub.expected - 1 if sub.expected is not None else None,
             "cached_blocks": sub.index.blocks(sub.replica),
             "kv_event_resyncs": sub.resyncs,
         }
