@@ -202,9 +202,9 @@ def test_precise_mode_needs_the_models_tokenizer(tmp_path) -> None:  # type: ign
     from bastion.routing.settings import ModelSettings
 
     deps = [{"url": f"http://10.0.0.{i}:8000", "served_name": "m"} for i in range(2)]
-    with pytest.raises(ConfigError, match="needs models.m.tokenizer"):
+    with pytest.raises(ConfigError, match=r"needs models\.m\.tokenizer"):
         ModelRoute.build("m", ModelSettings(deployments=deps, routing={"mode": "precise"}))
-    with pytest.raises(ConfigError, match="models.m.tokenizer: cannot load"):
+    with pytest.raises(ConfigError, match=r"models\.m\.tokenizer: cannot load"):
         ModelRoute.build(
             "m",
             ModelSettings(deployments=deps, routing={"mode": "precise"}, tokenizer=str(tmp_path)),
