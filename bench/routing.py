@@ -366,6 +366,35 @@ def micro(n: int = 20000) -> None:
             route.served(plan, dep, reason)
         per = (time.perf_counter() - start) / n * 1e6
         print(f"{label} ({size} bytes of body): {per:.1f} µs per request (key + order + learn)")
+        micro_precise(label, deps, reqs, n // 10)
+
+
+def micro_precise(label: str, deps: list, reqs: list, n: int) -> None:
+    """Precise mode's cost: tokens (template + tokenizer), block hashes, index look-up. Cold:
+    a prompt's first request (every piece tokenized); warm: its pieces cached."""
+    from bastion.routing.balancer import ModelRoute
+    from bastion.routing.settings import ModelSettings
+
+    settings = ModelSettings(
+        deployments=deps, tokenizer=str(ensure_tiny_model()), routing={"mode": "precise"}
+    )
+    route = ModelRoute.build("m", settings)
+    index = route.balancer.index  # type: ignore[attr-defined]
+    index.block_size[:] = [32] * len(deps)
+    index.store(0, [0])  # an index with something in it: keys are computed
+    start = time.perf_counter()
+    keys = [route.balancer.key(r) for r in reqs]
+    cold = (time.perf_counter() - start) / len(reqs) * 1e3
+    for g, k in enumerate(keys):  # each prompt cached on one replica
+        index.store(g % len(deps), k.hashes[32])
+    start = time.perf_counter()
+    for i in range(n):
+        plan = route.plan(reqs[i % len(reqs)])
+        dep, reason = plan.choices[0]
+        route.served(plan, dep, reason)
+    warm = (time.perf_counter() - start) / n * 1e3
+    blocks = len(keys[0].hashes[32])
+    print(f"  precise: {blocks} blocks; cold {cold:.2f} ms, warm {warm:.2f} ms per request")
 
 
 def main() -> int:

@@ -209,3 +209,26 @@ def test_precise_mode_needs_the_models_tokenizer(tmp_path) -> None:  # type: ign
             "m",
             ModelSettings(deployments=deps, routing={"mode": "precise"}, tokenizer=str(tmp_path)),
         )
+
+
+def test_equal_cached_prefixes_follow_affinity_and_engine_queues_count_in_the_bound() -> None:
+    from bastion.routing.affinity import Key
+    from bastion.routing.precise import LoadView
+
+    p, deps = _precise(2)
+    p.index.block_size[:] = [32, 32]
+    p.index.store(0, [1, 2])
+    p.index.store(1, [1, 2])
+    fallback = Key(None, [12345])
+    owner = p.affinity.order(deps, fallback)[0][0].index
+    other = 1 - owner
+    deps[owner].in_flight = 1  # busier, still within the bound: ceil(1.25 * 2 / 2) = 2
+    key = PreciseKey({32: [1, 2, 3]}, fallback)
+    assert [(d.index, why) for d, why in p.order(deps, key)][0] == (owner, "cached-prefix")
+
+    class Queued(LoadView):  # the engine reports requests from other gateways
+        def load(self, deployment: Deployment) -> tuple[float, float]:
+            return (6.0, 0.9) if deployment.index == owner else (0.0, 0.1)
+
+    p.engine = Queued()
+    assert [(d.index, why) for d, why in p.order(deps, key)][0] == (other, "cached-prefix")

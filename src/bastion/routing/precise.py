@@ -188,25 +188,28 @@ class Precise:
         if not up or max(matched[i] for i in up) < self.min_blocks:
             return self.affinity.order(deps, key.fallback)
         best = max(matched[i] for i in up)
-        # The load bound of affinity mode: ceil(load_factor * mean in flight), this request
-        # counted, per weight. The engine's own queue only breaks ties between cached replicas:
-        # it lags by a scrape interval, Bastion's in-flight count does not.
-        total = sum(deps[i].in_flight for i in up) + 1
+        # The load bound of affinity mode, ceil(load_factor * mean load) with this request
+        # counted, per weight, over each replica's load: the larger of Bastion's in-flight
+        # count (exact, but this gateway process only) and the engine's running + waiting
+        # (every gateway's requests, but as of the last scrape).
+        load = [max(float(d.in_flight), self.engine.load(d)[0]) for d in deps]
+        total = sum(load[i] for i in up) + 1
         weight = sum(deps[i].settings.weight for i in up)
         fits = [
             i
             for i in up
-            if deps[i].in_flight + 1
-            <= math.ceil(self.load_factor * total * deps[i].settings.weight / weight)
+            if load[i] + 1 <= math.ceil(self.load_factor * total * deps[i].settings.weight / weight)
         ] or up
+        # Equal cached prefixes (a prefix both replicas hold) go where affinity would send
+        # them, not to the less loaded: alternating would copy every shared prefix into every
+        # cache, halving what the caches hold together (measured: docs/benchmarks.md).
+        preferred = {d.index: n for n, (d, _) in enumerate(self.affinity.order(deps, key.fallback))}
+        chosen = min(fits, key=lambda i: (-matched[i], preferred[i]))
+        reason = "cached-prefix" if matched[chosen] == best else "spill"
 
         def rank(i: int) -> tuple[float, ...]:
-            queued, kv_usage = self.engine.load(deps[i])
-            busy = max(float(deps[i].in_flight), queued) / deps[i].settings.weight
-            return (-matched[i], busy, kv_usage)
+            return (-matched[i], load[i] / deps[i].settings.weight, self.engine.load(deps[i])[1])
 
-        chosen = min(fits, key=rank)
-        reason = "cached-prefix" if matched[chosen] == best else "spill"
         rest = sorted((i for i in up if i != chosen), key=rank)
         out = [(deps[chosen], reason)]
         out += [(deps[i], "fallback-to-available") for i in rest]
