@@ -200,12 +200,16 @@ class Precise:
             for i in up
             if load[i] + 1 <= math.ceil(self.load_factor * total * deps[i].settings.weight / weight)
         ] or up
-        # Equal cached prefixes (a prefix both replicas hold) go where affinity would send
-        # them, not to the less loaded: alternating would copy every shared prefix into every
-        # cache, halving what the caches hold together (measured: docs/benchmarks.md).
+        # Near-equal cached prefixes go where affinity would send them, not to the less loaded
+        # replica nor to one holding a few more blocks: either would copy prefixes into every
+        # cache (vLLM evicts a prefix from its tail: its owner often holds most, not all),
+        # shrinking what the caches hold together (measured: docs/benchmarks.md).
+        near = best - max(self.min_blocks, best // 4)
         preferred = {d.index: n for n, (d, _) in enumerate(self.affinity.order(deps, key.fallback))}
-        chosen = min(fits, key=lambda i: (-matched[i], preferred[i]))
-        reason = "cached-prefix" if matched[chosen] == best else "spill"
+        chosen = min(
+            fits, key=lambda i: (0, preferred[i]) if matched[i] > near else (1, -matched[i])
+        )
+        reason = "cached-prefix" if matched[chosen] > near else "spill"
 
         def rank(i: int) -> tuple[float, ...]:
             return (-matched[i], load[i] / deps[i].settings.weight, self.engine.load(deps[i])[1])
