@@ -391,8 +391,10 @@ class KvEventHub:
 
     def row(self, deployment: Deployment) -> dict[str, Any]:
         sub = self.subscribers.get(deployment.name)
-        if sub is None:
-            return {}
+        if sub is None:  # the same columns for every row (tables, CSV)
+            return dict.fromkeys(
+                ("kv_events", "kv_events_seq", "cached_blocks", "kv_event_resyncs")
+            )
         return {
             "kv_events": sub.state,
             # The last batch applied: compare with the engine's replay buffer to see lag.
