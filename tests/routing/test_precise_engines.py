@@ -333,3 +333,27 @@ def test_engine_load_is_scraped(gateway) -> None:  # type: ignore[no-untyped-def
     assert re.search(r'^bastion_deployment_queue_depth\{deployment="pair\[0\]"\} 0\.0$', text, re.M)
     assert re.search(r'^bastion_deployment_kv_cache_usage\{deployment="pair\[1\]"\} ', text, re.M)
     assert re.search(r'^bastion_kv_event_batches_total\{deployment="pair\[0\]"\} [1-9]', text, re.M)
+
+
+def test_a_dead_engine_is_forgotten_and_its_restart_relearned(gateway, replicas) -> None:  # type: ignore[no-untyped-def]
+    """Last in this module: it restarts replica 1."""
+    gw, _, _ = gateway
+    r = replicas[1]
+    _direct(r, [_system("restart"), {"role": "user", "content": "q"}])
+    _synced(gw, r, 1)
+    assert _routing(gw)[1]["cached_blocks"] > 0
+    r.proc.kill()
+    row = _wait(
+        lambda: (row := _routing(gw)[1])["kv_events"] == "down" and row, "health checks: down"
+    )
+    assert row["cached_blocks"] == 0 and row["kv_events_seq"] is None
+    r.proc.start()  # a new engine process: its sequence starts at 0 again, its cache empty
+    r.proc.wait_ready(timeout=420)
+    _direct(r, [_system("restart"), {"role": "user", "content": "q"}])
+    row = _wait(lambda: (row := _routing(gw)[1])["kv_events"] == "live" and row, "events again", 30)
+    assert row["cached_blocks"] > 0 and row["kv_events_seq"] == _batches(r)[-1][0]
+    with urllib.request.urlopen(gw.url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert re.search(
+        r'^bastion_kv_event_resyncs_total\{deployment="pair\[1\]",reason="down"\} 1\.0$', text, re.M
+    )
