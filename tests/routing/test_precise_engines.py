@@ -42,6 +42,8 @@ class Replica(SimpleNamespace):
     proc: VllmProcess
     events: str
     replay: str
+    #: Bastion listens and the engine connects (vLLM connects for a non-wildcard endpoint).
+    bind: bool
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +51,13 @@ def replicas(tiny_model: Path, engine_logs: Path) -> Iterator[list[Replica]]:
     out = []
     for i in range(2):
         pub, replay = free_port(), free_port()
+        bind = i == 1
         kv = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
-            # A wildcard: vLLM binds it (a plain address would make it connect instead).
-            "endpoint": f"tcp://*:{pub}",
+            # Replica 0: a wildcard, which vLLM binds; replica 1: a plain address, which vLLM
+            # connects to (Bastion binds it).
+            "endpoint": f"tcp://127.0.0.1:{pub}" if bind else f"tcp://*:{pub}",
             "replay_endpoint": f"tcp://127.0.0.1:{replay}",
             "topic": "kv",
         }
@@ -68,7 +72,12 @@ def replicas(tiny_model: Path, engine_logs: Path) -> Iterator[list[Replica]]:
             spec, log_path=engine_logs / f"precise-{i}.log", env={"PYTHONHASHSEED": SEED}
         )
         out.append(
-            Replica(proc=proc, events=f"tcp://127.0.0.1:{pub}", replay=f"tcp://127.0.0.1:{replay}")
+            Replica(
+                proc=proc,
+                events=f"tcp://127.0.0.1:{pub}",
+                replay=f"tcp://127.0.0.1:{replay}",
+                bind=bind,
+            )
         )
     try:
         for r in out:
@@ -93,7 +102,7 @@ def gateway(
         {
             "url": r.proc.url,
             "served_name": TINY,
-            "kv_events": {"endpoint": r.events, "replay_endpoint": r.replay},
+            "kv_events": {"endpoint": r.events, "replay_endpoint": r.replay, "bind": r.bind},
         }
         for r in replicas
     ]
