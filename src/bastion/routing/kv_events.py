@@ -360,7 +360,15 @@ class KvEventHub:
     """Every precise-mode model's subscribers, their metrics and their status fields."""
 
     def __init__(self, routes: Iterable[ModelRoute], registry: CollectorRegistry):
+        from bastion.config import ConfigError
         from bastion.routing.precise import Precise
+
+        try:  # at start-up, not in a subscriber task that would die quietly
+            import zmq.asyncio  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "routing.mode precise needs pyzmq (pip install 'bastion[precise]')"
+            ) from None
 
         self._batches = Counter(
             "bastion_kv_event_batches",
