@@ -3,12 +3,14 @@
 One run starts N real vLLM replicas of the tiny model with a deliberately small KV cache
 (`--block-size 32 --num-gpu-blocks-override B`, `VLLM_SERVER_DEV_MODE=1` for
 `POST /reset_prefix_cache`) and one Bastion gateway with two aliases over them:
-`least-outstanding` and `affinity`. The same workload (G groups, each a shared system prompt of
+`least-outstanding`, `affinity` and `precise` (the engines publish their KV-cache events). The
+same workload (G groups, each a shared system prompt of
 ≥ 512 tokens, distinct user suffixes, Poisson arrivals, fixed seed) is played against:
 
 - round-robin: the client sends straight to the replicas in turn (no gateway);
 - least-outstanding: through Bastion, `routing.mode: least-outstanding`;
 - affinity: through Bastion, `routing.mode: affinity` (the default);
+- precise: through Bastion, `routing.mode: precise` (the engines' KV-cache events);
 - pinned (the ideal): the client sends each group straight to one replica (group i → i mod N).
 
 Caches are reset before each mode. Reported per mode: the share of prompt tokens read from
@@ -246,10 +248,41 @@ def reset(engines: list[str]) -> None:
         urllib.request.urlopen(req, timeout=30).close()
 
 
+#: The engines' PYTHONHASHSEED: block hashes are seeded with it, and precise mode recomputes them.
+HASH_SEED = "12"
+
+
+def kv_events_args(pub: int, replay: int) -> tuple[str, ...]:
+    """vLLM flags for precise routing: events on a wildcard endpoint (vLLM binds it), a replay
+    socket, and block hashes the gateway can recompute."""
+    kv = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{pub}",
+        "replay_endpoint": f"tcp://127.0.0.1:{replay}",
+        "topic": "kv",
+    }
+    return ("--kv-events-config", json.dumps(kv), "--prefix-caching-hash-algo", "sha256_cbor")
+
+
 def start_gateway(
-    engines: list[str], load_factor: float, workdir: Path
+    engines: list[str],
+    load_factor: float,
+    workdir: Path,
+    events: list[tuple[int, int]] | None = None,
+    tokenizer: Path | None = None,
 ) -> tuple[subprocess.Popen, str, str]:
     deps = [{"url": u, "served_name": SERVED} for u in engines]
+    kv = [
+        {
+            **d,
+            "kv_events": {
+                "endpoint": f"tcp://127.0.0.1:{p}",
+                "replay_endpoint": f"tcp://127.0.0.1:{r}",
+            },
+        }
+        for d, (p, r) in zip(deps, events or [], strict=False)
+    ]
     cfg = {
         "database": {"url": f"sqlite:///{workdir}/bench.db"},
         "cost_centers": {"cc": {"name": "Bench"}},
@@ -260,6 +293,16 @@ def start_gateway(
             "affinity": {"deployments": deps, "routing": {"load_factor": load_factor}},
         },
     }
+    if kv:
+        cfg["models"]["precise"] = {
+            "deployments": kv,
+            "tokenizer": str(tokenizer),
+            "routing": {
+                "mode": "precise",
+                "load_factor": load_factor,
+                "precise": {"hash_seed": HASH_SEED},
+            },
+        }
     path = workdir / "bastion.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "BASTION_ADMIN_KEY": ADMIN, "BASTION_LOG_LEVEL": "WARNING"}
@@ -323,6 +366,35 @@ def micro(n: int = 20000) -> None:
             route.served(plan, dep, reason)
         per = (time.perf_counter() - start) / n * 1e6
         print(f"{label} ({size} bytes of body): {per:.1f} µs per request (key + order + learn)")
+        micro_precise(label, deps, reqs, n // 10)
+
+
+def micro_precise(label: str, deps: list, reqs: list, n: int) -> None:
+    """Precise mode's cost: tokens (template + tokenizer), block hashes, index look-up. Cold:
+    a prompt's first request (every piece tokenized); warm: its pieces cached."""
+    from bastion.routing.balancer import ModelRoute
+    from bastion.routing.settings import ModelSettings
+
+    settings = ModelSettings(
+        deployments=deps, tokenizer=str(ensure_tiny_model()), routing={"mode": "precise"}
+    )
+    route = ModelRoute.build("m", settings)
+    index = route.balancer.index  # type: ignore[attr-defined]
+    index.block_size[:] = [32] * len(deps)
+    index.store(0, [0])  # an index with something in it: keys are computed
+    start = time.perf_counter()
+    keys = [route.balancer.key(r) for r in reqs]
+    cold = (time.perf_counter() - start) / len(reqs) * 1e3
+    for g, k in enumerate(keys):  # each prompt cached on one replica
+        index.store(g % len(deps), k.hashes[32])
+    start = time.perf_counter()
+    for i in range(n):
+        plan = route.plan(reqs[i % len(reqs)])
+        dep, reason = plan.choices[0]
+        route.served(plan, dep, reason)
+    warm = (time.perf_counter() - start) / n * 1e3
+    blocks = len(keys[0].hashes[32])
+    print(f"  precise: {blocks} blocks; cold {cold:.2f} ms, warm {warm:.2f} ms per request")
 
 
 def main() -> int:
@@ -339,7 +411,7 @@ def main() -> int:
     ap.add_argument(
         "--prefix-words", type=int, default=560, help="words per shared prefix (~2.5 tokens each)"
     )
-    ap.add_argument("--modes", default="round-robin,least-outstanding,affinity,pinned")
+    ap.add_argument("--modes", default="round-robin,least-outstanding,affinity,precise,pinned")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--micro", action="store_true", help="only the balancer's per-request cost")
     args = ap.parse_args()
@@ -349,6 +421,7 @@ def main() -> int:
 
     model = ensure_tiny_model()
     workdir = Path(tempfile.mkdtemp(prefix="bench-routing-"))
+    events = [(free_port(), free_port()) for _ in range(args.replicas)]
     procs = [
         VllmProcess(
             EngineSpec(
@@ -362,10 +435,11 @@ def main() -> int:
                     "32",
                     "--num-gpu-blocks-override",
                     str(args.gpu_blocks),
+                    *kv_events_args(*events[i]),
                 ),
             ),
             log_path=workdir / f"engine-{i}.log",
-            env={"VLLM_SERVER_DEV_MODE": "1"},
+            env={"VLLM_SERVER_DEV_MODE": "1", "PYTHONHASHSEED": HASH_SEED},
         )
         for i in range(args.replicas)
     ]
@@ -378,14 +452,14 @@ def main() -> int:
         for p in procs:
             p.wait_ready(timeout=600)
         engines = [p.url for p in procs]
-        gw, gw_url, key = start_gateway(engines, args.load_factor, workdir)
+        gw, gw_url, key = start_gateway(engines, args.load_factor, workdir, events, model)
         work = workload(args.groups, args.requests, args.rate, args.seed, args.prefix_words)
         # Warm-up off the record (compiles, first-request costs), then caches are reset.
         asyncio.run(play("round-robin", work[:4], engines, None))
         for mode in args.modes.split(","):
             reset(engines)
             print(f"[{time.strftime('%H:%M:%S')}] {mode} ...", flush=True)
-            via = (gw_url, key) if mode in ("least-outstanding", "affinity") else None
+            via = (gw_url, key) if mode in ("least-outstanding", "affinity", "precise") else None
             row = asyncio.run(play(mode, work, engines, via)).row()
             if via is not None:  # where the gateway sent them, from its own tallies
                 row["per_replica"] = routed(gw_url, mode)

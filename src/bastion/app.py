@@ -15,6 +15,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -44,8 +45,12 @@ from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.routing import api as routing_api
 from bastion.routing.balancer import ModelRoute
+from bastion.routing.engine_load import EngineLoadScraper
 from bastion.routing.health import HealthChecker
 from bastion.store.db import Database
+
+if TYPE_CHECKING:
+    from bastion.routing.kv_events import KvEventHub
 
 log = logging.getLogger("bastion")
 
@@ -83,6 +88,7 @@ def build_app(
     health = HealthChecker(
         client, [d for r in routes.values() for d in r.deployments], interval=health_interval
     )
+    engine_load, kv_events = _engine_watch(routes, client, metrics, health_interval)
     # Started in this order, stopped in reverse. The audit trail starts before any request can
     # arrive (it recovers what a crash left behind) and stops after every writer (its final
     # checkpoint covers them); usage records drain before it, the database closes last.
@@ -96,6 +102,8 @@ def build_app(
         admission,
         responses,
         health,
+        engine_load,
+        kv_events,
     ]
 
     @contextlib.asynccontextmanager
@@ -130,9 +138,28 @@ def build_app(
         state.settings, state.db, state.keys = settings, db, keys
         state.admission, state.audit = admission, audit
     admin.state.routes = routes
+    admin.state.routing_extras = [c.row for c in (engine_load, kv_events) if c is not None]
     app.state.gateway = gateway
     app.state.health = health
     return app
+
+
+def _engine_watch(
+    routes: dict[str, ModelRoute], client: EngineClient, metrics: Metrics, interval: float
+) -> tuple[EngineLoadScraper, KvEventHub | None]:
+    """Engine load from vLLM's /metrics (every vLLM deployment), and, for precise-mode
+    models, their KV-cache event subscribers (docs/routing.md)."""
+    deployments = [d for r in routes.values() for d in r.deployments]
+    scraper = EngineLoadScraper(client, deployments, metrics.registry, interval)
+    if not any(r.settings.routing.mode == "precise" for r in routes.values()):
+        return scraper, None
+    from bastion.routing.kv_events import KvEventHub  # needs the `precise` extra
+    from bastion.routing.precise import Precise
+
+    precise = [r for r in routes.values() if isinstance(r.balancer, Precise)]
+    for route in precise:
+        route.balancer.engine = scraper
+    return scraper, KvEventHub(precise, metrics.registry)
 
 
 def _response_store(settings: Settings, db: Engine, audit: AuditTrail | None) -> ResponseStore:

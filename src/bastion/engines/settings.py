@@ -20,6 +20,37 @@ NATIVE_APIS: dict[str, tuple[str, ...]] = {
 }
 
 
+class KvEventsSettings(Strict):
+    """Where a vLLM engine publishes its KV-cache events (`--kv-events-config`), for
+    `routing.mode: precise` (docs/routing.md, "Precise mode")."""
+
+    endpoint: str = Field(
+        description="The engine's ZMQ publisher, e.g. tcp://10.0.0.5:5557 (the engine binds "
+        "it when its own endpoint is a wildcard, tcp://*:5557). With `bind: true`, the "
+        "address Bastion listens on and the engine connects to instead."
+    )
+    bind: bool = Field(
+        False,
+        description="Bastion binds `endpoint` and the engine connects to it: vLLM connects "
+        "whenever its endpoint is not a wildcard (e.g. tcp://127.0.0.1:5557). One gateway "
+        "process per endpoint then.",
+    )
+    replay_endpoint: str | None = Field(
+        None,
+        description="The engine's replay socket (`replay_endpoint` in --kv-events-config): "
+        "missed batches are fetched from it after a gap instead of forgetting the replica's "
+        "blocks.",
+    )
+    topic: str = Field("kv", description="The engine's topic (`topic` in --kv-events-config).")
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _is_zmq(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("tcp://", "ipc://")):
+            raise ValueError("a ZMQ endpoint: tcp://host:port or ipc://path")
+        return v
+
+
 class DeploymentSettings(Strict):
     kind: Literal["vllm", "sglang", "llamacpp", "openai"] = Field(
         "vllm", description="Engine type behind this deployment."
@@ -49,6 +80,12 @@ class DeploymentSettings(Strict):
         None,
         description="Wire APIs this engine serves natively (none: what its `kind` serves; "
         "vllm: all). Bastion translates the others to chat completions where it can.",
+    )
+
+    kv_events: KvEventsSettings | None = Field(
+        None,
+        description="vLLM only: the engine's KV-cache event publisher, for routing.mode "
+        "precise (the model's other modes ignore it).",
     )
 
     def serves_natively(self, api: str) -> bool:

@@ -73,7 +73,8 @@ class Metrics:
         self.routing = Counter(
             "bastion_routing_decisions",
             "Requests sent to a deployment, by why the balancer chose it (session, prefix, ring, "
-            "spill, return, slow-start, fallback-to-available, least-loaded, least-outstanding, "
+            "spill, return, slow-start, cached-prefix, fallback-to-available, least-loaded, "
+            "least-outstanding, "
             "only).",
             ["deployment", "reason"],
             registry=r,

@@ -204,6 +204,10 @@ class ModelRoute:
                 from bastion.routing.affinity import Affinity
 
                 balancer = Affinity(deps, routing.load_factor, routing.load_floor)
+            elif routing.mode == "precise":
+                from bastion.routing.precise import build_precise
+
+                balancer = build_precise(alias, deps, settings)
             else:
                 balancer = LeastOutstanding()
         budget = routing.retry_budget

@@ -84,14 +84,43 @@ class RetryBudgetSettings(Strict):
     window_s: float = Field(10.0, gt=0, le=300, description="The window both count over.")
 
 
+class PreciseSettings(Strict):
+    """`routing.mode: precise`: the engines' own KV-cache events say which replica holds a
+    prompt's blocks (docs/routing.md, "Precise mode")."""
+
+    hash_seed: str | None = Field(
+        None,
+        description="The engines' PYTHONHASHSEED (block hashes are seeded with it); none: "
+        "vLLM's default seed for sha256_cbor. Engines run with --prefix-caching-hash-algo "
+        "sha256_cbor.",
+    )
+    max_blocks: int = Field(
+        1_000_000,
+        ge=1000,
+        description="Block hashes remembered per model across its replicas (~100 bytes "
+        "each); past it a replica's oldest entries are forgotten.",
+    )
+    min_blocks: int = Field(
+        1,
+        ge=1,
+        description="Cached blocks a replica must hold of the prompt for the cache to "
+        "decide; below it the request is routed as in affinity mode.",
+    )
+
+
 class RoutingSettings(Strict):
     """How a request picks one of the model's deployments (docs/routing.md)."""
 
-    mode: Literal["affinity", "least-outstanding"] = Field(
+    mode: Literal["affinity", "least-outstanding", "precise"] = Field(
         "affinity",
         description="affinity: requests sharing a session hint or a prompt prefix go to the "
         "replica likely to hold its KV cache, within the load bound; least-outstanding: the "
-        "replica with the fewest requests in flight (per weight).",
+        "replica with the fewest requests in flight (per weight); precise: the replica whose "
+        "KV-cache events show the longest cached prefix of the prompt, within the load bound "
+        "(vLLM with kv_events and the model's tokenizer; affinity otherwise).",
+    )
+    precise: PreciseSettings = Field(
+        default_factory=PreciseSettings, description="Settings of the precise mode."
     )
     load_factor: float = Field(
         1.25,
