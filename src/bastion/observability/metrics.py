@@ -74,8 +74,7 @@ class Metrics:
             "bastion_routing_decisions",
             "Requests sent to a deployment, by why the balancer chose it (session, prefix, ring, "
             "spill, return, slow-start, cached-prefix, fallback-to-available, least-loaded, "
-            "least-outstanding, "
-            "only).",
+            "least-outstanding, only).",
             ["deployment", "reason"],
             registry=r,
         )
