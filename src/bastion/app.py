@@ -42,6 +42,8 @@ from bastion.limits.counters import CounterBackend, MemoryCounters
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
+from bastion.registry import api as registry_api
+from bastion.registry.enforce import check_deployments
 from bastion.routing import api as routing_api
 from bastion.routing.balancer import ModelRoute
 from bastion.routing.health import HealthChecker
@@ -61,6 +63,8 @@ def build_app(
         else None
     )
     routes = {alias: ModelRoute.build(alias, m) for alias, m in settings.models.items()}
+    for (alias, i), why in check_deployments(settings, db).items():  # refuse mode: raises
+        routes[alias].deployments[i].registry_problem = why
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
     keys = KeyStore(
@@ -116,6 +120,7 @@ def build_app(
             audit_api.admin_router,
             identity_api.router,
             routing_api.router,
+            registry_api.router,
         ],
         openapi_public=settings.admin.openapi_public,
     )

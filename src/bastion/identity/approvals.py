@@ -110,7 +110,8 @@ def decide(db: Engine, approval_id: str, by: str, approve: bool) -> dict[str, An
             f"Approval request '{approval_id}' is {current['status']}, not pending.",
             code="approval_not_pending",
         )
-    if by == current["requested_by"]:
+    # `subject.not_by`: people an action excludes besides the requester (a model's registrant).
+    if by == current["requested_by"] or by in (current["subject"] or {}).get("not_by", ()):
         raise PermissionDenied(
             "A second, distinct administrator must approve or reject this request.",
             code="four_eyes",
