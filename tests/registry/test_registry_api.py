@@ -53,7 +53,7 @@ def _app(db_url: str, tmp: Path, approval: str = "single", oidc: Any = None) -> 
                     "audience": DEFAULT_RESOURCE,
                     "user_claim": "preferred_username",
                 }
-            ],  # fmt: skip
+            ],
             "group_mappings": [{"group": "bastion-admins", "team": "ops", "role": "admin"}],
         }
         cfg |= {"cost_centers": {"cc": {}}, "teams": {"ops": {"cost_center": "cc"}}}
