@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from bastion.app import build_app
 from bastion.config import parse_settings
 from bastion.identity.keys import create_key
-from bastion.registry.digests import manifest_digest, sha256_file
+from bastion.registry.digests import DigestError, digest_dir, manifest_digest, sha256_file
 from tests.conftest import audit_config, pg_database
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
 from tests.registry.helpers import DOCUMENTED, admin_trail, copy_model, flip_byte
@@ -62,7 +62,8 @@ def _app(db_url: str, tmp: Path, approval: str = "single", oidc: Any = None) -> 
 
 def _register(c: TestClient, path: Path, version: str, headers: dict[str, str] = H,
               **extra: Any) -> Any:  # fmt: skip
-    body = {"path": str(path), "name": "tiny-chat", "version": version, **DOCUMENTED, **extra}
+    body = {"path": str(path), "name": "tiny-chat", "version": version, "kind": "base",
+            **DOCUMENTED, **extra}  # fmt: skip
     return c.post("/admin/models", json=body, headers=headers)
 
 
@@ -137,7 +138,7 @@ def test_validation_needs_complete_records_and_unchanged_files(
     db_url = f"sqlite:///{tmp_path}/r.db"
     model = copy_model(tiny_model, tmp_path / "model")
     with TestClient(_app(db_url, tmp_path)) as c:
-        body = {"path": str(model), "name": "bare", "version": "1"}
+        body = {"path": str(model), "name": "bare", "version": "1", "kind": "base"}
         assert c.post("/admin/models", json=body, headers=H).status_code == 201
         r = c.post("/admin/models/bare/1/validate", json={"evidence": "e"}, headers=H)
         assert r.status_code == 409 and r.json()["error"]["code"] == "incomplete_record"
@@ -151,6 +152,10 @@ def test_validation_needs_complete_records_and_unchanged_files(
         adapter = {"path": str(model), "name": "tiny-legal", "version": "1", "kind": "adapter",
                    **DOCUMENTED}  # fmt: skip
         assert c.post("/admin/models", json=adapter, headers=H).status_code == 400
+        for path, status in (("relative/dir", 400), ("/", 404), (str(tmp_path / "none"), 404)):
+            r = c.post("/admin/models", json={**body, "version": "9", "path": path}, headers=H)
+            assert r.status_code == status, (path, r.text)
+        assert "not a model directory" in r.json()["error"]["message"]
         missing = c.post("/admin/models", json={**adapter, "base": "nope@1"}, headers=H)
         assert missing.status_code == 404
         flip_byte(model / "model.safetensors")  # back as registered
@@ -227,3 +232,19 @@ def test_the_registry_is_in_the_openapi_document(tmp_path: Path) -> None:
         op = paths[f"/admin/models/{{name}}/{{version}}/{verb}"]["post"]
         assert "409" in op["responses"]
     assert "get" in paths["/admin/models/{name}/{version}"]
+
+
+def test_what_is_hashed(tiny_model: Path, tmp_path: Path) -> None:
+    """Every file but hidden ones, through symbolic links, without walking a loop twice."""
+    model = copy_model(tiny_model, tmp_path / "m")
+    (model / ".git").mkdir()
+    (model / ".git" / "HEAD").write_text("ref")
+    (model / "extra").mkdir()
+    (model / "extra" / "chat_template.jinja").write_text("{{ x }}")
+    (model / "extra" / "loop").symlink_to(model, target_is_directory=True)
+    files = {f.path: f.role for f in digest_dir(model)}
+    assert files["extra/chat_template.jinja"] == "chat-template"
+    assert not any(p.startswith(".git") for p in files)
+    assert not any("loop" in p for p in files)
+    with pytest.raises(DigestError, match="not a model directory"):
+        digest_dir(Path("/"))

@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi import Path as PathParam
-from pydantic import Field
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints
 
-from bastion.core.bounds import Body, Line, Text
+from bastion.core.bounds import Body, Line, Text, _encodable
 from bastion.core.changes import recorded_change
-from bastion.core.errors import Conflict, InvalidRequest, PermissionDenied
+from bastion.core.errors import Conflict, NotFound, PermissionDenied
 from bastion.identity import approvals
 from bastion.identity.access import Access, Admin, Reader
 from bastion.registry import records
@@ -34,7 +34,18 @@ Version = Annotated[str, PathParam(pattern=records.VERSION_RE.pattern, max_lengt
 Evidence = Text(4000, min_length=1)
 
 
+#: A directory on the gateway's host: absolute (the gateway's working directory is no one's).
+AbsolutePath = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]*$"),
+    AfterValidator(_encodable),
+]
+REF = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+
+
 class LineageIn(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     training_data_sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="Manifest digest of the training data."
     )
@@ -42,17 +53,34 @@ class LineageIn(Body):
     notes: Text(4000) | None = None  # type: ignore[valid-type]
 
 
-class RegisterIn(Body):
-    path: Line(4096, 1) = Field(description="A model directory as the gateway's host sees it.")  # type: ignore[valid-type]
+class _Register(Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    path: AbsolutePath = Field(
+        description="The model directory, absolute, as the gateway's host sees it: it holds a "
+        "config.json, adapter_config.json or .gguf file at its top.",
+    )
     name: str = Field(pattern=records.NAME_RE.pattern, max_length=128)
     version: str = Field(pattern=records.VERSION_RE.pattern, max_length=64)
-    kind: Literal["base", "adapter"] = "base"
-    base: str | None = Field(None, description="An adapter's base: NAME@VERSION.", max_length=200)
     license: Line(256) | None = None  # type: ignore[valid-type]
     owner: Line(256) | None = None  # type: ignore[valid-type]
     intended_use: Text(4000) | None = None  # type: ignore[valid-type]
     risk_tier: Literal["low", "medium", "high", "critical"] | None = None
     lineage: LineageIn | None = None
+
+
+class RegisterBase(_Register):
+    kind: Literal["base"]
+
+
+class RegisterAdapter(_Register):
+    kind: Literal["adapter"]
+    base: str = Field(
+        pattern=REF, max_length=200, description="The base it was trained on: NAME@VERSION."
+    )
+
+
+RegisterIn = Annotated[RegisterBase | RegisterAdapter, Field(discriminator="kind")]
 
 
 class EvidenceIn(Body):
@@ -74,7 +102,7 @@ def _change(ctx: Access, action: str, rec: dict[str, Any] | str, **fields: Any) 
 def list_models(
     ctx: Reader,
     state: Literal["draft", "validated", "approved", "retired"] | None = None,
-    name: str | None = None,
+    name: Annotated[str | None, Query(pattern=records.NAME_RE.pattern, max_length=128)] = None,
 ) -> list[dict[str, Any]]:
     return records.listing(ctx.db, state, name)
 
@@ -90,12 +118,13 @@ async def register(body: RegisterIn, ctx: Admin) -> dict[str, Any]:
     path = Path(body.path)
     try:
         files = await asyncio.to_thread(digest_dir, path, None, None, DigestCache(ctx.db, False))
-    except DigestError as exc:
-        raise InvalidRequest(str(exc), param="path", code="invalid_value") from None
+    except DigestError as exc:  # what the path names is not there (as a model directory)
+        raise NotFound(str(exc), code="model_dir_not_found") from None
     row = await asyncio.to_thread(
         lambda: records.new_record(
             ctx.db, path, files, name=body.name, version=body.version, kind=body.kind,
-            created_by=ctx.actor.name, base=body.base, license=body.license, owner=body.owner,
+            created_by=ctx.actor.name, base=getattr(body, "base", None), license=body.license,
+            owner=body.owner,
             intended_use=body.intended_use, risk_tier=body.risk_tier,
             lineage=body.lineage.model_dump(exclude_none=True) if body.lineage else None,
         )
@@ -124,7 +153,15 @@ async def validate(
     return await _move(ctx, rec, to, body.evidence)
 
 
-@router.post("/{name}/{version}/approve")
+@router.post(
+    "/{name}/{version}/approve",
+    responses={
+        202: {
+            "description": "Under four-eyes: asked; a second person decides it at "
+            "/admin/approvals/{id} (the model stays validated)."
+        }
+    },
+)
 async def approve(
     name: ModelName, version: Version, body: EvidenceIn, ctx: Admin, response: Response
 ) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 BLOCK = 8 * 1024 * 1024
+#: More files than any model has (the largest shard into a few hundred): a wrong directory.
+MAX_FILES = 10_000
 #: progress(file, bytes done in it, its size): called from hashing threads, serialised.
 Progress = Callable[[str, int, int], None]
 
@@ -53,13 +55,31 @@ def role(rel: str) -> str:
     return "other"
 
 
+def is_model_dir(root: Path) -> bool:
+    """A Hugging Face model or PEFT adapter directory (a config at its top), or GGUF files."""
+    if not root.is_dir():
+        return False
+    return any((root / name).is_file() for name in CONFIGS) or any(root.glob("*.gguf"))
+
+
 def model_files(root: Path) -> list[str]:
     """Every regular file under `root` (relative, `/`-separated, sorted), hidden ones aside."""
-    if not root.is_dir():
-        raise DigestError(f"{root} is not a directory")
+    if not is_model_dir(root):
+        raise DigestError(
+            f"{root} is not a model directory (no config.json, adapter_config.json or .gguf "
+            "file at its top)"
+        )
     found: list[str] = []
+    seen: set[tuple[int, int]] = set()
     for base, dirs, names in os.walk(root, followlinks=True):
+        here = os.stat(base)
+        if (here.st_dev, here.st_ino) in seen:  # a symbolic link back up: walked already
+            dirs[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if len(found) > MAX_FILES:
+            raise DigestError(f"{root} holds more than {MAX_FILES} files: not one model")
         for name in names:
             if name.startswith("."):
                 continue
