@@ -57,21 +57,28 @@ def role(rel: str) -> str:
 
 def is_model_dir(root: Path) -> bool:
     """A Hugging Face model or PEFT adapter directory (a config at its top), or GGUF files."""
-    if not root.is_dir():
-        return False
-    return any((root / name).is_file() for name in CONFIGS) or any(root.glob("*.gguf"))
+    try:
+        if not root.is_dir():
+            return False
+        return any((root / name).is_file() for name in CONFIGS) or any(root.glob("*.gguf"))
+    except OSError as exc:  # a name too long, a directory we may not list
+        raise DigestError(f"{str(root)[:200]}: {exc.strerror or exc}") from None
 
 
 def model_files(root: Path) -> list[str]:
     """Every regular file under `root` (relative, `/`-separated, sorted), hidden ones aside."""
     if not is_model_dir(root):
         raise DigestError(
-            f"{root} is not a model directory (no config.json, adapter_config.json or .gguf "
-            "file at its top)"
+            f"{str(root)[:200]} is not a model directory (no config.json, adapter_config.json "
+            "or .gguf file at its top)"
         )
     found: list[str] = []
     seen: set[tuple[int, int]] = set()
-    for base, dirs, names in os.walk(root, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:  # never hash part of a model and call it the whole
+        raise DigestError(f"cannot read {exc.filename}: {exc.strerror or exc}")
+
+    for base, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         here = os.stat(base)
         if (here.st_dev, here.st_ino) in seen:  # a symbolic link back up: walked already
             dirs[:] = []
@@ -189,7 +196,12 @@ def mismatches(
     # Sizes first: a changed size is a mismatch without reading a byte.
     same_size = []
     for p in common:
-        if (root / p).stat().st_size != expected[p]["size"]:
+        try:
+            size = (root / p).stat().st_size
+        except OSError as exc:
+            problems.append(f"unreadable file: {p} ({exc.strerror or exc})")
+            continue
+        if size != expected[p]["size"]:
             problems.append(f"hash mismatch: {p}")
         else:
             same_size.append(p)
