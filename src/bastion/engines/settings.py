@@ -44,7 +44,7 @@ class DeploymentSettings(Strict):
     )
     registry: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
         description="The registry version this deployment serves (`NAME@VERSION`): at start it "
         "must be approved and its files must match the recorded digests (`registry.enforce`).",
     )

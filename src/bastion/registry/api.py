@@ -29,7 +29,7 @@ from bastion.registry.digests import DigestError, digest_dir, mismatches
 router = APIRouter(prefix="/admin/models", tags=["model registry"])
 log = logging.getLogger("bastion.registry")
 
-ModelName = Annotated[str, PathParam(pattern=records.NAME_RE.pattern, max_length=128)]
+ModelName = Annotated[str, PathParam(pattern=records.NAME_RE.pattern, max_length=63)]
 Version = Annotated[str, PathParam(pattern=records.VERSION_RE.pattern, max_length=64)]
 Evidence = Text(4000, min_length=1)
 
@@ -40,7 +40,8 @@ AbsolutePath = Annotated[
     StringConstraints(min_length=1, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]*$"),
     AfterValidator(_encodable),
 ]
-REF = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+#: NAME@VERSION: at most 63 + 1 + 64 characters, so it fits the audit trail's `model` column.
+REF = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 
 
 class LineageIn(Body):
@@ -60,7 +61,7 @@ class _Register(Body):
         description="The model directory, absolute, as the gateway's host sees it: it holds a "
         "config.json, adapter_config.json or .gguf file at its top.",
     )
-    name: str = Field(pattern=records.NAME_RE.pattern, max_length=128)
+    name: str = Field(pattern=records.NAME_RE.pattern, max_length=63)
     version: str = Field(pattern=records.VERSION_RE.pattern, max_length=64)
     license: Line(256) | None = None  # type: ignore[valid-type]
     owner: Line(256) | None = None  # type: ignore[valid-type]
@@ -102,7 +103,7 @@ def _change(ctx: Access, action: str, rec: dict[str, Any] | str, **fields: Any) 
 def list_models(
     ctx: Reader,
     state: Literal["draft", "validated", "approved", "retired"] | None = None,
-    name: Annotated[str | None, Query(pattern=records.NAME_RE.pattern, max_length=128)] = None,
+    name: Annotated[str | None, Query(pattern=records.NAME_RE.pattern, max_length=63)] = None,
 ) -> list[dict[str, Any]]:
     return records.listing(ctx.db, state, name)
 

@@ -45,7 +45,7 @@ RISK_TIERS = ("low", "medium", "high", "critical")
 #: What a validated record must document (a model-risk inventory's minimum).
 REQUIRED_FOR_VALIDATION = ("owner", "license", "intended_use", "risk_tier")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
@@ -63,7 +63,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
 def check_name(name: str, version: str) -> None:
     if not NAME_RE.match(name):
         raise InvalidRequest(
-            f"'{name}' is not a model name: letters, digits, '.', '_', '-' (at most 128).",
+            f"'{name}' is not a model name: letters, digits, '.', '_', '-' (at most 63).",
             param="name",
             code="invalid_value",
         )
