@@ -38,19 +38,12 @@ class RegistryRefusal(ConfigError):
 
 
 def local_path(dep: DeploymentSettings, rec: dict[str, Any]) -> Path:
-    """Where the gateway reads the weights this deployment's engine loads."""
+    """Where the gateway reads the weights this deployment's engine loads: `model_path`, else
+    a `launch` directory, else where the version was registered from (also for `builtin:`
+    models, whose generated directory is what one registers)."""
     if dep.model_path:
         return Path(dep.model_path).expanduser()
-    if dep.launch == "builtin:tiny-chat":
-        from bastion.local.launcher import model_cache_dir
-        from bastion.local.tiny_model import GENERATOR_VERSION
-
-        return model_cache_dir() / f"tiny-chat-v{GENERATOR_VERSION}"
-    if dep.launch == "builtin:all-minilm-l6-v2":
-        from bastion.local.launcher import embedding_model_dir
-
-        return embedding_model_dir()
-    if dep.launch:
+    if dep.launch and not dep.launch.startswith("builtin:"):
         return Path(dep.launch).expanduser()
     return Path(rec["path"])
 
@@ -71,10 +64,7 @@ def problem(
         base = records.get(db, *records.parse_ref(rec["base"]))
         if base["state"] != "approved":
             return f"registry: base {rec['base']} of {dep.registry} not approved", 0
-    try:
-        path = local_path(dep, rec)
-    except Exception as exc:  # e.g. a builtin model that is not installed
-        return f"registry: cannot locate the files of {dep.registry}: {exc}", 0
+    path = local_path(dep, rec)
     found = mismatches(path, rec["files"], workers=workers, cache=cache)
     size = sum(int(f["size"]) for f in rec["files"])
     if found:
