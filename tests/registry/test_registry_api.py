@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 
 from bastion.app import build_app
 from bastion.config import parse_settings
+from bastion.core.errors import Conflict
 from bastion.identity.keys import create_key
+from bastion.registry import records
 from bastion.registry.digests import DigestError, digest_dir, manifest_digest, sha256_file
 from tests.conftest import audit_config, pg_database
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
@@ -169,6 +171,15 @@ def test_validation_needs_complete_records_and_unchanged_files(
         assert ok.status_code == 200, ok.text
         early = c.post("/admin/models/tiny-legal/1/approve", json={"evidence": "e"}, headers=H)
         assert early.status_code == 409 and early.json()["error"]["code"] == "base_not_approved"
+        # What a loader (training from a base) gets: a local path, only in the states it
+        # accepts, and only while the files match.
+        db = c.app.state.db  # type: ignore[attr-defined]
+        with pytest.raises(Conflict, match="is draft; this needs it approved"):
+            records.model_dir(db, "tiny-chat@2")
+        assert records.model_dir(db, "tiny-chat@2", ("draft",)) == model.resolve()
+        flip_byte(model / "tokenizer.json")
+        with pytest.raises(Conflict, match=r"hash mismatch: tokenizer\.json"):
+            records.model_dir(db, "tiny-chat@2", ("draft",))
 
 
 def test_four_eyes_approval_takes_two_people_neither_the_registrant(

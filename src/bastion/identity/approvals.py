@@ -111,9 +111,14 @@ def decide(db: Engine, approval_id: str, by: str, approve: bool) -> dict[str, An
             code="approval_not_pending",
         )
     # `subject.not_by`: people an action excludes besides the requester (a model's registrant).
-    if by == current["requested_by"] or by in (current["subject"] or {}).get("not_by", ()):
+    if by == current["requested_by"]:
         raise PermissionDenied(
             "A second, distinct administrator must approve or reject this request.",
+            code="four_eyes",
+        )
+    if by in (current["subject"] or {}).get("not_by", ()):
+        raise PermissionDenied(
+            f"{by} may not decide this request (for a model: its registrant); a third person must.",
             code="four_eyes",
         )
     now = datetime.now(UTC)

@@ -27,7 +27,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
 from bastion.core.errors import Conflict, InvalidRequest, NotFound
-from bastion.registry.digests import FileDigest, config_summary, manifest_digest
+from bastion.registry.digests import FileDigest, config_summary, manifest_digest, mismatches
 from bastion.store.schema import registry_models
 
 State = Literal["draft", "validated", "approved", "retired"]
@@ -269,3 +269,22 @@ def set_pending(db: Engine, rec: dict[str, Any], approval_id: str | None) -> Non
             ),
             {"approval": approval_id},
         )
+
+
+def model_dir(db: Engine, ref: str, states: tuple[str, ...] = ("approved",)) -> Path:
+    """The local directory of a registry version, for whatever loads it (training from a base,
+    serving): only in one of `states`, and only if its files still match the record (409
+    otherwise). Nothing is ever fetched: the registry holds local paths."""
+    rec = get(db, *parse_ref(ref))
+    if rec["state"] not in states:
+        raise Conflict(
+            f"'{ref}' is {rec['state']}; this needs it {' or '.join(states)}.",
+            code="model_not_approved",
+        )
+    changed = mismatches(Path(rec["path"]), rec["files"])
+    if changed:
+        raise Conflict(
+            f"'{ref}' at {rec['path']} is not what was registered: {'; '.join(changed[:5])}.",
+            code="hash_mismatch",
+        )
+    return Path(rec["path"])
