@@ -5,6 +5,7 @@ registrant."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def _app(db_url: str, tmp: Path, approval: str = "single", oidc: Any = None) -> Any:
+def _app(
+    db_url: str, tmp: Path, approval: str = "single", oidc: Any = None, ttl_hours: float = 24
+) -> Any:
     cfg: dict[str, Any] = {
         "database": {"url": db_url},
-        "admin": {"key": ADMIN},
+        "admin": {"key": ADMIN, "approval_ttl_hours": ttl_hours},
         "audit": audit_config(tmp),
         "registry": {"approval": approval},
         "models": {},
+        "cost_centers": {"cc": {}},
+        "teams": {"ops": {"cost_center": "cc"}},
     }
     if oidc is not None:
         cfg["identity"] = {
@@ -58,7 +63,6 @@ def _app(db_url: str, tmp: Path, approval: str = "single", oidc: Any = None) -> 
             ],
             "group_mappings": [{"group": "bastion-admins", "team": "ops", "role": "admin"}],
         }
-        cfg |= {"cost_centers": {"cc": {}}, "teams": {"ops": {"cost_center": "cc"}}}
     return build_app(parse_settings(cfg))
 
 
@@ -259,3 +263,20 @@ def test_what_is_hashed(tiny_model: Path, tmp_path: Path) -> None:
     assert not any("loop" in p for p in files)
     with pytest.raises(DigestError, match="not a model directory"):
         digest_dir(Path("/"))
+
+
+def test_an_expired_request_does_not_hold_the_version(tiny_model: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path}/r.db"
+    with TestClient(_app(db_url, tmp_path, "four-eyes", ttl_hours=1 / 3600)) as c:
+        # Registered with an admin-role API key: the admin key's holder is someone else.
+        robot = create_key(c.app.state.db, team="ops", known_models=set(), role="admin")[1]  # type: ignore[attr-defined]
+        assert _register(c, tiny_model, "1", _auth(robot)).status_code == 201
+        base = "/admin/models/tiny-chat/1"
+        assert c.post(f"{base}/validate", json={"evidence": "e"}, headers=H).status_code == 200
+        first = c.post(f"{base}/approve", json={"evidence": "e"}, headers=H)
+        assert first.status_code == 202
+        assert c.post(f"{base}/approve", json={"evidence": "e"}, headers=H).status_code == 409
+        time.sleep(1.2)
+        again = c.post(f"{base}/approve", json={"evidence": "e"}, headers=H)
+        assert again.status_code == 202, again.text
+        assert again.json()["approval"]["id"] != first.json()["approval"]["id"]

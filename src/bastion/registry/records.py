@@ -224,12 +224,25 @@ def check_transition(db: Engine, rec: dict[str, Any], verb: str) -> str:
                 "its base must be approved first.",
                 code="base_not_approved",
             )
-    if verb == "approve" and rec["approval"] is not None:
+    if verb == "approve" and _pending(db, rec["approval"]):
         raise Conflict(
             f"'{rec['ref']}' already waits for approval request '{rec['approval']}'.",
             code="approval_pending",
         )
     return to
+
+
+def _pending(db: Engine, approval_id: str | None) -> bool:
+    """Whether the four-eyes request a record points at can still be decided (an expired one
+    must not hold the version forever)."""
+    if approval_id is None:
+        return False
+    from bastion.identity import approvals
+
+    try:
+        return approvals.get(db, approval_id)["status"] == "pending"
+    except NotFound:
+        return False
 
 
 VERB_TARGET_BY_STATE: dict[str, set[str]] = {}
