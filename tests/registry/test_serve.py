@@ -93,6 +93,9 @@ def test_cli_lifecycle_and_refusals_at_serve_start(
 
     # One flipped byte in the weights: refused, naming the model and the file.
     flip_byte(model / "model.safetensors")
+    checked = gw.cli("models", "verify", "tiny-chat@1", "--path", str(model), check=False)
+    assert checked.returncode == 1 and checked.stdout == "hash mismatch: model.safetensors\n"
+    assert gw.cli("models", "verify", "tiny-chat@1", "--path", str(tiny_model)).returncode == 0
     log = _refused(gw)
     assert "model tiny deployment 0: hash mismatch: model.safetensors (tiny-chat@1 at" in log
     assert "registry.enforce: refuse" in log

@@ -1,4 +1,4 @@
-"""`bastion models register|list|show|validate|approve|retire`: the registry from the command
+"""`bastion models register|list|show|verify|validate|approve|retire`: the registry from the command
 line, straight on the database, each change recorded first on this host's CLI audit chain (as
 `bastion keys` does). The actor is `user@host (cli)`.
 
@@ -171,6 +171,25 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return _move(args, "retire", args.reason)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Hashes a directory (default: where the version was registered) against the record:
+    what an operator runs before pointing a deployment's `model_path` at a copy."""
+    _settings, db = _ctx(args)
+    try:
+        rec = records.get(db, *records.parse_ref(args.ref))
+    except BastionError as exc:
+        return _fail(exc)
+    path = Path(args.path or rec["path"])
+    changed = mismatches(path, rec["files"], _Progress())
+    for line in changed:
+        sys.stdout.write(line + "\n")
+    if changed:
+        sys.stderr.write(f"error: {path} is not {rec['ref']} as registered\n")
+        return 1
+    sys.stdout.write(f"{path} matches {rec['ref']} ({len(rec['files'])} files; {rec['state']})\n")
+    return 0
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     models = sub.add_parser("models", help="the model registry: inventory, digests, approvals")
     m = models.add_subparsers(dest="models_cmd", required=True)
@@ -195,6 +214,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s = m.add_parser("show", parents=[common], help="one version's record, files and history")
     s.add_argument("ref", help="NAME@VERSION")
     s.set_defaults(func=cmd_show)
+    s = m.add_parser("verify", parents=[common], help="check a directory against a record")
+    s.add_argument("ref", help="NAME@VERSION")
+    s.add_argument("--path", help="the directory (default: where it was registered from)")
+    s.set_defaults(func=cmd_verify)
     for verb, func, what, flag in (
         ("validate", cmd_validate, "draft -> validated (files re-hashed)", "--evidence"),
         ("approve", cmd_approve, "validated -> approved", "--evidence"),
