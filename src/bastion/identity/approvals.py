@@ -110,12 +110,12 @@ def decide(db: Engine, approval_id: str, by: str, approve: bool) -> dict[str, An
             f"Approval request '{approval_id}' is {current['status']}, not pending.",
             code="approval_not_pending",
         )
-    # `subject.not_by`: people an action excludes besides the requester (a model's registrant).
     if by == current["requested_by"]:
         raise PermissionDenied(
             "A second, distinct administrator must approve or reject this request.",
             code="four_eyes",
         )
+    # `subject.not_by`: people an action excludes besides the requester (a model's registrant).
     if by in (current["subject"] or {}).get("not_by", ()):
         raise PermissionDenied(
             f"{by} may not decide this request (for a model: its registrant); a third person must.",
