@@ -231,6 +231,15 @@ def test_four_eyes_approval_takes_two_people_neither_the_registrant(
         assert no.status_code == 200 and no.json()["status"] == "rejected"
         rec = c.get("/admin/models/tiny-chat/2", headers=H).json()
         assert rec["state"] == "validated" and rec["approval"] is None
+        # Retired while a request waits: approving the request afterwards changes nothing.
+        asked = c.post("/admin/models/tiny-chat/2/approve", json={"evidence": "e"}, headers=H)
+        assert asked.status_code == 202
+        gone = c.post("/admin/models/tiny-chat/2/retire", json={"reason": "withdrawn"}, headers=H)
+        assert gone.status_code == 200 and gone.json()["approval"] is None
+        late = c.post(f"/admin/approvals/{asked.json()['approval']['id']}/approve",
+                      headers=_auth(gina))  # fmt: skip
+        assert late.status_code == 409, late.text
+        assert c.get("/admin/models/tiny-chat/2", headers=H).json()["state"] == "retired"
     actions = [(e["actor"], e["action"]) for e in admin_trail(db_url)]
     assert ("frank", "model.register") in actions and ("frank", "model.validate") in actions
     assert ("gina", "approval.request") in actions

@@ -209,7 +209,7 @@ async def _approved(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
     rec = await asyncio.to_thread(
         records.get, state.db, *records.parse_ref(approval["subject"]["model"])
     )
-    if rec["approval"] != approval["id"]:
+    if rec["approval"] != approval["id"] or rec["state"] != "validated":  # retired meanwhile
         raise Conflict(f"'{rec['ref']}' no longer waits for this request.", code="conflict")
     return await asyncio.to_thread(
         records.transition, state.db, rec, "approved", approval["decided_by"],

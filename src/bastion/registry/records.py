@@ -273,15 +273,19 @@ def transition(
 
 
 def set_pending(db: Engine, rec: dict[str, Any], approval_id: str | None) -> None:
-    """Marks (or clears) the four-eyes request a validated record waits for."""
+    """Marks (or clears) the four-eyes request a validated record waits for; 409 if it was
+    moved meanwhile (the request then points at nothing and its approval changes nothing)."""
     with db.begin() as conn:
-        conn.execute(
+        done = conn.execute(
             registry_models.update().where(
                 (registry_models.c.name == rec["name"])
                 & (registry_models.c.version == rec["version"])
+                & (registry_models.c.state == "validated")
             ),
             {"approval": approval_id},
         )
+    if done.rowcount != 1 and approval_id is not None:
+        raise Conflict(f"'{rec['ref']}' was changed meanwhile; read it again.", code="conflict")
 
 
 def model_dir(db: Engine, ref: str, states: tuple[str, ...] = ("approved",)) -> Path:
