@@ -43,6 +43,8 @@ from bastion.limits.counters import CounterBackend, MemoryCounters
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
+from bastion.registry import api as registry_api
+from bastion.registry.enforce import check_deployments
 from bastion.routing import api as routing_api
 from bastion.routing.balancer import ModelRoute
 from bastion.routing.engine_load import EngineLoadScraper
@@ -66,6 +68,8 @@ def build_app(
         else None
     )
     routes = {alias: ModelRoute.build(alias, m) for alias, m in settings.models.items()}
+    for (alias, i), why in check_deployments(settings, db).items():  # refuse mode: raises
+        routes[alias].deployments[i].registry_problem = why
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
     keys = KeyStore(
@@ -124,6 +128,7 @@ def build_app(
             audit_api.admin_router,
             identity_api.router,
             routing_api.router,
+            registry_api.router,
         ],
         openapi_public=settings.admin.openapi_public,
     )

@@ -73,6 +73,18 @@ class DeploymentSettings(Strict):
         description="`bastion up` starts this engine locally: a model directory, or "
         "`builtin:tiny-chat` / `builtin:all-minilm-l6-v2`. Loopback URLs only.",
     )
+    registry: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        description="The registry version this deployment serves (`NAME@VERSION`): at start it "
+        "must be approved and its files must match the recorded digests (`registry.enforce`).",
+    )
+    model_path: str | None = Field(
+        None,
+        description="Where the gateway can read the weights this engine loads, to check them "
+        "against `registry` (default: `launch`'s directory, else the path it was registered "
+        "from).",
+    )
     max_concurrency: int | None = Field(
         None, ge=1, description="Requests this deployment accepts at once (none: unlimited)."
     )

@@ -26,6 +26,7 @@ from bastion.gateway.responses_api import responses_routes
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.gateway.wire.anthropic import MESSAGES, anthropic_error, anthropic_model_list
 from bastion.identity.access import bearer_is
+from bastion.routing.balancer import ModelRoute
 
 
 def gateway_routes(gateway: Gateway) -> list[Route]:
@@ -83,17 +84,18 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
     async def healthz(_request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
+    def model_state(r: ModelRoute) -> dict[str, Any]:
+        state: dict[str, Any] = {"ready": r.ready, "deployments": []}
+        for d in r.deployments:
+            dep = {"name": d.name, "healthy": d.healthy, "in_flight": d.in_flight}
+            if d.registry_problem:  # the model registry's verdict at start (warn mode)
+                dep["reason"] = d.registry_problem
+                state["reason"] = "; ".join(filter(None, [state.get("reason"), d.registry_problem]))
+            state["deployments"].append(dep)
+        return state
+
     async def readyz(_request: Request) -> Response:
-        models = {
-            alias: {
-                "ready": r.ready,
-                "deployments": [
-                    {"name": d.name, "healthy": d.healthy, "in_flight": d.in_flight}
-                    for d in r.deployments
-                ],
-            }
-            for alias, r in routes.items()
-        }
+        models = {alias: model_state(r) for alias, r in routes.items()}
         ok = all(r.ready for r in routes.values())
         return Response(
             orjson.dumps({"status": "ready" if ok else "not ready", "models": models}),

@@ -115,6 +115,12 @@ def decide(db: Engine, approval_id: str, by: str, approve: bool) -> dict[str, An
             "A second, distinct administrator must approve or reject this request.",
             code="four_eyes",
         )
+    # `subject.not_by`: people an action excludes besides the requester (a model's registrant).
+    if by in (current["subject"] or {}).get("not_by", ()):
+        raise PermissionDenied(
+            f"{by} may not decide this request (for a model: its registrant); a third person must.",
+            code="four_eyes",
+        )
     now = datetime.now(UTC)
     with db.begin() as conn:
         done = conn.execute(

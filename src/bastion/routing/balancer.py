@@ -48,6 +48,8 @@ class Deployment:
     decisions: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    #: Why the model registry says it may not serve (`registry.enforce: warn`), else None.
+    registry_problem: str | None = None
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -257,4 +259,7 @@ class ModelRoute:
 
     @property
     def ready(self) -> bool:
-        return any(d.healthy for d in self.deployments)
+        # A deployment serving an unapproved or altered model keeps the alias not ready.
+        return any(d.healthy for d in self.deployments) and not any(
+            d.registry_problem for d in self.deployments
+        )

@@ -225,3 +225,45 @@ responses = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
 )
+
+#: The model registry (`bastion.registry`): one row per model or adapter version. Its files and
+#: metadata never change once registered; only `state`, `history` and `approval` do, each change
+#: guarded by the state it was made from (compare-and-set) and recorded in the audit trail.
+registry_models = Table(
+    "registry_models",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),  # base | adapter
+    Column("state", String(16), nullable=False, index=True),
+    Column("path", Text, nullable=False),
+    Column("manifest_sha256", String(64), nullable=False),
+    Column("files", JSON, nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("license", String(256), nullable=True),
+    Column("owner", String(256), nullable=True),
+    Column("intended_use", Text, nullable=True),
+    Column("risk_tier", String(16), nullable=True),
+    Column("base", String(200), nullable=True),  # an adapter's base, NAME@VERSION
+    Column("lineage", JSON, nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # Every transition: from, to, by, at, evidence (and the four-eyes approval, its requester).
+    Column("history", JSON, nullable=False),
+    # A pending four-eyes approval request (its id); NULL when none is pending.
+    Column("approval", String(32), nullable=True),
+)
+
+#: Digests the registry has verified, by file identity (`registry/cache.py` says why that is
+#: safe): a restart re-reads only files whose inode, size, mtime or ctime changed.
+registry_digests = Table(
+    "registry_digests",
+    metadata,
+    Column("id", String(64), primary_key=True),  # sha256(host \0 absolute path)
+    Column("host", String(255), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("stat", String(128), nullable=False),  # dev:ino:size:mtime_ns:ctime_ns
+    Column("sha256", String(64), nullable=False),
+    Column("verified_at", DateTime(timezone=True), nullable=False),
+)
