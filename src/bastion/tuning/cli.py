@@ -71,7 +71,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_path(value: str) -> Path:
+#: Registry states a base may be trained from: validated (its files re-hashed, documented) or
+#: approved. Training is not serving; the adapter gets its own approval.
+TRAINABLE = ("validated", "approved")
+
+
+def _base_path(value: str, config: str | None = None) -> Path:
+    """A base model directory: a path, `tiny`, or a registry version NAME@VERSION (its recorded
+    local path, only while its files still match the record)."""
     p = Path(value).expanduser()
     if p.is_dir():
         return p
@@ -79,8 +86,17 @@ def _base_path(value: str) -> Path:
         from bastion.local.launcher import ensure_tiny_model
 
         return ensure_tiny_model()
-    # NAME@VERSION is resolved by the model registry once it records base models.
-    raise SystemExit(f"error: base {value!r} is not a model directory")
+    if "@" in value:
+        from bastion.config import load_settings
+        from bastion.core.errors import BastionError
+        from bastion.identity.teams import open_store
+        from bastion.registry.records import model_dir
+
+        try:
+            return model_dir(open_store(load_settings(config)), value, TRAINABLE)
+        except BastionError as exc:
+            raise SystemExit(f"error: base {value}: {exc.message}") from None
+    raise SystemExit(f"error: base {value!r} is not a model directory nor NAME@VERSION")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -94,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.base or not args.data:
             return _fail("--base and --data are required (or --resume JOB)", 2)
         job_id = jobs.submit(
-            _base_path(args.base), args.data, out=args.out, root=args.jobs_dir,
+            _base_path(args.base, args.config), args.data, out=args.out, root=args.jobs_dir,
             python=args.python, rank=args.rank, alpha=args.alpha, lr=args.lr,
             epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
             max_tokens=args.max_tokens, checkpoint_every=args.checkpoint_every,
@@ -192,7 +208,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    del common  # tuning reads no gateway config: jobs are files under --jobs-dir
+    # Jobs are files under --jobs-dir; only `run` reads the config (a registry base's path).
     jobs_opt = argparse.ArgumentParser(add_help=False)
     jobs_opt.add_argument(
         "--jobs-dir", type=Path, default=None,
@@ -212,8 +228,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print the manifest")
     s.set_defaults(func=cmd_data)
 
-    s = t.add_parser("run", parents=[jobs_opt], help="start a LoRA training job (background)")
-    s.add_argument("--base", help="base model directory (or `tiny`)")
+    s = t.add_parser(
+        "run", parents=[jobs_opt, common], help="start a LoRA training job (background)"
+    )
+    s.add_argument(
+        "--base", help="base model: a directory, `tiny`, or a registry version NAME@VERSION"
+    )
     s.add_argument("--data", type=Path, help="dataset built by `bastion tune data`")
     s.add_argument("--out", type=Path, help="adapter directory (default JOB/adapter)")
     s.add_argument("--resume", metavar="JOB", help="continue a cancelled/failed job")
