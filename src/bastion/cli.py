@@ -448,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_identity_parsers(sub, keys, common)
 
     add_audit_parser(sub, common)
+    __import__("bastion.evals.cli").evals.cli.add_commands(sub, common)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(
         dest="cfg_cmd", required=True
