@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from sqlalchemy import Engine
@@ -108,5 +109,7 @@ def test_reports_markdown_json_and_a_self_contained_html(db: Engine) -> None:
     html = report.html(c)
     assert html.count("<svg") >= 4 and "pass rate per tag" in html
     # No network assets: the only URL is the SVG namespace.
+    for svg in html.split("<svg")[1:]:  # each plot is well-formed XML
+        ElementTree.fromstring("<svg" + svg.split("</svg>")[0] + "</svg>")
     assert "<script" not in html and "<link" not in html
     assert {u for u in html.split('"') if u.startswith("http")} == {"http://www.w3.org/2000/svg"}

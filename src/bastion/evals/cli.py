@@ -256,7 +256,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     w(f"run {s['id']}: suite {s['suite']} v{s['suite_version']} on {s['model']}, {s['status']}\n")
     w(f"cases {s['cases_done']}/{s['cases_total']}, {s['samples']} sample(s) each\n")
     for k, v in s["metrics"].items():
-        w(f"  {k:<28} {v:.4f}\n")
+        w(f"  {k:<28} {v:.6g}\n")
     for r in s["results"]:
         mark = "ERROR" if r["error"] else ("pass" if r["passed"] else "FAIL")
         bad = [n for n, sc in r["scores"].items() if not sc["passed"] or sc["error"]]
