@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from bastion.evals.model_scorers import EmbeddingSimilarity
 from bastion.evals.runner import marker
 from bastion.evals.scorers import Output, ScoringContext
 from bastion.evals.suite import Case
+from bastion.local.launcher import VllmProcess
 from bastion.store.db import make_engine
 from bastion.store.schema import usage
-from tests.conftest import Gateway
+from tests.conftest import TINY, Gateway, base_config, engine_models
 
 N = 8
 
@@ -55,6 +57,27 @@ def _suite(path: Path, n: int = N, judge: bool = False) -> Path:
     }
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    make_gateway: Callable[..., Gateway],
+    chat_engine: VllmProcess,
+    embed_engine: VllmProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Gateway:
+    """The real engines behind a gateway of this module's own, with a priced chat alias and a
+    fill-in-the-middle alias (the shipped code-fim suite) over the same tiny engine."""
+    db = tmp_path_factory.mktemp("evals") / "bastion.db"
+    models = engine_models(chat_engine, embed_engine)
+    models["coder"] = {"kind": "completion", "fim": "qwen-coder", "deployments": [
+        {"url": chat_engine.url, "served_name": TINY}]}  # fmt: skip
+    cfg = base_config(
+        f"sqlite:///{db}", models, prices={"tiny": {"prompt": 1.0, "completion": 2.0}}
+    )
+    gw = make_gateway(cfg)
+    gw.wait_ready()
+    return gw
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +244,23 @@ def test_comparing_with_a_deliberately_worse_candidate(
     assert "<svg" in html.read_text()
     failing = _eval(gateway, svc_key, "compare", base, worse, "--fail-on-worse", check=False)
     assert failing.returncode == 1
+
+
+def test_samples_give_pass_at_k_and_the_shipped_fim_suite_runs(
+    gateway: Gateway, svc_key: str, tmp_path: Path
+) -> None:
+    suite = _suite(tmp_path / "smoke.yaml", n=2)
+    run_id = _eval(
+        gateway, svc_key, "run", str(suite), "--model", "tiny", "--samples", "3",
+        "--temperature", "1.0", "--max-tokens", "6",
+    ).stdout.strip()  # fmt: skip
+    shown = json.loads(_eval(gateway, svc_key, "show", run_id, "--format", "json").stdout)
+    assert len(shown["results"]) == 6 and {r["sample"] for r in shown["results"]} == {0, 1, 2}
+    assert 0.0 <= shown["metrics"]["pass@3"] <= 1.0 and shown["metrics"]["pass@3"] >= shown[
+        "metrics"]["pass"]  # fmt: skip
+    # code-fim: prompt + suffix on /v1/completions through the alias's FIM template. The tiny
+    # model writes no code, so the regexes fail; the run itself must be complete and clean.
+    fim = _eval(gateway, svc_key, "run", "code-fim", "--model", "coder").stdout.strip()
+    rows = store.results(_db(gateway), fim)
+    assert len(rows) == 3 and all(r["error"] is None and r["request_id"] for r in rows)
+    assert all(set(r["scores"]) == {"regex"} for r in rows)

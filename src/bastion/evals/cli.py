@@ -59,10 +59,17 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_schema)
 
 
-def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from bastion.cli import _db, _settings
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from bastion.config import load_settings
 
-    return _db(_settings(args))
+    return load_settings(args.config)
+
+
+def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The configured database, migrated (as every other command opens it)."""
+    from bastion.identity.teams import open_store
+
+    return open_store(_settings(args))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -102,7 +109,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import openai
 
-    from bastion.cli import _settings
     from bastion.evals import store
     from bastion.evals.runner import marker, run_suite
     from bastion.evals.scorers import make_scorer
