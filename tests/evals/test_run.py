@@ -264,3 +264,15 @@ def test_samples_give_pass_at_k_and_the_shipped_fim_suite_runs(
     rows = store.results(_db(gateway), fim)
     assert len(rows) == 3 and all(r["error"] is None and r["request_id"] for r in rows)
     assert all(set(r["scores"]) == {"regex"} for r in rows)
+
+
+def test_a_run_the_gateway_refuses_stops_at_once(
+    gateway: Gateway, svc_key: str, tmp_path: Path
+) -> None:
+    suite = _suite(tmp_path / "smoke.yaml")
+    bad = _eval(gateway, "bst-not-a-key", "run", str(suite), "--model", "tiny", check=False)
+    assert bad.returncode == 2 and "error: the gateway refused the run: 401" in bad.stderr
+    unknown = _eval(gateway, svc_key, "run", str(suite), "--model", "nope", check=False)
+    assert unknown.returncode == 2 and "refused the run: 404" in unknown.stderr
+    run_id = unknown.stderr.split()[2].rstrip(":")
+    assert store.get_run(_db(gateway), run_id)["status"] == "failed"  # type: ignore[index]

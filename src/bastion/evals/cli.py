@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import openai
 
     from bastion.evals import store
-    from bastion.evals.runner import marker, run_suite
+    from bastion.evals.runner import RunAborted, marker, run_suite
     from bastion.evals.scorers import make_scorer
     from bastion.evals.suite import load_suite, resolve_path
 
@@ -199,6 +199,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"\ninterrupted: resume with `bastion eval run {args.suite} --resume {run_id}`\n"
         )
         return 130
+    except RunAborted as exc:
+        store.set_status(engine, run_id, "failed")
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     left = store.attach_costs(engine, run_id, wait=3.0)
     status = "finished" if not failed else "incomplete"
     store.set_status(engine, run_id, status)

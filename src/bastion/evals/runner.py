@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import openai
 from sqlalchemy import Engine
 
 from bastion.evals import store
@@ -28,6 +29,19 @@ MARKER_PREFIX = "bastion-eval:"
 
 def marker(run_id: str) -> str:
     return MARKER_PREFIX + run_id
+
+
+class RunAborted(RuntimeError):
+    """The gateway refused the run itself (the key, the model): no case can succeed."""
+
+
+#: Answers that say the run is misconfigured, not that one case failed: asking the remaining
+#: cases would only repeat them (and fill the audit trail with refusals).
+FATAL = (
+    openai.AuthenticationError,
+    openai.PermissionDeniedError,
+    openai.NotFoundError,
+)
 
 
 async def call_model(
@@ -57,6 +71,8 @@ async def call_model(
             resp = raw.parse()
             choice = resp.choices[0]
             text, calls = choice.text or "", []
+    except FATAL as exc:
+        raise RunAborted(f"the gateway refused the run: {exc.status_code} {exc.message}") from None
     except Exception as exc:
         return Output(
             latency_ms=(time.perf_counter() - t0) * 1000,
