@@ -113,3 +113,18 @@ def test_reports_markdown_json_and_a_self_contained_html(db: Engine) -> None:
         ElementTree.fromstring("<svg" + svg.split("</svg>")[0] + "</svg>")
     assert "<script" not in html and "<link" not in html
     assert {u for u in html.split('"') if u.startswith("http")} == {"http://www.w3.org/2000/svg"}
+
+
+def test_failed_calls_are_asked_again_on_resume_and_left_out_of_comparisons(db: Engine) -> None:
+    from bastion.evals.compare import aggregate
+
+    run_id = _run(db, "m", [True, True], latency=10)
+    row = {
+        "case_id": "c01", "sample": 0, "tags": [], "output": "", "tool_calls": None,
+        "scores": {}, "passed": False, "error": store.CALL_FAILED + "RateLimitError: 429",
+        "latency_ms": 1.0, "prompt_tokens": 0, "completion_tokens": 0, "request_id": None,
+    }  # fmt: skip
+    store.save_result(db, run_id, row)  # replaces the earlier answer of the same sample
+    assert store.done_keys(db, run_id) == {("c00", 0)}
+    assert set(aggregate(store.results(db, run_id), [1])) == {"c00"}
+    assert len(store.results(db, run_id)) == 2

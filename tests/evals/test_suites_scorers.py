@@ -162,3 +162,18 @@ def test_judge_verdicts_are_parsed(reply: str, score: float, reasoning: str) -> 
 def test_unusable_judge_verdicts_are_errors(reply: str) -> None:
     with pytest.raises(ValueError):
         parse_verdict(reply, 5)
+
+
+def test_the_cli_refuses_a_bad_suite_before_any_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bastion.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\ncases:\n- {id: a, input: {prompt: x}, scorers: [{name: exakt}]}\n")
+    assert main(["eval", "validate", str(p)]) == 2
+    assert "unknown scorer 'exakt'" in capsys.readouterr().err
+    assert main(["eval", "validate", "banking-faq"]) == 0
+    assert "suite OK: banking-faq v1, 6 case(s)" in capsys.readouterr().out
+    assert main(["eval", "schema"]) == 0
+    assert '"title": "Suite"' in capsys.readouterr().out
