@@ -13,8 +13,11 @@ from bastion.evals.compare import compare, verdicts
 from bastion.store.db import open_database
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Engine:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    """The same store code on both databases Bastion supports."""
+    if request.param == "postgres":
+        return open_database(request.getfixturevalue("pg_url"))
     return open_database(f"sqlite:///{tmp_path / 'evals.db'}")
 
 
