@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_db_upgrade)
 
     from bastion.audit.cli import add_parser as add_audit_parser
+    from bastion.evals.cli import add_commands as add_eval_commands
     from bastion.identity.cli import add_parsers as add_identity_parsers
     from bastion.registry.cli import add_commands as add_registry_commands
     from bastion.tuning.cli import add_commands as add_tuning_commands
@@ -452,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_parser(sub, common)
     add_tuning_commands(sub, common)
     add_registry_commands(sub, common)
+    add_eval_commands(sub, common)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(
         dest="cfg_cmd", required=True

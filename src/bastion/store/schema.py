@@ -267,3 +267,45 @@ registry_digests = Table(
     Column("sha256", String(64), nullable=False),
     Column("verified_at", DateTime(timezone=True), nullable=False),
 )
+
+# -- evals (issue 14): runs of eval suites through the gateway, one row per case and sample ----
+eval_runs = Table(
+    "eval_runs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("suite", String(128), nullable=False, index=True),
+    Column("suite_version", String(32), nullable=False),
+    # The suite file's SHA-256: a resume or a comparison knows whether the cases changed.
+    Column("suite_sha256", String(64), nullable=False),
+    Column("suite_path", Text, nullable=False),
+    Column("model", String(128), nullable=False, index=True),
+    Column("samples", Integer, nullable=False),
+    Column("cases_total", Integer, nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # running | finished | failed
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+eval_results = Table(
+    "eval_results",
+    metadata,
+    Column("run_id", String(32), primary_key=True),
+    Column("case_id", String(128), primary_key=True),
+    Column("sample", Integer, primary_key=True),
+    Column("tags", JSON, nullable=False),
+    Column("output", Text, nullable=False),
+    Column("tool_calls", JSON, nullable=True),
+    # {scorer name: {value, passed, detail, error}}
+    Column("scores", JSON, nullable=False),
+    Column("passed", Boolean, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("latency_ms", Float, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    # The gateway's usage record of the call (x-request-id), and its cost once written there.
+    Column("request_id", String(64), nullable=True),
+    Column("cost_micros", BigInteger, nullable=True),
+    Column("currency", String(3), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
