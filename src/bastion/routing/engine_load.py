@@ -10,7 +10,6 @@ counts include every gateway replica's, and requests the engine queued for lack 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -21,6 +20,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
+from bastion.routing.poller import Poller
 from bastion.routing.precise import LoadView
 
 if TYPE_CHECKING:
@@ -69,8 +69,10 @@ def parse_metrics(text: str, served_name: str | None = None) -> dict[str, float]
     return out
 
 
-class EngineLoadScraper(LoadView):
+class EngineLoadScraper(LoadView, Poller):
     """Scrapes every vLLM deployment's /metrics each `interval` seconds."""
+
+    _task_name = "bastion-engine-load"
 
     def __init__(
         self,
@@ -82,7 +84,6 @@ class EngineLoadScraper(LoadView):
         self._client = client
         self._deployments = [d for d in deployments if d.settings.kind == "vllm"]
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
         self.loads: dict[str, EngineLoad] = {}
         self._queue = Gauge(
             "bastion_deployment_queue_depth",
@@ -140,20 +141,9 @@ class EngineLoadScraper(LoadView):
         self._queue.labels(dep.name).set(fields["queue_depth"])
         self._kv.labels(dep.name).set(fields["kv_cache_usage"])
 
-    async def start(self) -> None:
-        if self._deployments:
-            self._task = asyncio.create_task(self._loop(), name="bastion-engine-load")
+    @property
+    def _has_work(self) -> bool:
+        return bool(self._deployments)
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.gather(*(self.scrape(d) for d in self._deployments))
-            except Exception:
-                log.exception("engine load scrape failed")
-            await asyncio.sleep(self._interval)
+    async def poll(self) -> None:
+        await asyncio.gather(*(self.scrape(d) for d in self._deployments))

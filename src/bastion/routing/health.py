@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 
 from bastion.engines.client import EngineClient
 from bastion.routing.balancer import Deployment
+from bastion.routing.poller import Poller
 
 log = logging.getLogger("bastion.routing")
 
@@ -16,14 +16,15 @@ log = logging.getLogger("bastion.routing")
 CONFIRM_SECONDS = 1.0
 
 
-class HealthChecker:
+class HealthChecker(Poller):
+    _task_name = "bastion-health"
+
     def __init__(
         self, client: EngineClient, deployments: Iterable[Deployment], interval: float = 5.0
     ):
         self._client = client
         self._deployments = list(deployments)
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
 
     async def _check(self, deployments: list[Deployment]) -> list[bool]:
         return list(await asyncio.gather(*(self._client.healthy(d.settings) for d in deployments)))
@@ -52,19 +53,5 @@ class HealthChecker:
                 )
             dep.checked(ok)
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="bastion-health")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.check_all()
-            except Exception:
-                log.exception("health check round failed")
-            await asyncio.sleep(self._interval)
+    async def poll(self) -> None:
+        await self.check_all()
