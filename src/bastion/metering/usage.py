@@ -60,6 +60,8 @@ class UsageRecord:
     #: deployment; for a call that failed, the last one tried.
     served_model: str | None = None
     deployment: str | None = None
+    #: The registry adapter (NAME@VERSION) applied, when `model` is an adapter alias.
+    adapter: str | None = None
     stream: bool = False
     prompt_tokens: int = 0
     cached_tokens: int = 0

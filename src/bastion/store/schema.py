@@ -135,6 +135,8 @@ usage = Table(
     Column("model", String(128), nullable=True),
     # The alias that served the call when it is not `model` too: a router's choice, a fallback.
     Column("served_model", String(128), nullable=True),
+    # The registry adapter (NAME@VERSION) the engine applied, for an adapter alias.
+    Column("adapter", String(200), nullable=True),
     Column("deployment", String(256), nullable=True),
     Column("stream", Boolean, nullable=False, default=False),
     Column("prompt_tokens", Integer, nullable=False, default=0),
@@ -253,6 +255,22 @@ registry_models = Table(
     Column("history", JSON, nullable=False),
     # A pending four-eyes approval request (its id); NULL when none is pending.
     Column("approval", String(32), nullable=True),
+)
+
+#: Registry adapters served under an alias (`bastion models deploy`): every gateway replica
+#: loads each one on the deployments of its base alias and routes the alias there. A row is
+#: the deployment's whole state: deleting it (undeploy, retire) unloads the adapter.
+adapter_deployments = Table(
+    "adapter_deployments",
+    metadata,
+    Column("alias", String(128), primary_key=True),
+    Column("adapter", String(200), nullable=False, index=True),  # NAME@VERSION
+    Column("base_alias", String(128), nullable=False),
+    # serve: an approved adapter, for every key that may use the alias; staging: a validated
+    # one, only for keys that name the alias (evaluation before approval).
+    Column("stage", String(16), nullable=False),
+    Column("created_by", String(256), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 #: Digests the registry has verified, by file identity (`registry/cache.py` says why that is
