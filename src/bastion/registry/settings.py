@@ -34,5 +34,14 @@ class RegistrySettings(Strict):
         4, ge=1, le=64, description="Files hashed at once when verifying at start."
     )
 
+    adapter_refresh_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Seconds between two rounds in which each gateway makes its engines serve "
+        "the deployed adapters (`bastion models deploy`): loads new ones, unloads removed "
+        "ones, reloads after an engine restart.",
+    )
+
 
 section("registry", RegistrySettings, "The model registry: approvals and serve-time checks.")
