@@ -247,6 +247,7 @@ class ModelRoute:
                 "available": d.available,
                 "warmth": round(d.warmth, 3),
                 "in_flight": d.in_flight,
+                "adapters": sorted(d.adapters),
                 "decisions": dict(sorted(d.decisions.items())),
                 "prompt_tokens": d.prompt_tokens,
                 "cached_tokens": d.cached_tokens,
