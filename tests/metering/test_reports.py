@@ -17,7 +17,7 @@ from bastion.metering.reports import render, summarize
 from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.store.db import make_engine, upgrade
-from bastion.store.schema import usage
+from bastion.store.schema import usage, usage_hourly
 
 
 def _records(now: datetime) -> list[UsageRecord]:
@@ -57,8 +57,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_writer_and_summaries(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # the session's PostgreSQL database is shared: start empty
         conn.execute(usage.delete())
+        conn.execute(usage_hourly.delete())
     writer = UsageWriter(engine, flush_seconds=0.05)
     writer.open()
     now = datetime.now(UTC)

@@ -2,18 +2,22 @@
 
 Costs are summed as integer micro-units, per currency (a group that used models priced in two
 currencies gets one row per currency; amounts in different currencies are never added), and
-shown as exact decimal strings with six places ("0.000150"), in JSON too: never a float."""
+shown as exact decimal strings with six places ("0.000150"), in JSON too: never a float.
+Whole hours are read from the hourly rollups (`metering/rollups.py`), which the usage writer
+keeps in step with the records: a month of 10^6 records is summed in milliseconds."""
 
 from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import orjson
 from sqlalchemy import Engine, case, func, select
 
+from bastion.metering.hourly import hour_of
+from bastion.metering.rollups import aggregate, is_hour
 from bastion.metering.usage import money
 from bastion.store.schema import usage
 
@@ -40,22 +44,81 @@ def summarize(
     until: datetime | None = None,
     team: str | None = None,
 ) -> list[dict[str, Any]]:
-    col = _day(engine) if by == "day" else GROUPS[by]
-    key = col.label("group")
-    q = (
-        select(
-            key,
-            func.count().label("requests"),
-            func.sum(case((usage.c.outcome != "ok", 1), else_=0)).label("errors"),
-            func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
-            func.coalesce(func.sum(usage.c.cached_tokens), 0).label("cached_tokens"),
-            func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
-            func.coalesce(func.sum(usage.c.cost_micros), 0).label("cost_micros"),
-            usage.c.currency,
+    """Sums per group and currency over [since, until): the whole hours from the hourly rollups
+    (exact: they are written with the records), the minutes before the first and after the last
+    whole hour from the records themselves, added together."""
+    first = since if since is None or is_hour(since) else hour_of(since) + timedelta(hours=1)
+    last = until if until is None or is_hour(until) else hour_of(until)
+    acc: dict[tuple[Any, Any], dict[str, int]] = {}
+    if first is None or last is None or first < last:
+        rows = aggregate(
+            engine,
+            [] if by == "day" else [by],
+            first,
+            last,
+            {"team": team} if team is not None else None,
+            step="day" if by == "day" else None,
         )
-        .group_by(col, usage.c.currency)
-        .order_by(col, usage.c.currency)
-    )
+        for r in rows:
+            _add(acc, r["period"] if by == "day" else r[by], r)
+    edges = []
+    if first is not None and last is not None and first >= last:
+        edges.append((since, until))  # all inside one hour
+    else:
+        if since is not None and first != since:
+            edges.append((since, first))
+        if until is not None and last != until:
+            edges.append((last, until))
+    for lo, hi in edges:
+        for r in _raw(engine, by, lo, hi, team):
+            _add(acc, r.group, r._mapping)
+    out = []
+    for (group, currency), a in sorted(acc.items(), key=lambda kv: _order(kv[0])):
+        out.append(
+            {
+                by: group if group is not None else "(none)",
+                "requests": a["requests"],
+                "errors": a["errors"],
+                "prompt_tokens": a["prompt_tokens"],
+                "cached_tokens": a["cached_tokens"],
+                "completion_tokens": a["completion_tokens"],
+                "total_tokens": a["prompt_tokens"] + a["completion_tokens"],
+                "cost": money(a["cost_micros"]),
+                "currency": currency,
+            }
+        )
+    return out
+
+
+_SUMMED = ("requests", "errors", "prompt_tokens", "cached_tokens", "completion_tokens")
+
+
+def _add(acc: dict[tuple[Any, Any], dict[str, int]], group: Any, r: Any) -> None:
+    a = acc.setdefault((group, r["currency"] or None), dict.fromkeys([*_SUMMED, "cost_micros"], 0))
+    for k in (*_SUMMED, "cost_micros"):
+        a[k] += int(r[k] or 0)
+
+
+def _order(key: tuple[Any, Any]) -> tuple[Any, ...]:
+    group, currency = key
+    return (group is None, str(group or ""), currency is None, currency or "")
+
+
+def _raw(
+    engine: Engine, by: GroupBy, since: datetime | None, until: datetime | None, team: str | None
+) -> list[Any]:
+    """The same sums straight from the usage records (for the odd minutes of a period)."""
+    col = _day(engine) if by == "day" else GROUPS[by]
+    q = select(
+        col.label("group"),
+        func.count().label("requests"),
+        func.sum(case((usage.c.outcome != "ok", 1), else_=0)).label("errors"),
+        func.coalesce(func.sum(usage.c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(usage.c.cached_tokens), 0).label("cached_tokens"),
+        func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(usage.c.cost_micros), 0).label("cost_micros"),
+        usage.c.currency,
+    ).group_by(col, usage.c.currency)
     if since is not None:
         q = q.where(usage.c.ts >= since)
     if until is not None:
@@ -63,23 +126,7 @@ def summarize(
     if team is not None:
         q = q.where(usage.c.team == team)
     with engine.connect() as conn:
-        rows = conn.execute(q).all()
-    out = []
-    for r in rows:
-        out.append(
-            {
-                by: r.group if r.group is not None else "(none)",
-                "requests": int(r.requests),
-                "errors": int(r.errors or 0),
-                "prompt_tokens": int(r.prompt_tokens),
-                "cached_tokens": int(r.cached_tokens),
-                "completion_tokens": int(r.completion_tokens),
-                "total_tokens": int(r.prompt_tokens) + int(r.completion_tokens),
-                "cost": money(int(r.cost_micros)),
-                "currency": r.currency,
-            }
-        )
-    return out
+        return list(conn.execute(q).all())
 
 
 def render(rows: list[dict[str, Any]], fmt: Literal["table", "csv", "json"]) -> str:

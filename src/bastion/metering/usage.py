@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
+from bastion.metering.hourly import add_batch
 from bastion.metering.settings import PriceSettings
 from bastion.store.schema import usage
 
@@ -163,15 +165,23 @@ class UsageWriter:
                 return
 
     def _write(self, batch: list[UsageRecord]) -> None:
-        rows = [{f: getattr(r, f) for f in _FIELDS} for r in batch]
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(usage.insert(), rows)
-        except IntegrityError:
-            # A retried batch partly written before: insert one by one, skipping duplicates.
-            for row in rows:
-                try:
-                    with self._engine.begin() as conn:
-                        conn.execute(usage.insert(), row)
-                except IntegrityError:
-                    pass
+        write_batch(self._engine, [{f: getattr(r, f) for f in _FIELDS} for r in batch])
+
+
+def write_batch(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    """Inserts usage rows and adds them to the hourly rollups in the same transaction (so the
+    rollups never count a record that is not there, nor miss one that is)."""
+    try:
+        with engine.begin() as conn:
+            conn.execute(usage.insert(), rows)
+            add_batch(conn, rows)
+    except IntegrityError:
+        # A retried batch partly written before: insert one by one, skipping duplicates (a
+        # duplicate's transaction rolls back its rollup too).
+        for row in rows:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(usage.insert(), row)
+                    add_batch(conn, [row])
+            except IntegrityError:
+                pass

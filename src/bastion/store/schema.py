@@ -156,6 +156,58 @@ usage = Table(
 )
 Index("ix_usage_team_ts", usage.c.team, usage.c.ts)
 
+#: Fixed latency/TTFT histogram bucket upper bounds in ms (the last bucket is open): exact
+#: counts that add up under an upsert, from which percentiles are read to a bucket's width.
+HISTOGRAM_BOUNDS_MS: tuple[float, ...] = (
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+)
+ROLLUP_DIMENSIONS: tuple[str, ...] = (
+    "team", "cost_center", "model", "served_model", "adapter", "key_id", "user", "endpoint",
+    "currency",
+)  # fmt: skip
+_DIM_LENGTHS = {"key_id": 32, "user": 256, "adapter": 200, "endpoint": 32, "currency": 3}
+
+#: Hourly usage rollups (`metering/hourly.py`), upserted in the transaction that inserts the
+#: usage batch, so they never drift from `usage`. A dimension that a record lacks is '' (not
+#: NULL: NULLs never conflict in a unique key, and the upsert needs them to). The deployment,
+#: the client's own `user` field and the outcome are left out: they multiply rows (a row per
+#: replica or free-text value) and no report groups by them; errors are counted instead.
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("hour", DateTime(timezone=True), primary_key=True),
+    *(
+        Column(d, String(_DIM_LENGTHS.get(d, 128)), primary_key=True, server_default="")
+        for d in ROLLUP_DIMENSIONS
+    ),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("cached_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+    Column("latency_ms_sum", Float, nullable=False),
+    Column("ttft_ms_sum", Float, nullable=False),
+    Column("ttft_count", BigInteger, nullable=False),
+    *(
+        Column(f"{h}_{i}", BigInteger, nullable=False, server_default="0")
+        for h in ("lat", "ttft")
+        for i in range(len(HISTOGRAM_BOUNDS_MS) + 1)
+    ),
+)
+Index("ix_usage_hourly_team_hour", usage_hourly.c.team, usage_hourly.c.hour)
+
 # -- the audit trail (append-only: nothing in Bastion updates or deletes rows, except purging
 # -- expired `content` and destroying data keys, which leave every hash verifiable) ----------
 audit_entries = Table(

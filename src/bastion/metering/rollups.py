@@ -1,0 +1,188 @@
+"""Queries over the hourly rollups (`usage_hourly`), for reports and the console.
+
+Every sum here is exact (integers; money in micro-units, per currency) for whole hours: a bound
+that is not on the hour is refused (`ValueError`), and `reports.summarize` reads the odd minutes
+at either end from the raw records instead. Percentiles come from fixed-bucket histograms, so
+they are exact to within one bucket (`HISTOGRAM_BOUNDS_MS`), interpolated linearly inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Engine, func, select
+
+from bastion.metering.hourly import LAT, SUMS, TTFT
+from bastion.metering.usage import money
+from bastion.store.schema import HISTOGRAM_BOUNDS_MS, usage_hourly
+
+#: Report names of the rollup dimensions (as `bastion usage --by` spells them).
+COLUMNS: dict[str, str] = {
+    "team": "team",
+    "cost-center": "cost_center",
+    "model": "model",
+    "served-model": "served_model",
+    "adapter": "adapter",
+    "key": "key_id",
+    "user": "user",
+    "endpoint": "endpoint",
+    "currency": "currency",
+}
+Step = Literal["hour", "day"]
+
+
+def is_hour(t: datetime | None) -> bool:
+    return t is None or (t.minute == 0 and t.second == 0 and t.microsecond == 0)
+
+
+def month_range(month: str) -> tuple[datetime, datetime]:
+    """'2026-11' -> [2026-11-01, 2026-12-01) in UTC; anything else is a clear error."""
+    try:
+        start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f"not a month: {month!r} (use YYYY-MM, e.g. 2026-11)") from None
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else None
+    return start, end or start.replace(month=start.month + 1)
+
+
+def _period(engine: Engine, step: Step) -> Any:
+    col = usage_hourly.c.hour
+    if step == "hour":
+        return col
+    if engine.dialect.name == "postgresql":
+        return func.to_char(func.timezone("UTC", col), "YYYY-MM-DD")
+    return func.substr(col, 1, 10)
+
+
+def aggregate(
+    engine: Engine,
+    by: Sequence[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+    where: Mapping[str, str | None] | None = None,
+    step: Step | None = None,
+    histograms: bool = False,
+) -> list[dict[str, Any]]:
+    """Sums of the rollups in [since, until) grouped by `by` (names of `COLUMNS`), by currency
+    always, and by `step` ('hour': a UTC datetime, 'day': 'YYYY-MM-DD') when given. `where`
+    filters on dimensions (None: the records that had none). Rows are raw integers."""
+    if not (is_hour(since) and is_hour(until)):
+        raise ValueError("rollups hold whole hours: since and until must be on the hour")
+    unknown = [b for b in [*by, *(where or {})] if b not in COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown dimension(s) {unknown}; known: {sorted(COLUMNS)}")
+    groups = [usage_hourly.c[COLUMNS[b]].label(b) for b in dict.fromkeys([*by, "currency"])]
+    if step is not None:
+        groups.insert(0, _period(engine, step).label("period"))
+    names = [s for s in SUMS if histograms or (s not in LAT and s not in TTFT)]
+    sums = [func.sum(usage_hourly.c[s]).label(s) for s in names]
+    q = select(*groups, *sums).group_by(*(g.element for g in groups))
+    if since is not None:
+        q = q.where(usage_hourly.c.hour >= since)
+    if until is not None:
+        q = q.where(usage_hourly.c.hour < until)
+    for name, value in (where or {}).items():
+        q = q.where(usage_hourly.c[COLUMNS[name]] == (value or ""))
+    with engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+    out = []
+    for r in rows:
+        d: dict[str, Any] = {k: (v or None) if k in COLUMNS else v for k, v in r.items()}
+        if step == "hour" and isinstance(d["period"], datetime) and d["period"].tzinfo is None:
+            d["period"] = d["period"].replace(tzinfo=UTC)
+        elif step == "hour" and isinstance(d["period"], str):  # SQLite's text, via a label
+            d["period"] = datetime.fromisoformat(d["period"]).replace(tzinfo=UTC)
+        for s in SUMS:
+            if s in d:
+                d[s] = float(d[s] or 0) if s.endswith("_ms_sum") else int(d[s] or 0)
+        out.append(d)
+    out.sort(key=lambda d: tuple(_order(d.get(k)) for k in ["period", *by, "currency"]))
+    return out
+
+
+def _order(v: Any) -> tuple[bool, str]:
+    return (v is None, v.isoformat() if isinstance(v, datetime) else str(v or ""))
+
+
+def percentile(hist: Sequence[int], q: float) -> float | None:
+    """The q-quantile (0 < q <= 1) of a bucketed distribution in ms, linear inside a bucket;
+    None with no observations. Beyond the last bound the last bound is the answer (a floor)."""
+    total = sum(hist)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        if n and seen + n >= rank:
+            if i >= len(HISTOGRAM_BOUNDS_MS):
+                return float(HISTOGRAM_BOUNDS_MS[-1])
+            lo = HISTOGRAM_BOUNDS_MS[i - 1] if i else 0.0
+            hi = HISTOGRAM_BOUNDS_MS[i]
+            return float(lo + (hi - lo) * (rank - seen) / n)
+        seen += n
+    return float(HISTOGRAM_BOUNDS_MS[-1])
+
+
+def _present(r: dict[str, Any], qs: Sequence[float]) -> dict[str, Any]:
+    """A raw aggregate as a report row: money as an exact string, averages, percentiles."""
+    out = {k: v for k, v in r.items() if k not in SUMS}
+    out.update(
+        requests=r["requests"],
+        errors=r["errors"],
+        prompt_tokens=r["prompt_tokens"],
+        cached_tokens=r["cached_tokens"],
+        completion_tokens=r["completion_tokens"],
+        total_tokens=r["prompt_tokens"] + r["completion_tokens"],
+        cost=money(r["cost_micros"]),
+        latency_ms_avg=round(r["latency_ms_sum"] / r["requests"], 3) if r["requests"] else None,
+        ttft_ms_avg=round(r["ttft_ms_sum"] / r["ttft_count"], 3) if r["ttft_count"] else None,
+    )
+    if LAT[0] in r:
+        lat, ttft = [r[c] for c in LAT], [r[c] for c in TTFT]
+        for q in qs:
+            out[f"latency_ms_p{round(q * 100)}"] = percentile(lat, q)
+            out[f"ttft_ms_p{round(q * 100)}"] = percentile(ttft, q)
+    return out
+
+
+def usage_by(
+    engine: Engine,
+    by: Sequence[str],
+    since: datetime | None = None,
+    until: datetime | None = None,
+    qs: Sequence[float] = (0.5, 0.95, 0.99),
+    **where: str | None,
+) -> list[dict[str, Any]]:
+    """Usage and spend per group (e.g. `["team"]`, `["cost-center", "model"]`) over whole
+    hours, with latency and TTFT percentiles; filters as keywords (`team="alpha"`)."""
+    rows = aggregate(engine, by, since, until, _where(where), histograms=True)
+    return [_present(r, qs) for r in rows]
+
+
+def series(
+    engine: Engine,
+    step: Step,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    by: Sequence[str] = (),
+    qs: Sequence[float] = (0.5, 0.95, 0.99),
+    **where: str | None,
+) -> list[dict[str, Any]]:
+    """A time series per hour or per day (UTC), optionally per group (e.g. `["model"]`)."""
+    rows = aggregate(engine, by, since, until, _where(where), step=step, histograms=True)
+    return [_present(r, qs) for r in rows]
+
+
+def _where(kw: Mapping[str, str | None]) -> dict[str, str | None]:
+    return {k.replace("_", "-"): v for k, v in kw.items()}
+
+
+def hours(since: datetime, until: datetime) -> list[datetime]:
+    """Every hour in [since, until): a chart's x axis, gaps included."""
+    out, t = [], since
+    while t < until:
+        out.append(t)
+        t += timedelta(hours=1)
+    return out
