@@ -49,6 +49,7 @@ SECTION_MODULES = (
     "bastion.audit.settings",
     "bastion.routing.settings",
     "bastion.metering.settings",
+    "bastion.metering.tco_settings",
     "bastion.registry.settings",
 )
 

@@ -58,21 +58,6 @@ def make_records(n: int, seed: int = 7, start: datetime = T0) -> list[UsageRecor
     return out
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/r.db"
-    else:
-        url = request.getfixturevalue("pg_url")
-    eng = make_engine(url)
-    upgrade(eng)
-    with eng.begin() as conn:  # the PostgreSQL database is shared by the session's tests
-        conn.execute(usage.delete())
-        conn.execute(usage_hourly.delete())
-    yield eng
-    eng.dispose()
-
-
 def _rollup_rows(engine: sa.Engine) -> dict[tuple[Any, ...], dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(sa.select(usage_hourly)).mappings().all()
