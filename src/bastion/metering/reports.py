@@ -70,7 +70,7 @@ def summarize(
         if until is not None and last != until:
             edges.append((last, until))
     for lo, hi in edges:
-        for r in _raw(engine, by, lo, hi, team):
+        for r in summarize_raw(engine, by, lo, hi, team):
             _add(acc, r.group, r._mapping)
     out = []
     for (group, currency), a in sorted(acc.items(), key=lambda kv: _order(kv[0])):
@@ -104,7 +104,7 @@ def _order(key: tuple[Any, Any]) -> tuple[Any, ...]:
     return (group is None, str(group or ""), currency is None, currency or "")
 
 
-def _raw(
+def summarize_raw(
     engine: Engine, by: GroupBy, since: datetime | None, until: datetime | None, team: str | None
 ) -> list[Any]:
     """The same sums straight from the usage records (for the odd minutes of a period)."""
