@@ -245,3 +245,29 @@ def test_rebuild_rollups_cli(tmp_path: Path) -> None:
     bad = subprocess.run([*run, "--since", "yesterday-ish"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a time" in bad.stderr
     eng.dispose()
+
+
+def test_concurrent_writers_add_up(engine: sa.Engine) -> None:
+    """Two replicas' writers upserting the same hours at once: no deadlock, nothing lost."""
+    import threading
+
+    recs = make_records(1200, seed=31, start=T0)
+    rows = [{f: getattr(r, f) for f in UsageRecord.__slots__} for r in recs]
+    errors: list[BaseException] = []
+
+    def writer(part: list[dict[str, Any]]) -> None:
+        try:
+            for i in range(0, len(part), 50):
+                write_batch(engine, part[i : i + 50])
+        except BaseException as exc:  # surfaced below: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(rows[n::3],)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    written = _rollup_rows(engine)
+    rebuild(engine)
+    _assert_same(written, _rollup_rows(engine))
