@@ -271,3 +271,10 @@ def test_concurrent_writers_add_up(engine: sa.Engine) -> None:
     written = _rollup_rows(engine)
     rebuild(engine)
     _assert_same(written, _rollup_rows(engine))
+
+
+def test_rebuild_counts_its_rows(engine: sa.Engine) -> None:
+    write_batch(
+        engine, [{f: getattr(r, f) for f in UsageRecord.__slots__} for r in make_records(100)]
+    )
+    assert rebuild(engine) == len(_rollup_rows(engine)) > 0

@@ -170,8 +170,14 @@ def rebuild_on(
         q = q.where(usage.c.ts >= since)
     if until:
         q = q.where(usage.c.ts < until)
-    res = conn.execute(usage_hourly.insert().from_select([*KEY, *SUMS], q))
-    return int(res.rowcount or 0)
+    conn.execute(usage_hourly.insert().from_select([*KEY, *SUMS], q))
+    # Counted, not the driver's rowcount: psycopg reports -1 for INSERT … SELECT.
+    n = select(func.count()).select_from(usage_hourly)
+    if since:
+        n = n.where(usage_hourly.c.hour >= since)
+    if until:
+        n = n.where(usage_hourly.c.hour < until)
+    return int(conn.execute(n).scalar_one())
 
 
 def rebuild(engine: Engine, since: datetime | None = None, until: datetime | None = None) -> int:
