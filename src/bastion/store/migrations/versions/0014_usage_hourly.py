@@ -50,6 +50,7 @@ def upgrade() -> None:
             for i in range(BUCKETS)
         ),
         sa.PrimaryKeyConstraint("hour", *DIMENSIONS, name=op.f("pk_usage_hourly")),
+        sqlite_with_rowid=False,  # rows kept in key order: a month is one sequential range
     )
     with op.batch_alter_table("usage_hourly", schema=None) as batch_op:
         batch_op.create_index(
