@@ -22,7 +22,7 @@ from bastion.core.changes import recorded_change
 from bastion.core.errors import Conflict, NotFound, PermissionDenied
 from bastion.identity import approvals
 from bastion.identity.access import Access, Admin, Reader
-from bastion.registry import records
+from bastion.registry import gates, records
 from bastion.registry.cache import DigestCache
 from bastion.registry.digests import DigestError, digest_dir, mismatches
 
@@ -169,8 +169,11 @@ async def approve(
     """validated → approved; with four-eyes, a request (202) a second person decides."""
     rec = await asyncio.to_thread(records.get, ctx.db, name, version)
     to = await asyncio.to_thread(records.check_transition, ctx.db, rec, "approve")
+    # Promotion gates (409 gate_failed): checked before a request is even made, and again when
+    # the second person decides (runs may change in between).
+    passed = await asyncio.to_thread(gates.check, ctx.db, ctx.settings, rec)
     if ctx.settings.registry.approval != "four-eyes":
-        return await _move(ctx, rec, to, body.evidence)
+        return await _move(ctx, rec, to, body.evidence, **({"gates": passed} if passed else {}))
     if ctx.actor.name == rec["created_by"]:
         raise PermissionDenied(
             f"'{rec['ref']}' was registered by {rec['created_by']}: under four-eyes approval "
@@ -178,6 +181,8 @@ async def approve(
             code="four_eyes",
         )
     subject = {"model": rec["ref"], "evidence": body.evidence, "not_by": [rec["created_by"]]}
+    if passed:
+        subject["gates"] = passed  # what the decider sees; checked again at the decision
     asked = await approvals.ask(ctx, "model.approve", None, subject)
     await asyncio.to_thread(records.set_pending, ctx.db, rec, asked["id"])
     response.status_code = 202
@@ -211,11 +216,25 @@ async def _approved(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
     )
     if rec["approval"] != approval["id"] or rec["state"] != "validated":  # retired meanwhile
         raise Conflict(f"'{rec['ref']}' no longer waits for this request.", code="conflict")
-    return await asyncio.to_thread(
-        records.transition, state.db, rec, "approved", approval["decided_by"],
-        approval["subject"]["evidence"], approval=approval["id"],
-        requested_by=approval["requested_by"],
-    )  # fmt: skip
+    try:
+        passed = await asyncio.to_thread(gates.check, state.db, state.settings, rec)
+    except Conflict:
+        # Blocked now: the version is free for a new request once the evidence is there.
+        await asyncio.to_thread(records.set_pending, state.db, rec, None)
+        raise
+    extra: dict[str, Any] = {"approval": approval["id"], "requested_by": approval["requested_by"]}
+    if passed:
+        extra["gates"] = passed
+    # The decision's own entry (`model.approve.approved`) was written before the gates were
+    # checked again: this one records the change with the evidence it was made on.
+    async with recorded_change(state.audit, approval["decided_by"], "model.approve",
+                               model=rec["ref"], before={"state": "validated"},
+                               after={"state": "approved"},
+                               evidence=approval["subject"]["evidence"], **extra):  # fmt: skip
+        return await asyncio.to_thread(
+            records.transition, state.db, rec, "approved", approval["decided_by"],
+            approval["subject"]["evidence"], **extra,
+        )  # fmt: skip
 
 
 @approvals.executes("model.approve", "rejected")

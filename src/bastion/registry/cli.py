@@ -19,7 +19,7 @@ import orjson
 
 from bastion.config import load_settings
 from bastion.core.errors import BastionError, Conflict
-from bastion.registry import records
+from bastion.registry import gates, records
 from bastion.registry.cache import DigestCache
 from bastion.registry.digests import DigestError, digest_dir, mismatches
 
@@ -150,13 +150,34 @@ def _move(args: argparse.Namespace, verb: str, evidence: str) -> int:
                     f"since registration: {'; '.join(changed[:5])}",
                     code="hash_mismatch",
                 )
+        extra: dict[str, Any] = {}
+        if verb == "approve" and (passed := gates.check(db, settings, rec)):
+            extra["gates"] = passed
         with _change(settings, db, f"model.{verb}", rec["ref"], before={"state": rec["state"]},
-                     after={"state": to}, evidence=evidence):  # fmt: skip
-            done = records.transition(db, rec, to, cli_actor(), evidence)
+                     after={"state": to}, evidence=evidence, **extra):  # fmt: skip
+            done = records.transition(db, rec, to, cli_actor(), evidence, **extra)
     except BastionError as exc:
         return _fail(exc)
+    for g in extra.get("gates", []):
+        sys.stdout.write(f"gate {g['gate']}: passed ({_gate_line(g)})\n")
     sys.stdout.write(f"{done['ref']}: {rec['state']} -> {done['state']}\n")
     return 0
+
+
+def _gate_line(g: dict[str, Any]) -> str:
+    """`pass = 0.95 on ev_…, >= 0.8; no regression vs x@1: +0.02 [-0.03, +0.07]`."""
+    out = f"{g['metric']} = {g['value']:.4g} on {g['run']}"
+    for key, op in (("min", ">="), ("max", "<=")):
+        if key in g:
+            out += f", {op} {g[key]:.4g}"
+    reg = g.get("regression")
+    if reg and "ci" in reg:
+        lo, hi = reg["ci"]
+        out += (f"; against {reg['production']} ({reg['run']}): {reg['delta']:+.4g} "
+                f"[{lo:+.4g}, {hi:+.4g}], {reg['verdict']}")  # fmt: skip
+    elif reg:
+        out += f"; {reg['verdict']}"
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
