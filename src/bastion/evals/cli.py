@@ -310,12 +310,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     w(f"cases {s['cases_done']}/{s['cases_total']}, {s['samples']} sample(s) each\n")
     for k, v in s["metrics"].items():
         w(f"  {k:<28} {v:.6g}\n")
+    if s["results"]:
+        head = f"{'case#sample':<12} {'result':<5} {'ttft':>7} {'total':>7}"
+        w(f"{head}     failed scorers / output (times in ms)\n")
     for r in s["results"]:
         mark = "ERROR" if r["error"] else ("pass" if r["passed"] else "FAIL")
         bad = [n for n, sc in r["scores"].items() if not sc["passed"] or sc["error"]]
         text = r["output"].replace("\n", " ")[:60]
+        ttft = f"{r['ttft_ms']:>7.0f}" if r.get("ttft_ms") is not None else f"{'-':>7}"
         w(
-            f"{r['case_id']}#{r['sample']:<2} {mark:<5} {r['latency_ms']:>7.0f} ms  "
+            f"{r['case_id']}#{r['sample']:<2} {mark:<5} {ttft} {r['latency_ms']:>7.0f} ms  "
             f"{', '.join(bad) or '-':<24} {text}\n"
         )
     return 0

@@ -12,8 +12,8 @@ from bastion.core.settings import Strict, section
 
 #: The metrics a gate may test: those `bastion eval compare` reports (docs/evals.md).
 METRIC = re.compile(r"^(pass|pass@[2-9][0-9]*|score:[A-Za-z0-9_.:-]{1,128}|latency_ms"
-                    r"|completion_tokens|cost)$")  # fmt: skip
-LOWER_IS_BETTER = ("latency_ms", "completion_tokens", "cost")
+                    r"|ttft_ms|completion_tokens|cost)$")  # fmt: skip
+LOWER_IS_BETTER = ("latency_ms", "ttft_ms", "completion_tokens", "cost")
 
 
 class GateSettings(Strict):
@@ -45,7 +45,7 @@ class GateSettings(Strict):
     metric: str = Field(
         "pass",
         description="`pass` (pass rate), `pass@K`, `score:SCORER` (a scorer's mean value), "
-        "`latency_ms`, `completion_tokens` or `cost`.",
+        "`latency_ms`, `ttft_ms`, `completion_tokens` or `cost`.",
     )
     min: float | None = Field(
         None, description="The candidate's mean must be at least this (higher-better metrics)."
@@ -78,7 +78,7 @@ class GateSettings(Strict):
         if not METRIC.match(self.metric):
             raise ValueError(
                 f"metric {self.metric!r}: one of pass, pass@K, score:SCORER, latency_ms, "
-                "completion_tokens, cost"
+                "ttft_ms, completion_tokens, cost"
             )
         lower = self.metric in LOWER_IS_BETTER
         if self.min is not None and lower:

@@ -322,6 +322,8 @@ eval_results = Table(
     Column("passed", Boolean, nullable=False),
     Column("error", Text, nullable=True),
     Column("latency_ms", Float, nullable=False),
+    # Time to the first token of the streamed answer (None: no token came).
+    Column("ttft_ms", Float, nullable=True),
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     # The gateway's usage record of the call (x-request-id), and its cost once written there.

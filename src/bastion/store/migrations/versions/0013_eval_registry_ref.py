@@ -1,5 +1,5 @@
 """eval_runs.registry_ref: the registry version (NAME@VERSION) a run evaluated, for promotion
-gates (issue 14, item 5)
+gates (issue 14, item 5); eval_results.ttft_ms: time to the first token of each answer
 
 Revision ID: 0013
 Revises: 0012
@@ -18,6 +18,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("eval_results", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("ttft_ms", sa.Float(), nullable=True))
     with op.batch_alter_table("eval_runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("registry_ref", sa.String(length=200), nullable=True))
         batch_op.create_index(
@@ -29,3 +31,5 @@ def downgrade() -> None:
     with op.batch_alter_table("eval_runs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_eval_runs_registry_ref"))
         batch_op.drop_column("registry_ref")
+    with op.batch_alter_table("eval_results", schema=None) as batch_op:
+        batch_op.drop_column("ttft_ms")
