@@ -169,17 +169,18 @@ async def approve(
     """validated → approved; with four-eyes, a request (202) a second person decides."""
     rec = await asyncio.to_thread(records.get, ctx.db, name, version)
     to = await asyncio.to_thread(records.check_transition, ctx.db, rec, "approve")
-    # Promotion gates (409 gate_failed): checked before a request is even made, and again when
-    # the second person decides (runs may change in between).
-    passed = await asyncio.to_thread(gates.check, ctx.db, ctx.settings, rec)
-    if ctx.settings.registry.approval != "four-eyes":
-        return await _move(ctx, rec, to, body.evidence, **({"gates": passed} if passed else {}))
-    if ctx.actor.name == rec["created_by"]:
+    four_eyes = ctx.settings.registry.approval == "four-eyes"
+    if four_eyes and ctx.actor.name == rec["created_by"]:
         raise PermissionDenied(
             f"'{rec['ref']}' was registered by {rec['created_by']}: under four-eyes approval "
             "someone else must ask for, and decide, its approval.",
             code="four_eyes",
         )
+    # Promotion gates (409 gate_failed): checked before a request is even made, and again when
+    # the second person decides (runs may change in between).
+    passed = await asyncio.to_thread(gates.check, ctx.db, ctx.settings, rec)
+    if not four_eyes:
+        return await _move(ctx, rec, to, body.evidence, **({"gates": passed} if passed else {}))
     subject = {"model": rec["ref"], "evidence": body.evidence, "not_by": [rec["created_by"]]}
     if passed:
         subject["gates"] = passed  # what the decider sees; checked again at the decision
