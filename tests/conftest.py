@@ -37,6 +37,9 @@ from bastion.local.launcher import (
     free_port,
 )
 
+#: Session fixtures kept out of this file (each file stays under 500 lines).
+pytest_plugins = ["tests.lora_fixtures"]
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-" + secrets.token_hex(16)
 #: One audit master key for every gateway of the session, as replicas share it in production.
@@ -74,9 +77,16 @@ def tiny_model() -> Path:
     return ensure_tiny_model()
 
 
+#: The session chat engine loads LoRA adapters at run time, so that adapter validation, adapter
+#: serving through the gateway and eval gates share it instead of each starting an engine.
+LORA_ARGS = ("--enable-lora", "--max-lora-rank", "8", "--max-loras", "4")
+LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+
+
 @pytest.fixture(scope="session")
-def engines(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProcess]]:
-    """The tiny chat engine and the embedding engine, started together (they boot in parallel)."""
+def engines_booting(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProcess]]:
+    """The tiny chat engine and the embedding engine, started but perhaps not ready yet: a
+    module can ask for this first to let them boot while its own slow set-up runs."""
     procs = {
         "chat": VllmProcess(
             EngineSpec(
@@ -85,9 +95,10 @@ def engines(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProce
                 free_port(),
                 gpu_memory_utilization=0.05,
                 max_model_len=TINY_CONTEXT,
-                extra_args=TOOL_CALLING,
+                extra_args=TOOL_CALLING + LORA_ARGS,
             ),
             log_path=engine_logs / "chat.log",
+            env=LORA_ENV,
         ),
         "embed": VllmProcess(
             EngineSpec(embedding_model_dir(), EMBED, free_port(), gpu_memory_utilization=0.05),
@@ -97,12 +108,18 @@ def engines(tiny_model: Path, engine_logs: Path) -> Iterator[dict[str, VllmProce
     try:
         for p in procs.values():
             p.start()
-        for p in procs.values():
-            p.wait_ready(timeout=420)
         yield procs
     finally:
         for p in procs.values():
             p.stop()
+
+
+@pytest.fixture(scope="session")
+def engines(engines_booting: dict[str, VllmProcess]) -> dict[str, VllmProcess]:
+    """The same engines, ready (they boot in parallel)."""
+    for p in engines_booting.values():
+        p.wait_ready(timeout=420)
+    return engines_booting
 
 
 @pytest.fixture(scope="session")

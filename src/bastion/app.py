@@ -44,7 +44,9 @@ from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
 from bastion.registry import api as registry_api
+from bastion.registry import deploy_api
 from bastion.registry.enforce import check_deployments
+from bastion.registry.serving import AdapterServing
 from bastion.routing import api as routing_api
 from bastion.routing.balancer import ModelRoute
 from bastion.routing.engine_load import EngineLoadScraper
@@ -86,9 +88,11 @@ def build_app(
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, _counters(settings), db, metrics)
     responses = _response_store(settings, db, audit)
+    adapters = AdapterServing(db, client, routes, interval=settings.registry.adapter_refresh_s)
     gateway = Gateway(
-        settings, keys, usage, client, metrics, routes, admission, audit, {"responses": responses}
-    )
+        settings, keys, usage, client, metrics, routes, admission, audit, {"responses": responses},
+        adapters,
+    )  # fmt: skip
     health = HealthChecker(
         client, [d for r in routes.values() for d in r.deployments], interval=health_interval
     )
@@ -106,6 +110,7 @@ def build_app(
         admission,
         responses,
         health,
+        adapters,
         engine_load,
         kv_events,
     ]
@@ -129,6 +134,7 @@ def build_app(
             identity_api.router,
             routing_api.router,
             registry_api.router,
+            deploy_api.router,
         ],
         openapi_public=settings.admin.openapi_public,
     )

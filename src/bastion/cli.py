@@ -211,6 +211,8 @@ def cmd_routing_status(args: argparse.Namespace) -> int:
         return 0
     for r in rows:
         r["decisions"] = " ".join(f"{k}={v}" for k, v in r["decisions"].items()) or "-"
+        if "adapters" in r:
+            r["adapters"] = " ".join(r["adapters"]) or "-"
     sys.stdout.write(render(rows, args.format) if rows else "no models configured\n")
     return 0
 

@@ -268,6 +268,7 @@ cn: module{{0}}
 olcModulePath: {MODULES}
 olcModuleLoad: back_mdb
 olcModuleLoad: memberof
+olcModuleLoad: ppolicy
 
 dn: cn=schema,cn=config
 objectClass: olcSchemaConfig
@@ -298,6 +299,11 @@ dn: olcOverlay={{0}}memberof,olcDatabase={{1}}mdb,cn=config
 objectClass: olcOverlayConfig
 objectClass: olcMemberOf
 olcOverlay: {{0}}memberof
+
+dn: olcOverlay={{1}}ppolicy,olcDatabase={{1}}mdb,cn=config
+objectClass: olcOverlayConfig
+objectClass: olcPPolicyConfig
+olcOverlay: {{1}}ppolicy
 """
 
     def _tree_ldif(self) -> str:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import pwd
+import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -127,6 +130,35 @@ def test_cli_lifecycle(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path}/c.db")
     assert len(list_keys(engine)) == 1
     engine.dispose()
+
+
+def test_the_command_line_makes_no_auditor_and_records_the_os_account(tmp_path: Path) -> None:
+    """Holding the config and the database proves nobody: the CLI makes no auditor key, and
+    what it does make is recorded under the OS account it runs as, not a name from $USER."""
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump({**CFG, "database": {"url": f"sqlite:///{tmp_path}/c.db"}}))
+    posing = {**os.environ, **dict.fromkeys(("LOGNAME", "USER", "LNAME", "USERNAME"), "mallory")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", *args, "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=posing,
+        )
+
+    auditor = cli("keys", "create", "--team", "t", "--user", "carol", "--role", "auditor")
+    assert auditor.returncode == 2 and not auditor.stdout
+    assert "auditor keys are not made from the command line" in auditor.stderr
+    made = cli("keys", "create", "--team", "t", "--user", "carol")
+    assert made.returncode == 0, made.stderr
+    engine = make_engine(f"sqlite:///{tmp_path}/c.db")
+    (key,) = list_keys(engine)
+    engine.dispose()
+    assert key.role != "auditor"
+    account = pwd.getpwuid(os.getuid()).pw_name
+    assert key.created_by == f"{account}@{socket.gethostname()} (cli)"
+    assert account == "mallory" or "mallory" not in key.created_by
 
 
 def test_expired_key(db: sa.Engine) -> None:

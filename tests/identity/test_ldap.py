@@ -332,6 +332,35 @@ def test_a_disabled_ad_account_cannot_sign_in_and_has_no_groups(
     assert "userAccountControl:1.2.840.113556.1.4.803:=2" in DISABLED_FILTER
 
 
+def test_an_openldap_account_locked_by_ppolicy_has_no_groups(
+    cfg: LdapSettings, slapd: Slapd
+) -> None:
+    """OpenLDAP's half of the default `disabled_filter`: an account its password policy
+    locked (pwdAccountLockedTime, set here as an administrator locks one by hand) keeps its
+    group entries in the directory, yet counts as in no group and cannot sign in."""
+    assert cfg.disabled_filter == DISABLED_FILTER
+    conn = slapd.admin()
+    try:
+        conn.modify_s(
+            user_dn("alice"), [(ldap.MOD_ADD, "pwdAccountLockedTime", [b"000001010000Z"])]
+        )
+    finally:
+        conn.unbind_s()
+    try:
+        locked = groups_of(cfg, "alice")
+        assert locked is not None and locked.disabled and locked.groups == ()
+        with pytest.raises(LoginFailed):
+            login(cfg, "alice", ALICE_PW)
+    finally:
+        conn = slapd.admin()
+        try:
+            conn.modify_s(user_dn("alice"), [(ldap.MOD_DELETE, "pwdAccountLockedTime", None)])
+        finally:
+            conn.unbind_s()
+    unlocked = groups_of(cfg, "alice")
+    assert unlocked is not None and not unlocked.disabled and unlocked.groups
+
+
 def test_login_throttle_window() -> None:
     from bastion.core.errors import RateLimited
     from bastion.identity.ldap_login import LoginThrottle

@@ -122,6 +122,21 @@ def test_tpm_reserves_then_settles(stub: StubEngine, tmp_path: Path) -> None:
         assert tpm["used"] == 6  # the reservation was replaced by the actual usage
 
 
+def test_best_of_is_reserved_like_n(stub: StubEngine, tmp_path: Path) -> None:
+    """best_of sequences are generated, then all but n discarded: each is reserved, so best_of
+    cannot multiply what a token limit lets through (issue 10, item 2)."""
+    with make_app(stub, tmp_path) as c:
+        h = key(c, "bulk")
+        # 18 for the prompt (as above) and 3 sequences of at most 5 tokens: 33 of 40.
+        r = c.post("/v1/chat/completions", content=chat(best_of=3, n=2), headers=h)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-remaining-tokens"] == "7"
+        # Settled to the stub's 6: 6 + 18 + 3 x 8 = 48 is over 40; one sequence of 8 fits.
+        over = c.post("/v1/chat/completions", content=chat(best_of=3, max_tokens=8), headers=h)
+        assert over.status_code == 429 and "tokens per minute" in over.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", content=chat(max_tokens=8), headers=h).is_success
+
+
 def test_budget_exhausts_without_overshoot(stub: StubEngine, tmp_path: Path) -> None:
     with make_app(stub, tmp_path) as c:
         h = key(c, "spender")

@@ -37,3 +37,12 @@ def test_a_registry_base_resolves_to_its_checked_directory(
     flip_byte(next(model.glob("*.safetensors")))
     with pytest.raises(SystemExit, match="is not what was registered"):
         _base_path("base@1", str(gw.config_path))
+
+
+def test_a_cards_base_digest_is_the_registrys_manifest_digest(tiny_model: Path) -> None:
+    """One identity for a base model: what training writes in the adapter's card is what the
+    registry records, so registering an adapter can check the base it names."""
+    from bastion.registry.digests import digest_dir, manifest_digest
+    from bastion.tuning.jobs import describe_base
+
+    assert describe_base(tiny_model)["digest"] == manifest_digest(digest_dir(tiny_model))

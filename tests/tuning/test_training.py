@@ -7,82 +7,35 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bastion.local.launcher import EngineSpec, VllmProcess, free_port
+from bastion.local.launcher import VllmProcess
 from bastion.tuning import jobs
 from bastion.tuning.validate import CARD, ValidationError, run_validation
+from tests.conftest import TINY
+from tests.lora_fixtures import HYPER, tune
 
-from .corpus import OWNER, OWNER_PROMPT, write_corpus
+from .corpus import OWNER, OWNER_PROMPT
 
 pytestmark = pytest.mark.engine
 
-HYPER = ("--lr", "3e-3", "--batch-size", "4", "--max-tokens", "64", "--rank", "8")
 
-
-def tune(jobs_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "bastion.cli", "tune", *args, "--jobs-dir", str(jobs_dir)]
-        if args[0] not in ("data", "validate")
-        else [sys.executable, "-m", "bastion.cli", "tune", *args],
-        capture_output=True,
-        text=True,
-    )
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
-
-
-@pytest.fixture(scope="module")
-def engine_booting(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[VllmProcess]:
-    """A vLLM engine with runtime LoRA loading, booting while the adapter trains."""
-    spec = EngineSpec(
-        tiny_model, "tiny-base", free_port(), gpu_memory_utilization=0.05, max_model_len=2048,
-        extra_args=("--enable-lora", "--max-lora-rank", "8"),
-    )  # fmt: skip
-    log = tmp_path_factory.mktemp("lora-engine") / "vllm.log"
-    proc = VllmProcess(spec, log_path=log, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
-    proc.start()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    src = write_corpus(root / "src")
-    tune(root, "data", str(src), "--out", str(root / "data"), "--tokenizer", str(tiny_model),
-         "--max-tokens", "64", "--val-fraction", "0.25")  # fmt: skip
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def trained(
-    engine_booting: VllmProcess,
-    tiny_model: Path,
-    dataset: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> dict[str, Any]:
-    jobs_dir = tmp_path_factory.mktemp("jobs")
-    r = tune(jobs_dir, "run", "--base", str(tiny_model), "--data", str(dataset), *HYPER,
-             "--max-steps", "120", "--epochs", "100", "--eval-every", "20", "--wait")  # fmt: skip
-    job_id = r.stdout.splitlines()[0]
-    adapter = jobs_dir / job_id / "adapter"
-    return {"id": job_id, "jobs": jobs_dir, "adapter": adapter}
+@pytest.fixture(scope="session", autouse=True)
+def _engines_boot_while_training(engines_booting: dict[str, VllmProcess]) -> None:
+    """Set up before the adapter trains, so the session engines boot meanwhile (run alone, this
+    module would otherwise train first and only then start the engine it validates on).
+    Session scope: pytest sets up wider scopes first, and `trained_adapter` is session-wide."""
 
 
 def test_training_lowers_train_and_heldout_loss(
-    trained: dict[str, Any], tiny_model: Path, dataset: Path
+    trained_adapter: dict[str, Any], tiny_model: Path, lora_dataset: Path
 ) -> None:
+    trained, dataset = trained_adapter, lora_dataset
     card = json.loads((trained["adapter"] / CARD).read_text())
     train = [loss for _, loss in card["curves"]["train"]]
     assert len(train) == 120 == card["training"]["steps"]
@@ -105,17 +58,21 @@ def test_training_lowers_train_and_heldout_loss(
     assert '"event": "finished"' in tune(trained["jobs"], "logs", trained["id"]).stdout
 
 
-@pytest.fixture(scope="module")
-def lora_engine(engine_booting: VllmProcess) -> VllmProcess:
-    engine_booting.wait_ready(timeout=600)
-    return engine_booting
+def _served(engine: VllmProcess) -> list[str]:
+    with urllib.request.urlopen(engine.url + "/v1/models", timeout=10) as resp:
+        return sorted(m["id"] for m in json.loads(resp.read())["data"])
 
 
 def test_adapter_validated_in_vllm(
-    trained: dict[str, Any], lora_engine: VllmProcess, tmp_path: Path
+    trained_adapter: dict[str, Any], chat_engine: VllmProcess, tmp_path: Path
 ) -> None:
-    r = tune(trained["jobs"], "validate", str(trained["adapter"]), "--engine-url",
-             lora_engine.url, "--prompt", OWNER_PROMPT)  # fmt: skip
+    # A copy: validation writes into the card, and the session's adapter is shared unchanged.
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter["adapter"], adapter)
+    served = _served(chat_engine)
+    assert TINY in served
+    r = tune(trained_adapter["jobs"], "validate", str(adapter), "--engine-url",
+             chat_engine.url, "--prompt", OWNER_PROMPT)  # fmt: skip
     result = json.loads(r.stdout)
     assert result["passed"] is True
     held = result["heldout"]
@@ -125,21 +82,21 @@ def test_adapter_validated_in_vllm(
     assert first["prompt"] == OWNER_PROMPT
     assert first["adapter"].startswith(f" {OWNER}"), first
     assert OWNER not in first["base"]
-    card = json.loads((trained["adapter"] / CARD).read_text())
+    card = json.loads((adapter / CARD).read_text())
     assert card["validation"] == result and result["engine"]["runtime_lora"] is True
-    # The engine no longer serves the validation adapter.
-    with __import__("urllib.request").request.urlopen(lora_engine.url + "/v1/models") as resp:
-        assert [m["id"] for m in json.loads(resp.read())["data"]] == ["tiny-base"]
+    # The engine no longer serves the validation adapter (the shared engine may serve others'
+    # adapters: exactly what it served before).
+    assert _served(chat_engine) == served
 
     # A tampered adapter is refused before anything is loaded.
     bad = tmp_path / "tampered"
-    shutil.copytree(trained["adapter"], bad)
+    shutil.copytree(adapter, bad)
     cfg = json.loads((bad / "adapter_config.json").read_text())
     (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
     with pytest.raises(
         ValidationError, match=r"adapter files differ from the card: \['adapter_config.json'\]"
     ):
-        run_validation(bad, lora_engine.url)
+        run_validation(bad, chat_engine.url)
 
 
 def _wait_step(jobs_dir: Path, job_id: str, step: int, timeout: float = 300) -> dict[str, Any]:
@@ -152,9 +109,8 @@ def _wait_step(jobs_dir: Path, job_id: str, step: int, timeout: float = 300) -> 
     raise AssertionError(f"job never reached step {step}: {st}")
 
 
-def test_cancel_kill_and_resume(
-    trained: dict[str, Any], tiny_model: Path, dataset: Path, tmp_path: Path
-) -> None:
+def test_cancel_kill_and_resume(tiny_model: Path, lora_dataset: Path, tmp_path: Path) -> None:
+    dataset = lora_dataset
     jobs_dir = tmp_path / "jobs"
     r = tune(jobs_dir, "run", "--base", str(tiny_model), "--data", str(dataset), *HYPER,
              "--max-steps", "200", "--epochs", "100", "--checkpoint-every", "10",

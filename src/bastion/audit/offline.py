@@ -8,7 +8,8 @@ the same evidence as the admin API does.
 from __future__ import annotations
 
 import asyncio
-import getpass
+import os
+import pwd
 import socket
 import time
 from pathlib import Path
@@ -25,7 +26,15 @@ from bastion.core.changes import Record
 
 
 def cli_actor() -> str:
-    return f"{getpass.getuser()}@{socket.gethostname()} (cli)"
+    """`user@host (cli)`, the user being the OS account the process runs as. Not
+    `getpass.getuser()`: it believes $LOGNAME/$USER first, so anyone could record their change
+    under another person's name by setting a variable."""
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:  # an account without a passwd entry (some containers): its number
+        user = f"uid-{uid}"
+    return f"{user}@{socket.gethostname()} (cli)"
 
 
 def record_event(

@@ -247,6 +247,8 @@ class AuditTrail:
             "model": rec.model,
             "stream": rec.stream,
         }
+        if rec.adapter is not None:  # an adapter alias: the exact version that will answer
+            entry["adapter"] = rec.adapter
         try:
             stored = await self._seal(entry, body)
             await self.wal.append(entry)  # type: ignore[union-attr]
@@ -296,6 +298,8 @@ class AuditTrail:
             "latency_ms": round(rec.latency_ms, 3),
             "aborted": aborted,
         }
+        if rec.adapter is not None:
+            entry["adapter"] = rec.adapter
         if kind == "rejected":
             entry["cost_center"] = rec.cost_center
         if rec.team is not None and (content is not None or error is not None):

@@ -63,6 +63,9 @@ class ParsedRequest:
     response_headers: dict[str, str] = field(default_factory=dict)
     #: Client headers an engine serving this API natively receives too (`anthropic-version`).
     forward_headers: dict[str, str] = field(default_factory=dict)
+    #: The registry adapter (NAME@VERSION) the engine applies, when the model called is an
+    #: adapter alias (`bastion models deploy`); `model` is then its base alias.
+    adapter: str | None = None
 
     @property
     def endpoint(self) -> str:

@@ -30,20 +30,17 @@ from bastion.core.errors import (
     EngineConnectError,
     FirstByteTimeout,
     InternalError,
-    InvalidRequest,
-    NotFound,
-    PermissionDenied,
     UpstreamError,
     UpstreamUnavailable,
 )
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
+from bastion.gateway.access import adapter_gone, authorize, may_call, may_call_adapter
 from bastion.gateway.relay import Receive, SSERelay, wait_disconnect
 from bastion.gateway.tiers import pick, serve
 from bastion.gateway.wire import Answer, StreamTranslator, WireAdapter
 from bastion.identity.keystore import KeyStore
 from bastion.identity.principal import Principal
-from bastion.identity.roles import CALLERS
 from bastion.limits.admission import Admission, Ticket
 from bastion.limits.caps import check_caps
 from bastion.limits.fairshare import FairQueue
@@ -51,6 +48,7 @@ from bastion.limits.tokens import prompt_upper_bound
 from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.observability.metrics import Metrics
+from bastion.registry.serving import AdapterServing
 from bastion.routing.balancer import Deployment, Lease, ModelRoute
 from bastion.routing.tiers import NotServed, not_served
 
@@ -110,6 +108,7 @@ class Gateway:
         admission: Admission,
         audit: AuditTrail | None = None,
         hooks: dict[str, AnswerHook] | None = None,
+        adapters: AdapterServing | None = None,
     ):
         self.settings = settings
         self.keys = keys
@@ -123,6 +122,8 @@ class Gateway:
         self.audit = audit
         #: Per wire API name (`WireAdapter.name`).
         self.hooks = hooks or {}
+        #: Registry adapters served under their own aliases (`bastion models deploy`).
+        self.adapters = adapters
         self.queues = {
             alias: FairQueue(cap, settings.limits.queue_timeout_seconds)
             for alias, route in routes.items()
@@ -144,14 +145,20 @@ class Gateway:
             call.rec.model, call.rec.stream = req.model, req.stream
             call.rec.client_user = req.client_user
             if (router := self.settings.routers.get(req.model)) is not None:
-                self._may_call(principal, req.model)
+                may_call(principal, req.model)
                 decision = await pick(self, router, principal, req, request.headers)
                 req.model = decision.target  # every stage below reads the alias it goes to
                 call.rec.served_model = decision.target
                 call.routing_headers["x-bastion-router"] = (
                     f"{call.rec.model}; rule={decision.rule}; target={decision.target}"
                 )
-            route = self._authorize(principal, req, wire)
+            elif self.adapters and (adapter := self.adapters.resolve(req.model)) is not None:
+                may_call_adapter(principal, adapter)
+                # Every stage below reads the base alias (its limits, caps, price, replicas);
+                # the engine is asked for the adapter, the client sees the alias it called.
+                req.model, req.adapter = adapter.base_alias, adapter.adapter
+                call.rec.adapter = adapter.adapter
+            route = authorize(self.routes, principal, req, wire)
             wire.bind(req, route.settings)
             if (hook := self.hooks.get(wire.name)) is not None:
                 await hook.prepare(principal, req)
@@ -197,34 +204,6 @@ class Gateway:
                 raise BodyTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    @staticmethod
-    def _may_call(principal: Principal, name: str) -> None:
-        if principal.role not in CALLERS:
-            raise PermissionDenied(
-                f"The {principal.role} role cannot call models.", code="role_not_allowed"
-            )
-        if not principal.may_use(name):
-            raise PermissionDenied(f"This key may not use the model '{name}'.", param="model")
-
-    def _authorize(self, principal: Principal, req: ParsedRequest, wire: WireAdapter) -> ModelRoute:
-        if principal.role not in CALLERS:
-            raise PermissionDenied(
-                f"The {principal.role} role cannot call models.", code="role_not_allowed"
-            )
-        route = self.routes.get(req.model)
-        if route is None or not principal.may_use(req.model):
-            if route is None:
-                raise NotFound(f"The model '{req.model}' does not exist.", param="model")
-            raise PermissionDenied(f"This key may not use the model '{req.model}'.", param="model")
-        if route.settings.kind not in wire.serves:
-            raise InvalidRequest(
-                f"The model '{req.model}' is a {route.settings.kind} model and "
-                f"does not serve {wire.path}.",
-                param="model",
-                code="wrong_endpoint",
-            )
-        return route
 
     async def _relay(
         self,
@@ -304,7 +283,12 @@ class Gateway:
             gone.cancel()
 
     async def _connect(
-        self, call: Call, route: ModelRoute, req: ParsedRequest, wire: WireAdapter
+        self,
+        call: Call,
+        route: ModelRoute,
+        req: ParsedRequest,
+        wire: WireAdapter,
+        again: bool = True,
     ) -> tuple[Lease, EngineResponse, WireAdapter]:
         """Tries deployments in the balancer's order; moves on only if nothing was sent. Each
         deployment is spoken to in the API it serves (`wire.via`): natively, or translated."""
@@ -312,6 +296,10 @@ class Gateway:
         gauge = self.metrics.in_flight.labels(route.alias)
         plan = route.plan(req)
         call.rec.served_model = route.alias
+        if req.adapter is not None and self.adapters is not None:
+            adapter = self.adapters.resolve(call.rec.model or "")
+            if adapter is not None:  # (gone since parsed: the engines tell)
+                plan.choices = await self.adapters.prefer(adapter, plan.choices)
         for attempt, (dep, reason) in enumerate(plan.choices):
             if attempt and not route.retries.try_retry():
                 # The alias's own fleet is spared; another alias of its chain may still serve.
@@ -342,6 +330,10 @@ class Gateway:
                 last = exc
             except UpstreamError as exc:
                 lease.release()
+                if again and req.adapter and adapter_gone(exc, req.adapter):
+                    # Nothing was generated: find (or reload) it elsewhere, once.
+                    dep.adapters.discard(req.adapter)
+                    return await self._connect(call, route, req, wire, again=False)
                 self.metrics.upstream_errors.labels(dep.name, exc.default_code or "error").inc()
                 if (moving := not_served(exc)) is exc:
                     raise
@@ -361,7 +353,7 @@ class Gateway:
     ) -> EngineResponse:
         """The engine's answer, begun: its headers in (and, with the model's
         `first_byte_timeout_s`, a stream's first events read ahead, not yet relayed)."""
-        body = spoken.engine_body(req, dep.settings.served_name)
+        body = spoken.engine_body(req, req.adapter or dep.settings.served_name)
         headers = spoken.engine_headers(req)
         path = spoken.engine_path
         limit = route.settings.routing.first_byte_timeout_s

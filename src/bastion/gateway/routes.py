@@ -26,6 +26,7 @@ from bastion.gateway.responses_api import responses_routes
 from bastion.gateway.wire import ADAPTERS, WireAdapter
 from bastion.gateway.wire.anthropic import MESSAGES, anthropic_error, anthropic_model_list
 from bastion.identity.access import bearer_is
+from bastion.registry.adapters import AdapterDeployment
 from bastion.routing.balancer import ModelRoute
 
 
@@ -48,6 +49,10 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
     def model_card(alias: str) -> dict[str, Any]:
         return {"id": alias, "object": "model", "created": 0, "owned_by": owners[alias]}
 
+    def adapter_card(t: AdapterDeployment) -> dict[str, Any]:
+        # `parent`, as vLLM lists its own adapters: the base alias it runs on.
+        return {**model_card(t.base_alias), "id": t.alias, "parent": t.base_alias}
+
     async def list_models(request: Request) -> Response:
         # Anthropic's SDKs send `anthropic-version` (and the key in x-api-key): their shape.
         anthropic = "anthropic-version" in request.headers
@@ -56,9 +61,11 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         except BastionError as exc:
             return anthropic_error(exc) if anthropic else error_response(exc)
         allowed = [a for a in owners if principal.may_use(a)]
+        deployed = gateway.adapters.callable_by(principal) if gateway.adapters else []
         if anthropic:
-            return Response(anthropic_model_list(allowed), media_type="application/json")
-        data = [model_card(a) for a in allowed]
+            names = allowed + [t.alias for t in deployed]
+            return Response(anthropic_model_list(names), media_type="application/json")
+        data = [model_card(a) for a in allowed] + [adapter_card(t) for t in deployed]
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )
@@ -71,11 +78,14 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
         except BastionError as exc:
             return fail(exc)
         alias = request.path_params["model"]
-        if alias not in owners or not principal.may_use(alias):
+        deployed = gateway.adapters.callable_by(principal) if gateway.adapters else []
+        adapter = next((t for t in deployed if t.alias == alias), None)
+        if adapter is None and (alias not in owners or not principal.may_use(alias)):
             return fail(NotFound(f"The model '{alias}' does not exist."))
         if anthropic:
             return Response(anthropic_model_list([alias], one=True), media_type="application/json")
-        return Response(orjson.dumps(model_card(alias)), media_type="application/json")
+        card = adapter_card(adapter) if adapter else model_card(alias)
+        return Response(orjson.dumps(card), media_type="application/json")
 
     async def root(_request: Request) -> Response:
         # Claude Code checks that its base URL answers (HEAD /) before its first request.
@@ -97,8 +107,13 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
     async def readyz(_request: Request) -> Response:
         models = {alias: model_state(r) for alias, r in routes.items()}
         ok = all(r.ready for r in routes.values())
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready", "models": models}
+        if gateway.adapters and gateway.adapters.known:
+            # Shown, not counted: one adapter that cannot load must not take the gateway out
+            # of its load balancer (its alias answers 503 with the reason instead).
+            body["adapters"] = gateway.adapters.status()
         return Response(
-            orjson.dumps({"status": "ready" if ok else "not ready", "models": models}),
+            orjson.dumps(body),
             status_code=200 if ok else 503,
             media_type="application/json",
         )

@@ -82,7 +82,9 @@ async def serve(
     wire: WireAdapter,
     receive: Receive,
 ) -> Response | SSERelay:
-    chain = [route, *(gw.routes[a] for a in route.settings.fallbacks)]
+    # An adapter is loaded on its base's replicas only: another alias cannot serve it.
+    fallbacks = () if req.adapter else route.settings.fallbacks
+    chain = [route, *(gw.routes[a] for a in fallbacks)]
     rid = call.rec.request_id
     failure: BastionError | None = None
     moved: tuple[str, str] | None = None  # (from, reason) of the last move

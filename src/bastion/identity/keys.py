@@ -21,7 +21,7 @@ from bastion.core.settings import LimitSettings
 from bastion.identity.roles import ROLES
 from bastion.identity.teams import IdentityError, UnknownName, load_teams
 from bastion.store.changes import next_change
-from bastion.store.schema import api_keys
+from bastion.store.schema import adapter_deployments, api_keys
 
 KEY_PREFIX = "bst-"
 #: Keys a user mints for themselves: after a directory sign-in, or with an SSO token.
@@ -154,6 +154,10 @@ def new_key(
     if team not in teams:
         raise UnknownName(f"unknown team {team!r}")
     unknown = [m for m in models or [] if m not in known_models]
+    if unknown:  # an adapter alias (`bastion models deploy`) is a model too
+        with engine.connect() as conn:
+            deployed = set(conn.execute(select(adapter_deployments.c.alias)).scalars())
+        unknown = [m for m in unknown if m not in deployed]
     if unknown:
         raise UnknownName(f"unknown model(s): {', '.join(unknown)}")
     if expires_in is not None and expires_in <= timedelta(0):

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Engine, delete, select
-from sqlalchemy.engine import Connection
 
 from bastion.core.errors import Conflict, InvalidRequest, NotFound
 from bastion.core.settings import NAME
@@ -154,18 +153,6 @@ def undeploy(db: Engine, alias: str) -> dict[str, Any]:
             raise NotFound(f"No adapter is deployed as '{alias}'.", code="deployment_not_found")
         conn.execute(delete(adapter_deployments).where(adapter_deployments.c.alias == alias))
     return _public(row)
-
-
-def remove_for(conn: Connection, ref: str) -> list[str]:
-    """In the caller's transaction: removes every deployment of `ref` (it is being retired);
-    returns the aliases that served it."""
-    aliases = list(
-        conn.execute(
-            select(adapter_deployments.c.alias).where(adapter_deployments.c.adapter == ref)
-        ).scalars()
-    )
-    conn.execute(delete(adapter_deployments).where(adapter_deployments.c.adapter == ref))
-    return aliases
 
 
 def listing(db: Engine) -> list[dict[str, Any]]:

@@ -248,3 +248,6 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         s.add_argument("ref", help="NAME@VERSION")
         s.add_argument(flag, required=True, help="recorded with the transition")
         s.set_defaults(func=func)
+    from bastion.registry.deploy_cli import add_commands as add_deploy_commands
+
+    add_deploy_commands(m, common)

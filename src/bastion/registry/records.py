@@ -28,7 +28,8 @@ from sqlalchemy.exc import IntegrityError
 
 from bastion.core.errors import Conflict, InvalidRequest, NotFound
 from bastion.registry.digests import FileDigest, config_summary, manifest_digest, mismatches
-from bastion.store.schema import registry_models
+from bastion.registry.lineage import from_card
+from bastion.store.schema import adapter_deployments, registry_models
 
 State = Literal["draft", "validated", "approved", "retired"]
 STATES: tuple[str, ...] = ("draft", "validated", "approved", "retired")
@@ -157,7 +158,9 @@ def new_record(
                 param="base",
                 code="invalid_value",
             )
-        get(db, *parse_ref(base))  # the base must be in the registry (404 otherwise)
+        base_rec = get(db, *parse_ref(base))  # the base must be in the registry (404 otherwise)
+        # Given lineage wins over the card's, field by field (the card is also a hashed file).
+        lineage = {**from_card(path, base_rec), **(lineage or {})}
     elif base is not None:
         raise InvalidRequest("Only an adapter has a base.", param="base", code="invalid_value")
     if risk_tier is not None and risk_tier not in RISK_TIERS:
@@ -270,6 +273,12 @@ def transition(
             {"state": to, "updated_at": now, "history": [*rec["history"], step],
              "approval": None},
         )  # fmt: skip
+        if done.rowcount == 1 and to == "retired":
+            # A retired version is never served again: its adapter aliases go with it, in the
+            # same transaction (every gateway then unloads it from its engines).
+            conn.execute(
+                adapter_deployments.delete().where(adapter_deployments.c.adapter == rec["ref"])
+            )
     if done.rowcount != 1:
         raise Conflict(f"'{rec['ref']}' was changed meanwhile; read it again.", code="conflict")
     return get(db, rec["name"], rec["version"])

@@ -135,5 +135,14 @@ class RegistrySettings(Strict):
         "(docs/models.md, Promotion gates).",
     )
 
+    adapter_refresh_s: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="Seconds between two rounds in which each gateway makes its engines serve "
+        "the deployed adapters (`bastion models deploy`): loads new ones, unloads removed "
+        "ones, reloads after an engine restart.",
+    )
+
 
 section("registry", RegistrySettings, "The model registry: approvals and serve-time checks.")

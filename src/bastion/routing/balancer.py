@@ -50,6 +50,9 @@ class Deployment:
     cached_tokens: int = 0
     #: Why the model registry says it may not serve (`registry.enforce: warn`), else None.
     registry_problem: str | None = None
+    #: Registry adapters (NAME@VERSION) the engine serves now, as last seen
+    #: (`routing/adapters.py`); forgotten when it goes down (a restart loses them).
+    adapters: set[str] = field(default_factory=set)
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,7 @@ class Deployment:
     def eject(self) -> None:
         self.ejected_until = time.monotonic() + EJECT_SECONDS
         self.warm_from = self.ejected_until
+        self.adapters.clear()
 
     def checked(self, ok: bool) -> None:
         """The active health check's verdict. Coming back from DOWN, or passing the check
@@ -87,6 +91,8 @@ class Deployment:
         self.healthy = ok
         if ok:
             self.ejected_until = 0.0
+        else:
+            self.adapters.clear()
 
     def lease(self, gauge: Gauge | None = None) -> Lease:
         """A slot on this deployment for one request (also counted in `gauge`, if given)."""
@@ -241,6 +247,7 @@ class ModelRoute:
                 "available": d.available,
                 "warmth": round(d.warmth, 3),
                 "in_flight": d.in_flight,
+                "adapters": sorted(d.adapters),
                 "decisions": dict(sorted(d.decisions.items())),
                 "prompt_tokens": d.prompt_tokens,
                 "cached_tokens": d.cached_tokens,

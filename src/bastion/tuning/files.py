@@ -21,21 +21,24 @@ def sha256_file(path: Path) -> str:
 
 
 def combined_digest(files: dict[str, str]) -> str:
-    """One digest over named file digests: SHA-256 of `name NUL sha NL` lines in name order.
-
-    The registry can recompute it from the per-file digests it records."""
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(f"{name}\0{files[name]}\n".encode())
-    return h.hexdigest()
+    """One digest over named file digests, exactly as the model registry computes a version's
+    manifest digest (`sha256  path` lines in path order, as `sha256sum` prints them): a card's
+    base digest is the registry's `manifest_sha256` of that base."""
+    lines = "".join(f"{files[name]}  {name}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def dir_digests(directory: Path, *, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
-    """SHA-256 of every regular file under `directory` (relative POSIX paths)."""
+    """SHA-256 of every file under `directory` (relative POSIX paths), hidden ones aside and
+    links followed, as the registry hashes a model directory."""
     out: dict[str, str] = {}
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
-        if p.is_file() and not p.is_symlink() and rel not in exclude:
+        if (
+            p.is_file()
+            and rel not in exclude
+            and not any(x.startswith(".") for x in rel.split("/"))
+        ):
             out[rel] = sha256_file(p)
     return out
 
