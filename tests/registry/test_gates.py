@@ -90,7 +90,11 @@ def test_gates_block_and_record_evidence(db_url: str, tiny_model: Path, tmp_path
         msg = _blocked(c, v1)
         assert f"pass = 0.75 on run {low}, needs >= 0.8" in msg, msg
         # A newer, passing run: approved; nothing in production to regress against.
+        (dry,) = c.get(f"{v1}/gates", headers=H).json()  # where it stands, approving nothing
+        assert not dry["passed"] and dry["run"] == low and "needs >= 0.8" in dry["failure"]
         good1 = stored_run(db, suite, "tiny-chat@1", first_n(40))
+        assert c.get(f"{v1}/gates", headers=H).json()[0]["passed"]
+        assert c.get(v1, headers=H).json()["state"] == "validated"
         r = c.post(f"{v1}/approve", json={"evidence": "MRC"}, headers=H)
         assert r.status_code == 200, r.text
         (ev,) = r.json()["history"][-1]["gates"]

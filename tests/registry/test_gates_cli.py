@@ -1,7 +1,8 @@
 """Gates on the command line (`bastion` processes on a real config and database):
-`models approve` is blocked naming the metric, passes with the evidence printed, recorded on the
-CLI audit chain and shown by `models show`; `eval run --adapter` refuses an adapter that is not
-deployed before any call, and `eval show` names the version a run evaluated."""
+`models gates` says where a version stands, `models approve` is blocked naming the metric,
+passes with the evidence printed, recorded on the CLI audit chain and shown by `models show`;
+`eval run --adapter` refuses an adapter that is not deployed before any call, and `eval show`
+names the version a run evaluated."""
 
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ def test_models_approve_runs_the_gates(
            f"pass = 0.75 on run {low}, needs >= 0.9" in bad.stderr, bad.stderr  # fmt: skip
     shown = gw.cli("eval", "show", low).stdout
     assert f"run {low}: suite facts v1 on tiny:cand (tiny-chat@1), finished" in shown
+    dry = gw.cli("models", "gates", "tiny-chat@1", check=False)
+    assert dry.returncode == 1 and dry.stdout.startswith("gate facts: BLOCKED: gate facts (")
     good = stored_run(db, suite, "tiny-chat@1", first_n(40))
     db.dispose()
+    dry = gw.cli("models", "gates", "tiny-chat@1")
+    assert dry.stdout == f"gate facts: passed (pass = 1 on {good}, >= 0.9)\n"
     ok = gw.cli("models", "approve", "tiny-chat@1", "--evidence", "MRC")
     assert ok.stdout == (
         f"gate facts: passed (pass = 1 on {good}, >= 0.9)\ntiny-chat@1: validated -> approved\n"

@@ -113,6 +113,13 @@ def show_model(name: ModelName, version: Version, ctx: Reader) -> dict[str, Any]
     return records.get(ctx.db, name, version)
 
 
+@router.get("/{name}/{version}/gates")
+def check_gates(name: ModelName, version: Version, ctx: Reader) -> list[dict[str, Any]]:
+    """The promotion gates that apply to this version and where it stands on each now (what
+    approving it would check), without approving anything."""
+    return gates.evaluate(ctx.db, ctx.settings, records.get(ctx.db, name, version))
+
+
 @router.post("", status_code=201)
 async def register(body: RegisterIn, ctx: Admin) -> dict[str, Any]:
     """Hashes every file of the directory and records the version as `draft`."""

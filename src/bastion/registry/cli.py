@@ -164,6 +164,21 @@ def _move(args: argparse.Namespace, verb: str, evidence: str) -> int:
     return 0
 
 
+def cmd_gates(args: argparse.Namespace) -> int:
+    """Where a version stands on its promotion gates now; exit 1 if approving would be blocked."""
+    settings, db = _ctx(args)
+    try:
+        found = gates.evaluate(db, settings, records.get(db, *records.parse_ref(args.ref)))
+    except BastionError as exc:
+        return _fail(exc)
+    if not found:
+        sys.stdout.write(f"no promotion gate applies to {args.ref}\n")
+    for g in found:
+        line = f"passed ({_gate_line(g)})" if g["passed"] else f"BLOCKED: {g['failure']}"
+        sys.stdout.write(f"gate {g['gate']}: {line}\n")
+    return 0 if all(g["passed"] for g in found) else 1
+
+
 def _gate_line(g: dict[str, Any]) -> str:
     """`pass = 0.95 on ev_…, >= 0.8; no regression vs x@1: +0.02 [-0.03, +0.07]`."""
     out = f"{g['metric']} = {g['value']:.4g} on {g['run']}"
@@ -235,6 +250,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s = m.add_parser("show", parents=[common], help="one version's record, files and history")
     s.add_argument("ref", help="NAME@VERSION")
     s.set_defaults(func=cmd_show)
+    s = m.add_parser("gates", parents=[common], help="check the promotion gates (no approval)")
+    s.add_argument("ref", help="NAME@VERSION")
+    s.set_defaults(func=cmd_gates)
     s = m.add_parser("verify", parents=[common], help="check a directory against a record")
     s.add_argument("ref", help="NAME@VERSION")
     s.add_argument("--path", help="the directory (default: where it was registered from)")
