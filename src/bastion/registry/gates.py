@@ -67,7 +67,8 @@ def candidate_value(db: Engine, run: dict[str, Any], metric: str) -> float | Non
     """The run's mean of `metric` over its cases (as `bastion eval show` prints it)."""
     from bastion.evals import compare, stats, store
 
-    store.attach_costs(db, run["id"])  # usage rows may have landed since the run ended
+    if metric == "cost":  # usage rows may have landed since the run ended
+        store.attach_costs(db, run["id"])
     cases = compare.aggregate(store.results(db, run["id"]), sorted({1, run["samples"]}))
     vals = [c.metrics[metric] for c in cases.values() if metric in c.metrics]
     return stats.mean(vals) if vals else None
