@@ -151,6 +151,10 @@ def _move(args: argparse.Namespace, verb: str, evidence: str) -> int:
                     code="hash_mismatch",
                 )
         extra: dict[str, Any] = {}
+        if verb == "approve" and getattr(args, "run_gates", False):
+            from bastion.registry.gate_runs import run_missing
+
+            run_missing(args, settings, db, rec)
         if verb == "approve" and (passed := gates.check(db, settings, rec)):
             extra["gates"] = passed
         with _change(settings, db, f"model.{verb}", rec["ref"], before={"state": rec["state"]},
@@ -266,6 +270,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         s.add_argument("ref", help="NAME@VERSION")
         s.add_argument(flag, required=True, help="recorded with the transition")
         s.set_defaults(func=func)
+        if verb == "approve":
+            s.add_argument(
+                "--run-gates",
+                action="store_true",
+                help="first run, through the gateway, the gates' suites that have no run yet",
+            )
+            s.add_argument("--url", help="gateway URL for --run-gates (default: from the config)")
+            s.add_argument("--key", help="API key for --run-gates (default: $BASTION_EVAL_KEY)")
+            s.add_argument("--concurrency", type=int, default=4, help="for --run-gates")
     from bastion.registry.deploy_cli import add_commands as add_deploy_commands
 
     add_deploy_commands(m, common)

@@ -50,6 +50,19 @@ def production(db: Engine, rec: dict[str, Any]) -> dict[str, Any] | None:
     return approved[-1] if approved else None  # listing is ordered by registration time
 
 
+def alias_for(db: Engine, settings: Any, rec: dict[str, Any]) -> str | None:
+    """The alias that serves `rec` now: an adapter's deployment, or a config alias whose
+    deployments all declare it."""
+    if rec["kind"] == "adapter":
+        from bastion.evals.store import adapter_alias
+
+        return adapter_alias(db, rec["ref"])
+    for alias, model in settings.models.items():
+        if model.deployments and all(d.registry == rec["ref"] for d in model.deployments):
+            return str(alias)
+    return None
+
+
 def run_command(settings: Any, gate: GateSettings, rec: dict[str, Any]) -> str:
     """The exact command that produces the missing run."""
     if rec["kind"] == "adapter":
@@ -97,7 +110,7 @@ def _one(db: Engine, settings: Any, gate: GateSettings, rec: dict[str, Any]) -> 
     ev["suite_sha256"] = sha
     run = store.latest_run(db, rec["ref"], sha)
     if run is None:
-        return {**ev, "passed": False, "failure": (
+        return {**ev, "passed": False, "missing": [rec["ref"]], "failure": (
             f"{head}: no finished run of suite {suite.name} as it is now (sha256 {sha[:12]}…) "
             f"on {rec['ref']}; produce it with `{run_command(settings, gate, rec)}`"
         )}  # fmt: skip
@@ -120,6 +133,7 @@ def _one(db: Engine, settings: Any, gate: GateSettings, rec: dict[str, Any]) -> 
         if prod is None:
             ev["regression"] = {"verdict": "no version in production"}
         elif (base := store.latest_run(db, prod["ref"], sha)) is None:
+            ev["missing"] = [prod["ref"]]
             failures.append(
                 f"no finished run of the same suite on the version in production "
                 f"{prod['ref']} to compare with; produce it with "
