@@ -40,6 +40,7 @@ from bastion.identity.sso import SsoAuthenticator
 from bastion.identity.teams import open_store
 from bastion.limits.admission import Admission
 from bastion.limits.counters import CounterBackend, MemoryCounters
+from bastion.limits.login_throttle import SharedLoginThrottle
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
@@ -74,6 +75,7 @@ def build_app(
         routes[alias].deployments[i].registry_problem = why
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
+    counters = _counters(settings)
     keys = KeyStore(
         db,
         settings.identity.key_refresh_seconds,
@@ -84,9 +86,11 @@ def build_app(
     if settings.identity.ldap is not None:
         from bastion.identity.ldap_login import DirectoryLogin  # needs the `ldap` extra
 
-        keys.login = DirectoryLogin(settings.identity, db, audit)
+        keys.login = DirectoryLogin(
+            settings.identity, db, audit, _login_throttle(settings, counters)
+        )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
-    admission = Admission(settings, _counters(settings), db, metrics)
+    admission = Admission(settings, counters, db, metrics)
     responses = _response_store(settings, db, audit)
     adapters = AdapterServing(db, client, routes, interval=settings.registry.adapter_refresh_s)
     gateway = Gateway(
@@ -182,6 +186,18 @@ def _response_store(settings: Settings, db: Engine, audit: AuditTrail | None) ->
 
         keys = TeamKeys(db, load_master_key(settings.audit))
     return ResponseStore(settings.responses, db, TeamSealer(db, keys))
+
+
+def _login_throttle(settings: Settings, counters: CounterBackend) -> SharedLoginThrottle | None:
+    """Sign-in failures counted across replicas where the limits live in Redis."""
+    if settings.limits.backend != "redis":
+        return None
+    identity = settings.identity
+    return SharedLoginThrottle(
+        counters,
+        identity.login_max_failures,
+        identity.login_lockout_seconds,
+    )
 
 
 def _counters(settings: Settings) -> CounterBackend:

@@ -294,7 +294,10 @@ def cmd_usage(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _db(settings)
-    sys.stdout.write(f"database is at the newest schema: {settings.database.url}\n")
+    from bastion.config import _mask
+
+    url = _mask(settings.database.url)  # never a password on screen or in a CI log
+    sys.stdout.write(f"database is at the newest schema: {url}\n")
     return 0
 
 

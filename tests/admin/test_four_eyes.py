@@ -111,8 +111,15 @@ def test_an_auditor_key_works_only_after_a_second_person_approves(
         done = c.post(f"/admin/approvals/{approval}/approve", headers=_auth(gina))
         assert done.status_code == 200, done.text
         assert done.json()["decided_by"] == "gina" and done.json()["status"] == "approved"
-        again = c.post(f"/admin/approvals/{approval}/approve", headers=_auth(ADMIN))
+        again = c.post(f"/admin/approvals/{approval}/approve", headers=_auth(gina))
         assert again.status_code == 409
+        # With named administrators (SSO), the admin key decides nothing: its holder may be
+        # frank, approving his own request.
+        other = c.post("/admin/keys", json=asked, headers=_auth(frank)).json()
+        by_admin_key = c.post(f"/admin/approvals/{other['approval']}/approve",
+                              headers=_auth(ADMIN))  # fmt: skip
+        assert by_admin_key.status_code == 403, by_admin_key.text
+        assert "signed-in administrator" in by_admin_key.json()["error"]["message"]
         assert c.get("/audit/entries", headers=_auth(key["key"])).status_code == 200
         # A rejected request leaves a key that never works.
         other = c.post("/admin/keys", json=asked, headers=_auth(ADMIN)).json()

@@ -122,3 +122,19 @@ def test_a_model_restriction_holds_for_responses(env: Any) -> None:
     only_other = create_key(app_db, team="t", models=["other"], known_models={"stub", "other"})[1]
     resp = c.post("/v1/responses", json=BODY, headers={"Authorization": f"Bearer {only_other}"})
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_cancel_answers_in_openais_shape_and_metrics_name_the_api(env: Any) -> None:
+    """Bastion runs no response in the background, so a stored one cannot be cancelled (400,
+    as OpenAI answers for a response that was not created with `background: true`); one that is
+    not there (or is another team's) is a 404. Metrics carry the wire API's name."""
+    c, key, _ = env
+    auth = {"Authorization": f"Bearer {key}"}
+    made = _post(env, {**BODY, "store": True}).json()
+    r = c.post(f"/v1/responses/{made['id']}/cancel", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_cancellable", r.text
+    missing = c.post("/v1/responses/resp_nope/cancel", headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert c.get(f"/v1/responses/{made['id']}", headers=auth).status_code == 200  # untouched
+    metrics = c.get("/metrics").text
+    assert 'endpoint="responses",model="stub",status="200"' in metrics

@@ -27,3 +27,25 @@ def test_sqlite_schema_matches(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_postgres_schema_matches(pg_url: str) -> None:
     assert _diff(pg_url) == []
+
+
+def test_db_upgrade_never_prints_the_password(tmp_path: Path) -> None:
+    """`bastion db upgrade` runs in CI logs and terminals: the URL it reports hides its password
+    (the machine's PostgreSQL trusts local connections, so any password is accepted here)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import pg_database
+
+    with pg_database() as url:
+        secret_url = url.replace("postgres@", "postgres:s3cret-pw@", 1)
+        cfg = tmp_path / "b.yaml"
+        cfg.write_text(yaml.safe_dump({"database": {"url": secret_url}}))
+        out = subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "db", "upgrade", "--config", str(cfg)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    assert "s3cret-pw" not in out.stdout + out.stderr
+    assert "postgres:***@127.0.0.1" in out.stdout

@@ -34,6 +34,19 @@ def _second_person(ctx: Access) -> None:
             "not an API key (whoever made the key could be the requester).",
             code="four_eyes",
         )
+    if ctx.actor.name == "admin-key" and not key_may_approve(ctx.settings):
+        raise PermissionDenied(
+            "Approvals are decided by a signed-in administrator here: the admin key's holder "
+            "may also be a named administrator, and so approve their own request "
+            "(admin.key_may_approve).",
+            code="four_eyes",
+        )
+
+
+def key_may_approve(settings: Any) -> bool:
+    if settings.admin.key_may_approve is not None:
+        return bool(settings.admin.key_may_approve)
+    return not any(m.role == "admin" for m in settings.identity.group_mappings)
 
 
 @router.post("/{approval_id}/approve")

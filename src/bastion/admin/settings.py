@@ -27,6 +27,13 @@ class AdminSettings(Strict):
         "`identity.group_mappings`. Releasing a legal hold and shredding always need a second "
         "administrator.",
     )
+    key_may_approve: bool | None = Field(
+        None,
+        description="Whether the admin key's holder may decide another administrator's "
+        "four-eyes request. Unset: only where no named administrator exists (no "
+        "`identity.group_mappings` entry gives the admin role): where one does, the key's "
+        "holder may also be a named administrator and could approve their own request.",
+    )
     approval_ttl_hours: float = Field(
         24, gt=0, le=720, description="How long a request waits for its second administrator."
     )
