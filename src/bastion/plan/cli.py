@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from bastion.plan.capacity import Allowances, plan
+from bastion.plan.capacity import Allowances, Scheduler, plan
 from bastion.plan.gpus import GPUS, gpu
 from bastion.plan.model import PlanError, load_shape
 
@@ -43,7 +43,13 @@ def resolve_model(value: str, config: str | None) -> Path:
 
 
 def _gib(n: float) -> str:
+    if n < 1024**3:  # small models: the test model is a few MiB
+        return f"{n / 1024**2:,.2f} MiB"
     return f"{n / 1024**3:,.2f} GiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.2f} M"
 
 
 def _kib(n: float) -> str:
@@ -61,11 +67,11 @@ def render_table(result: dict[str, Any], model: str) -> str:
         if m["sliding_window_layers"]
         else ""
     )
-    active = m["active_params_per_token"] / 1e9
+    active = _count(m["active_params_per_token"])
     lines = [
         f"model     {model} ({m['type']}, {m['layers']} layers, {m['attention']}: "
         f"{heads}{moe}{swa})",
-        f"params    {m['params'] / 1e9:,.2f} B ({active:,.2f} B active per token)",
+        f"params    {_count(m['params'])} ({active} active per token)",
         f"weights   {_gib(w['bytes'])} ({w['source']})",
         f"KV cache  {_kib(kv['bytes_per_token'])} per token ({kv['dtype_bytes']:g} bytes/element), "
         f"{_gib(kv['bytes_per_sequence'])} per {kv['context']:,}-token sequence",
@@ -126,6 +132,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             kv_dtype=args.kv_dtype,
             allowances=allowances,
+            scheduler=Scheduler(
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs,
+                block_size=args.block_size,
+                async_scheduling=not args.no_async_scheduling,
+            ),
         )
     except PlanError as exc:
         sys.stderr.write(f"error: {exc}\n")
@@ -159,5 +171,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s.add_argument("--kv-dtype", default="auto", help="KV cache dtype: auto (as the model), fp8")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (no allowance)")
+    s.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's for the GPU")
+    s.add_argument("--max-num-seqs", type=int, help="default: vLLM's for the GPU")
+    s.add_argument("--block-size", type=int, default=16, help="KV cache block (tokens)")
+    s.add_argument("--no-async-scheduling", action="store_true", help="as vLLM's flag")
     s.add_argument("--format", choices=["table", "json"], default="table")
     s.set_defaults(func=cmd_plan)

@@ -156,13 +156,22 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class WeightInfo:
-    """What the weights weigh: from safetensors headers when present, else from the config."""
+    """What the safetensors headers hold. Float tensors (F32/F16/BF16) are counted in
+    elements, because vLLM loads them in its compute dtype (an fp32 checkpoint is served in
+    bf16); anything else (fp8, int8, packed int4 and their scales) in bytes as stored."""
 
     params: int
-    bytes: float
-    expert_bytes: float
-    source: str  # "safetensors" or "config.json"
-    files: int = 0
+    float_params: int
+    stored_bytes: float
+    expert_float_params: int
+    expert_stored_bytes: float
+    files: int
+
+    def bytes(self, act: float) -> float:
+        return self.float_params * act + self.stored_bytes
+
+    def expert_bytes(self, act: float) -> float:
+        return self.expert_float_params * act + self.expert_stored_bytes
 
 
 def _windows(cfg: dict[str, Any], layers: int) -> tuple[int | None, ...]:
@@ -253,6 +262,8 @@ def shape_from_config(cfg: dict[str, Any]) -> ModelShape:
 
 #: Layers numbered at or past num_hidden_layers are extra (DeepSeek's MTP): vLLM skips them.
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+#: Loaded in the compute dtype whatever they are stored in.
+FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "F64"})
 #: A safetensors header larger than this is not one (a guard against reading a huge blob).
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -279,8 +290,8 @@ def read_weights(model_dir: Path, shape: ModelShape) -> WeightInfo | None:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
-    params = 0
-    total = experts = 0.0
+    params = floats = expert_floats = 0
+    stored = expert_stored = 0.0
     for path in files:
         for name, t in _header(path).items():
             if name == "__metadata__":
@@ -288,12 +299,15 @@ def read_weights(model_dir: Path, shape: ModelShape) -> WeightInfo | None:
             if (m := _LAYER.search(name)) and int(m.group(1)) >= shape.layers:
                 continue
             n = math.prod(t["shape"])
-            b = n * dtype_bytes(t["dtype"])
+            expert = ".experts." in name
             params += n
-            total += b
-            if ".experts." in name:
-                experts += b
-    return WeightInfo(params, total, experts, "safetensors", len(files))
+            if t["dtype"] in FLOAT_DTYPES:
+                floats += n
+                expert_floats += n if expert else 0
+            else:
+                stored += n * dtype_bytes(t["dtype"])
+                expert_stored += n * dtype_bytes(t["dtype"]) if expert else 0
+    return WeightInfo(params, floats, stored, expert_floats, expert_stored, len(files))
 
 
 def load_shape(path: Path) -> tuple[ModelShape, WeightInfo | None]:
