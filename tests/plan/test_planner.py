@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from bastion.plan.capacity import kv_bytes_per_sequence, kv_bytes_per_token, plan
+from bastion.plan.capacity import (
+    Allowances,
+    Scheduler,
+    kv_bytes_per_sequence,
+    kv_bytes_per_token,
+    plan,
+)
 from bastion.plan.gpus import gpu
 from bastion.plan.model import ModelShape, PlanError, load_shape, read_weights, shape_from_config
 
@@ -151,6 +157,10 @@ def test_dtype_and_kv_dtype_options() -> None:
         gpu("h300")
     with pytest.raises(PlanError, match="must be positive"):
         plan(s, None, gpu("l4-24gb"), context=0, concurrency=1)
+    with pytest.raises(PlanError, match="--block-size"):
+        plan(s, None, gpu("l4-24gb"), context=8, concurrency=1, scheduler=Scheduler(block_size=0))
+    with pytest.raises(PlanError, match=r"must be in \(0, 1\]"):
+        plan(s, None, gpu("l4-24gb"), context=8, concurrency=1, allowances=Allowances(1.5))
 
 
 def test_bad_configs_say_what_is_missing(tmp_path: Path) -> None:
@@ -199,6 +209,12 @@ def test_weights_come_from_the_safetensors_headers(tiny_model: Path, tmp_path: P
     assert w is not None
     assert w.params == 64 * 32 + 32 * 32 + 32
     assert (w.bytes(2), w.expert_bytes(2)) == (64 * 32 * 1 + (32 * 32 + 32) * 2, 64 * 32)
+    _safetensors(tmp_path / "b.safetensors", {"x": ("F32", [2])})
+    (tmp_path / "b.safetensors").write_bytes(
+        (tmp_path / "b.safetensors").read_bytes().replace(b'"F32"', b'"Q99"')
+    )
+    with pytest.raises(PlanError, match=r"b\.safetensors: tensor 'x' has no usable dtype/shape"):
+        read_weights(tmp_path, two_layers)
     (tmp_path / "b.safetensors").write_bytes(struct.pack("<Q", 1 << 40))
     with pytest.raises(PlanError, match="damaged"):
         read_weights(tmp_path, two_layers)

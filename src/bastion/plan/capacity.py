@@ -138,6 +138,9 @@ def plan(
     if not 0 < a.gpu_memory_utilization <= 1:
         raise PlanError("--gpu-memory-utilization must be in (0, 1]")
     sched = scheduler or Scheduler()
+    knobs = (sched.block_size, sched.max_num_batched_tokens or 1, sched.max_num_seqs or 1)
+    if min(knobs) < 1:
+        raise PlanError("--block-size, --max-num-batched-tokens and --max-num-seqs must be >= 1")
     act = _act_bytes(dtype)
     kvb = act if kv_dtype == "auto" else dtype_bytes(kv_dtype)
     w_total, w_experts, w_source = _weights(shape, weights, dtype, act)

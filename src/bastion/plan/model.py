@@ -39,7 +39,8 @@ DTYPE_BYTES: dict[str, float] = {
     "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "i8": 1, "u8": 1,
     "f8_e4m3": 1, "f8_e5m2": 1, "bool": 1,
     "int4": 0.5 + 4 / 128, "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128,
-    "i16": 2, "i32": 4, "u32": 4, "i64": 8, "f64": 8,
+    "mxfp4": 0.5 + 1 / 32, "f4": 0.5, "f6_e2m3": 0.75, "f6_e3m2": 0.75, "f8_e8m0": 1,
+    "i16": 2, "u16": 2, "i32": 4, "u32": 4, "i64": 8, "u64": 8, "f64": 8,
 }  # fmt: skip
 
 
@@ -197,6 +198,8 @@ def _quantized_bytes(cfg: dict[str, Any]) -> float | None:
     method = str(q.get("quant_method", "")).lower()
     if method == "fp8" or "fp8" in str(q.get("fmt", "")):
         return 1.0
+    if method == "mxfp4":  # 4-bit values, one 8-bit scale per 32
+        return DTYPE_BYTES["mxfp4"]
     if bits := q.get("bits") or q.get("w_bit"):
         return int(bits) / 8 + 4 / int(q.get("group_size") or q.get("q_group_size") or 128)
     return None
@@ -298,15 +301,21 @@ def read_weights(model_dir: Path, shape: ModelShape) -> WeightInfo | None:
                 continue
             if (m := _LAYER.search(name)) and int(m.group(1)) >= shape.layers:
                 continue
-            n = math.prod(t["shape"])
+            try:
+                n, dtype = math.prod(t["shape"]), str(t["dtype"])
+                size = 0.0 if dtype in FLOAT_DTYPES else n * dtype_bytes(dtype)
+            except (KeyError, TypeError, PlanError) as exc:
+                raise PlanError(
+                    f"{path}: tensor {name!r} has no usable dtype/shape: {exc}"
+                ) from None
             expert = ".experts." in name
             params += n
-            if t["dtype"] in FLOAT_DTYPES:
+            if dtype in FLOAT_DTYPES:
                 floats += n
                 expert_floats += n if expert else 0
             else:
-                stored += n * dtype_bytes(t["dtype"])
-                expert_stored += n * dtype_bytes(t["dtype"]) if expert else 0
+                stored += size
+                expert_stored += size if expert else 0
     return WeightInfo(params, floats, stored, expert_floats, expert_stored, len(files))
 
 
