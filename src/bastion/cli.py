@@ -450,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bastion.audit.cli import add_parser as add_audit_parser
     from bastion.evals.cli import add_commands as add_eval_commands
     from bastion.identity.cli import add_parsers as add_identity_parsers
+    from bastion.plan.cli import add_commands as add_plan_commands
     from bastion.registry.cli import add_commands as add_registry_commands
     from bastion.tuning.cli import add_commands as add_tuning_commands
 
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tuning_commands(sub, common)
     add_registry_commands(sub, common)
     add_eval_commands(sub, common)
+    add_plan_commands(sub, common)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(
         dest="cfg_cmd", required=True
