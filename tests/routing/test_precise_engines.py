@@ -241,10 +241,12 @@ def _cached_prefix(gw: Gateway) -> int:
 def _synced(gw: Gateway, replica: Replica, index: int) -> None:
     """Waits until the gateway has applied every batch the engine has published."""
     last = _batches(replica)[-1][0]
-    _wait(
-        lambda: (_routing(gw)[index]["kv_events_seq"] or -1) >= last,
-        f"the gateway to apply batch {last}",
-    )
+
+    def applied() -> bool:
+        seq = _routing(gw)[index]["kv_events_seq"]
+        return seq is not None and seq >= last  # the first batch is number 0
+
+    _wait(applied, f"the gateway to apply batch {last}")
 
 
 def test_a_gap_is_filled_from_replay_or_forgets_the_replica(replicas, tiny_model) -> None:  # type: ignore[no-untyped-def]
