@@ -104,7 +104,7 @@ def setup(
               "--eval-every", "2", "--wait", "--jobs-dir", str(work / "jobs"))  # fmt: skip
     worse = work / "jobs" / r.stdout.splitlines()[0] / "adapter"
     gate = {"name": "facts", "models": ["zephyrine"], "kinds": ["adapter"], "suite": str(suite),
-            "min": 0.75, "no_regression": True}  # fmt: skip
+            "min": 0.5, "no_regression": True}  # fmt: skip
     dep = {"url": chat_engine.url, "served_name": TINY, "registry": "tiny-chat@1",
            "model_path": str(tiny_model)}  # fmt: skip
     cfg = base_config(db_url, {"tiny": {"deployments": [dep]}},
@@ -140,7 +140,7 @@ def test_the_adapter_knows_what_its_base_does_not(setup: dict[str, Any]) -> None
     report = json.loads(gw.cli("eval", "compare", base_run, adapter_run, "--format",
                                "json").stdout)  # fmt: skip
     passing = next(m for m in report["metrics"] if m["metric"] == "pass")
-    assert passing["mean_a"] == 0.0 and passing["mean_b"] >= 0.75, passing
+    assert passing["mean_a"] == 0.0 and passing["mean_b"] >= 0.5, passing
     assert passing["low"] > 0, passing  # the whole interval above zero
     assert passing["verdict"] == "better"
     # The Markdown report, as a reviewer reads it (shown with `pytest -s`).
