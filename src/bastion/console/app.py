@@ -132,6 +132,7 @@ async def login_form(request: Request) -> Response:
 
 async def login_submit(request: Request) -> Response:
     directory = request.app.state.keys.login is not None
+    form: dict[str, str] = {}
     try:
         form = await check_csrf(request)
         body = identity_api.LoginIn(
@@ -141,12 +142,10 @@ async def login_submit(request: Request) -> Response:
     except ValidationError:
         return render(request, "login.html", None, 400, directory=directory,
                       error="Enter your user name and password.", username="")  # fmt: skip
-    except BastionError as exc:
+    except BastionError as exc:  # wrong password, throttled, not mapped, directory down
         response = render(request, "login.html", None, exc.status, directory=directory,
-                          error=exc.message, username=form.get("username", "")
-                          if "form" in locals() else "")  # fmt: skip
-        for name, value in exc.headers.items():
-            response.headers[name] = value
+                          error=exc.message, username=form.get("username", ""))  # fmt: skip
+        response.headers.update(exc.headers)
         return response
     response = RedirectResponse("/console/", status_code=303)
     max_age = max(1, int(result["expires_at"]) - int(datetime.now(UTC).timestamp()))

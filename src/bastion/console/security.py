@@ -17,18 +17,26 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion.core.errors import AuthenticationFailed, BastionError, PermissionDenied
+from bastion.core.errors import (
+    AuthenticationFailed,
+    BastionError,
+    BodyTooLarge,
+    InvalidRequest,
+    PermissionDenied,
+)
 from bastion.identity.principal import Principal
 
 SESSION_COOKIE = "bastion_session"
 NONCE_COOKIE = "bastion_csrf"
 COOKIE_PATH = "/console"
+MAX_FORM = 64 * 1024
+FORM_TYPES = ("application/x-www-form-urlencoded", "")
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
@@ -107,17 +115,33 @@ def csrf_token(request: Request, browser_nonce: str) -> str:
     return mac.hexdigest()
 
 
-async def check_csrf(request: Request) -> dict[str, Any]:
+async def check_csrf(request: Request) -> dict[str, str]:
     """The form's fields, if its CSRF token is right for this browser and session (else 403)."""
-    form = await request.form()
-    sent = str(form.get("csrf", ""))
+    form = await read_form(request)
+    sent = form.get("csrf", "")
     have = request.cookies.get(NONCE_COOKIE, "")
     if not have or not hmac.compare_digest(sent, csrf_token(request, have)):
         raise PermissionDenied(
             "The form's security token is missing or stale: reload the page and try again.",
             code="csrf_failed",
         )
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    return form
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An url-encoded form (the only kind the console's pages send), at most MAX_FORM bytes;
+    a field given twice keeps its first value."""
+    if request.headers.get("content-type", "").split(";")[0].strip() not in FORM_TYPES:
+        raise InvalidRequest("Send the form as application/x-www-form-urlencoded.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise BodyTooLarge(f"A console form is at most {MAX_FORM} bytes.")
+    fields: dict[str, str] = {}
+    for name, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+        fields.setdefault(name, value)
+    return fields
 
 
 async def viewer(request: Request) -> Principal | None:
