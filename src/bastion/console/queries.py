@@ -168,12 +168,12 @@ def burn_down(db: Engine, scope: Scope, now: datetime | None = None) -> dict[str
         total += daily[day]
         cumulative.append(total if day <= now.day - 1 else None)
     so_far = Decimal(total) / 1_000_000
-    forecast = so_far / now.day * days if now.day else so_far
+    forecast = so_far / now.day * days
     x = [int((start + timedelta(days=d)).timestamp()) for d in range(days)]
     spent = [None if c is None else float(Decimal(c) / 1_000_000) for c in cumulative]
     return {
         "x": x,
         "spent": spent,
         "so_far": so_far,
-        "forecast": forecast.quantize(Decimal("0.01")),
+        "forecast": forecast.quantize(Decimal("0.000001")),  # micro-units, as usage is priced
     }
