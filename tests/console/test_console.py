@@ -117,9 +117,9 @@ def test_each_role_sees_its_pages_and_404_for_the_rest(
     visit: Visit, console_gateway: Gateway
 ) -> None:
     expected = {
-        "alice": {"": 200, "keys": 200, "usage": 404, "models": 404},
-        "bob": {"": 200, "keys": 200, "usage": 200, "models": 200},
-        "carol": {"": 200, "keys": 404, "usage": 200, "models": 404},
+        "alice": {"": 200, "keys": 200, "usage": 404, "models": 404, "audit": 404},
+        "bob": {"": 200, "keys": 200, "usage": 200, "models": 200, "audit": 404},
+        "carol": {"": 200, "keys": 404, "usage": 200, "models": 404, "audit": 200},
     }
     for user, pages in expected.items():
         v = visit()
@@ -190,6 +190,33 @@ def test_charts_draw_real_traffic(visit: Visit, console_gateway: Gateway) -> Non
     assert burn[1:] == ["spent", "budget"]
     v.page.screenshot(path=str(SHOTS / "usage.png"), full_page=True)
     assert v.errors == []
+
+
+def test_an_auditor_searches_the_trail_and_the_search_is_recorded(
+    visit: Visit, console_gateway: Gateway
+) -> None:
+    v = visit()
+    v.sign_in("carol")
+    v.goto("/console/audit")
+    assert v.page.locator("#audit-table").count() == 0  # the form alone reads nothing
+    v.page.fill("#audit-kind", "auth")
+    v.page.fill("#audit-user", "carol")
+    with v.page.expect_navigation():
+        v.page.click("#audit-search")
+    rows = v.page.locator("#audit-table tbody tr").all_inner_texts()
+    assert rows and all("\tauth\t" in r and "carol" in r for r in rows), rows
+    assert any("\tlogin" in r for r in rows)
+    v.page.screenshot(path=str(SHOTS / "audit.png"), full_page=True)
+    deadline = time.monotonic() + 10
+    while True:  # the read is recorded before it is answered; the trail's writer stores it
+        reads = [d for d in _audit_docs(console_gateway) if d.get("kind") == "read"]
+        found = [d for d in reads if d.get("actor") == "carol" and d["query"].get("kind") == "auth"]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found and found[0]["action"] == "search" and found[0]["query"]["user"] == "carol"
+    bad = v.goto("/console/audit?since=garbage")
+    assert bad.status == 400 and "not a time" in v.page.inner_text("#error")
 
 
 def test_a_post_without_the_csrf_token_is_refused(visit: Visit, console_gateway: Gateway) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,6 +30,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from bastion.admin import api as admin_api
+from bastion.audit import api as audit_api
+from bastion.audit.api import Key as AuditKey
 from bastion.console import queries
 from bastion.console.security import (
     NONCE_COOKIE,
@@ -42,6 +44,7 @@ from bastion.console.security import (
     set_cookie,
     viewer,
 )
+from bastion.core.bounds import Label, Name, TimeSpec, UserName
 from bastion.core.errors import BastionError, NotFound
 from bastion.identity import api as identity_api
 from bastion.identity.access import Access
@@ -50,14 +53,24 @@ from bastion.identity.principal import Principal
 from bastion.identity.roles import Actor
 
 HERE = Path(__file__).parent
+#: Audit entries one search shows.
+AUDIT_PAGE = 100
 #: Page → the roles that see it (and find it in the navigation). Anyone else gets 404.
 PAGES: dict[str, frozenset[str]] = {
     "overview": frozenset({"admin", "auditor", "team-admin", "member"}),
     "usage": frozenset({"admin", "auditor", "team-admin"}),
     "keys": frozenset({"admin", "team-admin", "member"}),
     "models": frozenset({"admin", "team-admin"}),
+    # Reading the trail is the auditor's alone, as on /audit (admins administer it, unread).
+    "audit": frozenset({"auditor"}),
 }
-TITLES = {"overview": "Overview", "usage": "Usage and spend", "keys": "Keys", "models": "Models"}
+TITLES = {
+    "overview": "Overview",
+    "usage": "Usage and spend",
+    "keys": "Keys",
+    "models": "Models",
+    "audit": "Audit",
+}
 
 templates = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -296,6 +309,39 @@ def _routing_rows(request: Request) -> list[dict[str, Any]]:
     return rows
 
 
+class AuditSearch(BaseModel):
+    """The audit page's filters, bounded as `GET /audit/entries` bounds its query."""
+
+    since: TimeSpec | None = None
+    team: Name | None = None
+    user: UserName | None = None
+    kind: AuditKey | None = None
+    request_id: AuditKey | None = None
+    q: Label | None = None
+
+
+@page("audit")
+async def audit(request: Request, who: Principal) -> Response:
+    """Audit search: every search is itself recorded before anything is shown, by the very
+    handler `GET /audit/entries` runs."""
+    given = {k: v for k, v in request.query_params.items() if k in AuditSearch.model_fields}
+    given = {k: v for k, v in given.items() if v.strip()}
+    try:
+        filters = AuditSearch(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        return render(request, "audit.html", who, 400, filters=given, found=None, error=problems)
+    found = None
+    if given:  # an empty form shows the form; a search is a recorded read
+        trail = audit_api._trail(request)
+        found = await audit_api.search_entries(
+            (trail, who), since=filters.since, until=None, team=filters.team,
+            user=filters.user, key_id=None, model=None, status=None, kind=filters.kind,
+            request_id=filters.request_id, q=filters.q, limit=AUDIT_PAGE,
+        )  # fmt: skip
+    return render(request, "audit.html", who, filters=given, found=found, error=None)
+
+
 async def unknown(request: Request) -> Response:
     return not_found(request, await viewer(request))
 
@@ -318,6 +364,7 @@ def console_app() -> Starlette:
             Route("/keys", mint, methods=["POST"]),
             Route("/keys/{key_id}/revoke", revoke, methods=["POST"]),
             Route("/models", models),
+            Route("/audit", audit),
             Route("/models/table", models_table),
             Route("/api/overview", api_overview),
             Route("/api/burn-down", api_burn_down),
