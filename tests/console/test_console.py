@@ -158,9 +158,9 @@ def test_each_role_sees_its_pages_and_404_for_the_rest(
     visit: Visit, console_gateway: Gateway
 ) -> None:
     expected = {
-        "alice": {"": 200, "keys": 200, "usage": 404, "models": 404, "audit": 404},
-        "bob": {"": 200, "keys": 200, "usage": 200, "models": 200, "audit": 404},
-        "carol": {"": 200, "keys": 404, "usage": 200, "models": 404, "audit": 200},
+        "alice": {"": 200, "keys": 200, "usage": 404, "models": 404, "limits": 404, "audit": 404},
+        "bob": {"": 200, "keys": 200, "usage": 200, "models": 200, "limits": 200, "audit": 404},
+        "carol": {"": 200, "keys": 404, "usage": 200, "models": 404, "limits": 404, "audit": 200},
     }
     for user, pages in expected.items():
         v = visit()
@@ -230,6 +230,11 @@ def test_charts_draw_real_traffic(visit: Visit, console_gateway: Gateway) -> Non
     burn = v.page.evaluate("() => window.bastionCharts.spent.series.map(s => s.label)")
     assert burn[1:] == ["spent", "budget"]
     v.page.screenshot(path=str(SHOTS / "usage.png"), full_page=True)
+    # Limits: the team's monthly budget (limits.defaults.team), with this traffic's spend.
+    v.goto("/console/limits")
+    budget = v.page.locator("#limits-table tr", has_text="budget_month").all_inner_texts()
+    assert any("beta" in r and "50" in r and "\tok\t" in r for r in budget), budget
+    v.page.screenshot(path=str(SHOTS / "limits.png"), full_page=True)
     assert v.errors == []
 
 

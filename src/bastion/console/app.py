@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ from bastion.identity.principal import Principal
 from bastion.identity.roles import Actor
 
 HERE = Path(__file__).parent
+#: A limit used to this share or more is shown as near.
+NEAR = Decimal("0.8")
 #: Audit entries one search shows.
 AUDIT_PAGE = 100
 #: Page → the roles that see it (and find it in the navigation). Anyone else gets 404.
@@ -61,6 +64,7 @@ PAGES: dict[str, frozenset[str]] = {
     "usage": frozenset({"admin", "auditor", "team-admin"}),
     "keys": frozenset({"admin", "team-admin", "member"}),
     "models": frozenset({"admin", "team-admin"}),
+    "limits": frozenset({"admin", "team-admin"}),
     # Reading the trail is the auditor's alone, as on /audit (admins administer it, unread).
     "audit": frozenset({"auditor"}),
 }
@@ -69,6 +73,7 @@ TITLES = {
     "usage": "Usage and spend",
     "keys": "Keys",
     "models": "Models",
+    "limits": "Limits",
     "audit": "Audit",
 }
 
@@ -309,6 +314,19 @@ def _routing_rows(request: Request) -> list[dict[str, Any]]:
     return rows
 
 
+@page("limits")
+async def limits(request: Request, who: Principal) -> Response:
+    """Usage against every configured limit in the viewer's reach, the closest to its limit
+    first: `GET /admin/limits`' own handler, so the same scope (a team-admin's own team)."""
+    rows = await admin_api.get_limits(Access(_actor(who), request), None)
+    for row in rows:
+        limit, used = Decimal(str(row["limit"])), Decimal(str(row["used"]))
+        row["share"] = used / limit if limit else Decimal(1 if used else 0)
+        row["state"] = "over" if row["share"] >= 1 else "near" if row["share"] >= NEAR else "ok"
+    rows.sort(key=lambda r: r["share"], reverse=True)
+    return render(request, "limits.html", who, rows=rows, near=int(NEAR * 100))
+
+
 class AuditSearch(BaseModel):
     """The audit page's filters, bounded as `GET /audit/entries` bounds its query."""
 
@@ -365,6 +383,7 @@ def console_app() -> Starlette:
             Route("/keys/{key_id}/revoke", revoke, methods=["POST"]),
             Route("/models", models),
             Route("/audit", audit),
+            Route("/limits", limits),
             Route("/models/table", models_table),
             Route("/api/overview", api_overview),
             Route("/api/burn-down", api_burn_down),
