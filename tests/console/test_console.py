@@ -198,6 +198,8 @@ def test_each_role_sees_its_pages_and_404_for_the_rest(
             assert response.status == status, (user, path)
             assert response.headers["content-security-policy"] == CSP
         assert v.errors == [] or all("404" in e for e in v.errors), v.errors
+    assert v.goto("/console/no-such-page").status == 404
+    assert v.goto("/console").url.endswith("/console/")  # redirected into the console
     # The JSON behind a page follows the page's roles.
     v = visit()
     v.sign_in("alice")

@@ -371,6 +371,14 @@ def console_app() -> Starlette:
             return not_found(request, await viewer(request))
         return render(request, "error.html", None, exc.status_code, message=str(exc.detail))
 
+    async def bastion_error(request: Request, exc: Exception) -> Response:
+        # What a page did not handle itself, e.g. the directory down while re-checking the
+        # viewer's groups (503): said plainly, in the console's own page or JSON.
+        assert isinstance(exc, BastionError)
+        if request.url.path.startswith("/console/api/"):
+            return JSONResponse(exc.body(), status_code=exc.status)
+        return render(request, "error.html", None, exc.status, message=exc.message)
+
     app = Starlette(
         routes=[
             Route("/", overview),
@@ -389,7 +397,7 @@ def console_app() -> Starlette:
             Route("/api/burn-down", api_burn_down),
             Mount("/static", app=StaticFiles(directory=HERE / "static")),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, BastionError: bastion_error},
     )
     app.add_middleware(SecurityHeaders)
     return app
