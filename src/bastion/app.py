@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Mount
+from starlette.responses import RedirectResponse
+from starlette.routing import Mount, Route
 
 from bastion import __version__
 from bastion.admin.api import router as admin_router
@@ -29,6 +30,7 @@ from bastion.admin.approvals import router as approvals_router
 from bastion.audit import api as audit_api
 from bastion.audit.trail import AuditTrail, TeamKeys
 from bastion.config import Settings
+from bastion.console.app import console_app
 from bastion.core.lifecycle import Component, running
 from bastion.engines.client import EngineClient
 from bastion.gateway.pipeline import Gateway
@@ -142,18 +144,25 @@ def build_app(
         ],
         openapi_public=settings.admin.openapi_public,
     )
+    console = console_app()
     app = Starlette(
         lifespan=lifespan,
-        routes=[*gateway_routes(gateway), Mount("", app=admin)],
+        routes=[
+            *gateway_routes(gateway),
+            Route("/console", lambda _r: RedirectResponse("/console/", status_code=308)),
+            Mount("/console", app=console),
+            Mount("", app=admin),
+        ],
         # What no route serves (a /v1 route's other methods; URLs the mount cannot match, a
         # newline in the path) answers in OpenAI's format too.
         exception_handlers={HTTPException: http_error},
     )
-    for state in (app.state, admin.state):
+    for state in (app.state, admin.state, console.state):
         state.settings, state.db, state.keys = settings, db, keys
         state.admission, state.audit = admission, audit
-    admin.state.routes = routes
-    admin.state.routing_extras = [c.row for c in (engine_load, kv_events) if c is not None]
+    for state in (admin.state, console.state):
+        state.routes = routes
+        state.routing_extras = [c.row for c in (engine_load, kv_events) if c is not None]
     app.state.gateway = gateway
     app.state.health = health
     return app
