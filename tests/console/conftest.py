@@ -8,6 +8,8 @@ it from reaching for Google's services on a closed network.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +32,14 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-#: Screenshots for docs/console.md, taken by the tests themselves.
-SHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "console"
+#: Screenshots for docs/console.md, taken by the tests themselves: into docs/console/ when
+#: BASTION_DOCS_SCREENSHOTS=1 (to refresh the docs), else into a scratch folder, so that a test
+#: run never leaves the checkout modified.
+SHOTS = (
+    Path(__file__).resolve().parent.parent.parent / "docs" / "console"
+    if os.environ.get("BASTION_DOCS_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="bastion-console-shots-"))
+)
 #: slapd's users and the team and role the console gateway maps them to.
 ROLES = {
     "alice": ("alpha", "member"),  # payments-devs, nested in all-engineering
