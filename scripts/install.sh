@@ -24,6 +24,9 @@ if [ "${1:-}" = "--dev" ]; then
   done
   command -v node >/dev/null || need+=(nodejs)
   command -v npm >/dev/null || need+=(npm)
+  # The console tests drive Debian's Chromium with Playwright (its own browser download
+  # cannot work offline); playwright itself comes with the dev extra.
+  dpkg -s chromium >/dev/null 2>&1 || need+=(chromium)
   if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi

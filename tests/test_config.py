@@ -50,6 +50,29 @@ def test_env_interpolation_and_overrides(monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.admin.key == "x" * 20 and s.database.url == "postgresql+psycopg://u@h/db"
 
 
+def test_env_references_inside_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGPASSWORD", "p@ss")
+    monkeypatch.setenv("DBHOST", "db")
+    monkeypatch.delenv("UNSET_PORT", raising=False)
+    monkeypatch.setenv("EMPTY_VAR", "")
+    url = "postgresql+psycopg://bastion:${PGPASSWORD}@${DBHOST}:${UNSET_PORT:-5432}/bastion"
+    s = parse_settings({"database": {"url": url}})
+    assert s.database.url == "postgresql+psycopg://bastion:p@ss@db:5432/bastion"
+    # `:-` covers an empty variable too (as in the shell); an empty default is allowed.
+    s = parse_settings({"database": {"url": "sqlite:///${EMPTY_VAR:-var/b.db}${UNSET_PORT:-}"}})
+    assert s.database.url == "sqlite:///var/b.db"
+    # `$${` is a literal `${`; a lone `$` (common in passwords) is kept as written.
+    s = parse_settings({"admin": {"key": "pa$$word-$${NOT_A_VAR}-x" + "y" * 12}})
+    assert s.admin.key == "pa$$word-${NOT_A_VAR}-x" + "y" * 12
+    msg = _err({"database": {"url": "postgresql://u:${NO_SUCH_PASSWORD}@db/b"}})
+    assert "database.url: environment variable NO_SUCH_PASSWORD is not set" in msg
+    assert "models.m.deployments[0].api_key: environment variable" in _err(
+        {"models": {"m": {"deployments": [{**DEP, "api_key": "Bearer ${NO_SUCH_TOKEN}"}]}}}
+    )
+    for bad in ("x${PGPASSWORD", "x${1ABC}", "x${}", "${A-b}"):
+        assert "database.url: malformed variable reference" in _err({"database": {"url": bad}})
+
+
 def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "absent.yaml")

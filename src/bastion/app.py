@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import Mount
+from starlette.responses import RedirectResponse
+from starlette.routing import Mount, Route
 
 from bastion import __version__
 from bastion.admin.api import router as admin_router
@@ -29,6 +30,7 @@ from bastion.admin.approvals import router as approvals_router
 from bastion.audit import api as audit_api
 from bastion.audit.trail import AuditTrail, TeamKeys
 from bastion.config import Settings
+from bastion.console.app import console_app
 from bastion.core.lifecycle import Component, running
 from bastion.engines.client import EngineClient
 from bastion.gateway.pipeline import Gateway
@@ -40,6 +42,7 @@ from bastion.identity.sso import SsoAuthenticator
 from bastion.identity.teams import open_store
 from bastion.limits.admission import Admission
 from bastion.limits.counters import CounterBackend, MemoryCounters
+from bastion.limits.login_throttle import SharedLoginThrottle
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
@@ -74,6 +77,7 @@ def build_app(
         routes[alias].deployments[i].registry_problem = why
     client = EngineClient()
     sso = SsoAuthenticator(settings.identity) if settings.identity.oidc else None
+    counters = _counters(settings)
     keys = KeyStore(
         db,
         settings.identity.key_refresh_seconds,
@@ -84,9 +88,11 @@ def build_app(
     if settings.identity.ldap is not None:
         from bastion.identity.ldap_login import DirectoryLogin  # needs the `ldap` extra
 
-        keys.login = DirectoryLogin(settings.identity, db, audit)
+        keys.login = DirectoryLogin(
+            settings.identity, db, audit, _login_throttle(settings, counters)
+        )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
-    admission = Admission(settings, _counters(settings), db, metrics)
+    admission = Admission(settings, counters, db, metrics)
     responses = _response_store(settings, db, audit)
     adapters = AdapterServing(db, client, routes, interval=settings.registry.adapter_refresh_s)
     gateway = Gateway(
@@ -138,18 +144,25 @@ def build_app(
         ],
         openapi_public=settings.admin.openapi_public,
     )
+    console = console_app()
     app = Starlette(
         lifespan=lifespan,
-        routes=[*gateway_routes(gateway), Mount("", app=admin)],
+        routes=[
+            *gateway_routes(gateway),
+            Route("/console", lambda _r: RedirectResponse("/console/", status_code=308)),
+            Mount("/console", app=console),
+            Mount("", app=admin),
+        ],
         # What no route serves (a /v1 route's other methods; URLs the mount cannot match, a
         # newline in the path) answers in OpenAI's format too.
         exception_handlers={HTTPException: http_error},
     )
-    for state in (app.state, admin.state):
+    for state in (app.state, admin.state, console.state):
         state.settings, state.db, state.keys = settings, db, keys
         state.admission, state.audit = admission, audit
-    admin.state.routes = routes
-    admin.state.routing_extras = [c.row for c in (engine_load, kv_events) if c is not None]
+    for state in (admin.state, console.state):
+        state.routes = routes
+        state.routing_extras = [c.row for c in (engine_load, kv_events) if c is not None]
     app.state.gateway = gateway
     app.state.health = health
     return app
@@ -182,6 +195,18 @@ def _response_store(settings: Settings, db: Engine, audit: AuditTrail | None) ->
 
         keys = TeamKeys(db, load_master_key(settings.audit))
     return ResponseStore(settings.responses, db, TeamSealer(db, keys))
+
+
+def _login_throttle(settings: Settings, counters: CounterBackend) -> SharedLoginThrottle | None:
+    """Sign-in failures counted across replicas where the limits live in Redis."""
+    if settings.limits.backend != "redis":
+        return None
+    identity = settings.identity
+    return SharedLoginThrottle(
+        counters,
+        identity.login_max_failures,
+        identity.login_lockout_seconds,
+    )
 
 
 def _counters(settings: Settings) -> CounterBackend:

@@ -451,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bastion.evals.cli import add_commands as add_eval_commands
     from bastion.identity.cli import add_parsers as add_identity_parsers
     from bastion.metering.cli import add_commands as add_report_commands
+    from bastion.plan.cli import add_commands as add_plan_commands
     from bastion.registry.cli import add_commands as add_registry_commands
     from bastion.tuning.cli import add_commands as add_tuning_commands
 
@@ -461,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_commands(sub, common)
     add_eval_commands(sub, common)
     add_report_commands(sub, common)
+    add_plan_commands(sub, common)
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(
         dest="cfg_cmd", required=True

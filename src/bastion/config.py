@@ -6,9 +6,10 @@ against it. A wrong key, type or reference stops the start with the exact path i
 e.g. `models.fast.deployments[0].url: not a URL`. `docs/config.md` is generated from the same
 declarations (`bastion config docs`) and a test checks the two agree.
 
-Secrets never need to live in the file: any string value may be `${ENV_VAR}`, and the
-environment variables a section declares (`BASTION_ADMIN_KEY`, `BASTION_DATABASE_URL`) override
-the file outright.
+Secrets never need to live in the file: any string value may hold `${ENV_VAR}` (whole or inside
+it, e.g. `postgresql://bastion:${PGPASSWORD}@db/bastion`), `${ENV_VAR:-default}`, and `$${`
+for a literal `${`; the environment variables a section declares (`BASTION_ADMIN_KEY`,
+`BASTION_DATABASE_URL`) override the file outright.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_PATHS = ("bastion.yaml", "/etc/bastion/bastion.yaml")
-ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+#: `$${` (escape), `${NAME}` / `${NAME:-default}`, or any other `${` (malformed: an error, not
+#: silently kept, so a typo cannot leave a literal `${PGPASWORD}` in a database URL).
+ENV_REF = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
 #: The modules declaring the built-in sections, in the order of the config reference. They are
 #: imported on first use, the way Datasette loads its default plugins: nothing here depends on
 #: a capability, and another package can declare a section the same way.
@@ -135,17 +138,35 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 
 def _interpolate(node: Any, path: str) -> Any:
-    """Replaces `${VAR}` strings by the environment's value; a missing one is an error."""
+    """Replaces `${VAR}` references in strings by the environment's value; unset is an error."""
     if isinstance(node, dict):
         return {k: _interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
     if isinstance(node, list):
         return [_interpolate(v, f"{path}[{i}]") for i, v in enumerate(node)]
-    if isinstance(node, str) and (m := ENV_REF.match(node)):
-        value = os.environ.get(m.group(1))
-        if value is None:
-            raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
-        return value
+    if isinstance(node, str) and "${" in node:
+        return ENV_REF.sub(lambda m: _substitute(m, path or "(top level)"), node)
     return node
+
+
+def _substitute(m: re.Match[str], path: str) -> str:
+    if m.group(0) == "$${":
+        return "${"
+    name, default = m.group(1), m.group(2)
+    if name is None:
+        raise ConfigError(
+            f"{path}: malformed variable reference at {m.string[m.start() :][:20]!r}; write "
+            "${NAME} or ${NAME:-default}, or $${ for a literal ${"
+        )
+    value = os.environ.get(name)
+    # As in the shell, `:-` also covers a variable set to the empty string.
+    if default is not None and not value:
+        return default
+    if value is None:
+        raise ConfigError(
+            f"{path}: environment variable {name} is not set "
+            f"(set it, or write ${{{name}:-default}})"
+        )
+    return value
 
 
 def _env_overrides(raw: dict[str, Any]) -> dict[str, Any]:

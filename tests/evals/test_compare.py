@@ -131,3 +131,20 @@ def test_failed_calls_are_asked_again_on_resume_and_left_out_of_comparisons(db: 
     assert store.done_keys(db, run_id) == {("c00", 0)}
     assert set(aggregate(store.results(db, run_id), [1])) == {"c00"}
     assert len(store.results(db, run_id)) == 2
+
+
+def test_time_to_first_token_is_compared_when_every_answer_has_one(db: Engine) -> None:
+    base = _run(db, "prod", [True] * 10, latency=100)
+    cand = _run(db, "cand", [True] * 10, latency=100)
+    # Runs stored before answers were streamed have no TTFT: no metric, not a zero.
+    assert "ttft_ms" not in {m.metric for m in compare(db, base, cand).metrics}
+    skip = ("run_id", "created_at", "cost_micros", "currency")
+    for run_id, ttft in ((base, 20.0), (cand, 60.0)):
+        for row in store.results(db, run_id):
+            kept = {k: v for k, v in row.items() if k not in skip}
+            store.save_result(db, run_id, {**kept, "ttft_ms": ttft})
+    c = compare(db, base, cand)
+    m = {r.metric: r for r in c.metrics}["ttft_ms"]
+    assert not m.higher_is_better and m.delta == pytest.approx(40) and m.verdict == "worse"
+    assert "| ttft_ms | 20 | 60 | +40 |" in report.markdown(c)
+    assert "mean ttft_ms" in report.html(c)

@@ -125,6 +125,8 @@ def test_a_run_stores_outputs_scores_and_costs_and_is_marked_in_usage_and_audit(
         assert row["output"] and row["error"] is None and row["request_id"]
         assert set(row["scores"]) == {"regex", "latency"} and row["passed"]
         assert row["completion_tokens"] > 0 and row["latency_ms"] > 0
+        # Streamed: the first token comes before the end of the answer.
+        assert 0 < row["ttft_ms"] <= row["latency_ms"]
         assert row["cost_micros"] > 0 and row["currency"]  # the gateway's price book, via usage
     assert _marked(gateway, run_id, N) == N
     # The audit trail's request entry carries the marker as the client's `user` field.
@@ -143,6 +145,7 @@ def test_a_run_stores_outputs_scores_and_costs_and_is_marked_in_usage_and_audit(
     assert marker(run_id) in body
     shown = _eval(gateway, svc_key, "show", run_id).stdout
     assert f"run {run_id}: suite smoke" in shown and "q7#0" in shown
+    assert "  ttft_ms " in shown and "ttft   total" in shown
     assert run_id in _eval(gateway, svc_key, "list").stdout
     engine.dispose()
 

@@ -177,3 +177,35 @@ def test_the_cli_refuses_a_bad_suite_before_any_call(
     assert "suite OK: banking-faq v1, 6 case(s)" in capsys.readouterr().out
     assert main(["eval", "schema"]) == 0
     assert '"title": "Suite"' in capsys.readouterr().out
+
+
+def test_streamed_pieces_are_joined_and_the_first_token_is_noticed() -> None:
+    """The runner's stream reader on the SDK's own chunk types: the empty role chunk is not a
+    token; tool-call names and arguments arrive in pieces by index."""
+    from openai.types.chat import ChatCompletionChunk
+    from openai.types.completion import Completion
+
+    from bastion.evals.runner import _delta
+
+    def chunk(delta: dict[str, object]) -> object:
+        return ChatCompletionChunk.model_validate({
+            "id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }).choices[0]  # fmt: skip
+
+    parts: list[str] = []
+    calls: dict[int, dict[str, str]] = {}
+    assert not _delta(chunk({"role": "assistant", "content": ""}), parts, calls)
+    assert _delta(chunk({"content": "Hel"}), parts, calls)
+    assert _delta(chunk({"content": "lo"}), parts, calls)
+    tc = {"index": 0, "id": "t", "type": "function", "function": {"name": "get_", "arguments": ""}}
+    assert _delta(chunk({"tool_calls": [tc]}), parts, calls)
+    more = {"index": 0, "function": {"name": "rate", "arguments": '{"ccy": "EUR"}'}}
+    assert _delta(chunk({"tool_calls": [more]}), parts, calls)
+    assert "".join(parts) == "Hello"
+    assert calls == {0: {"name": "get_rate", "arguments": '{"ccy": "EUR"}'}}
+    text = Completion.model_validate({
+        "id": "c", "object": "text_completion", "created": 0, "model": "m",
+        "choices": [{"index": 0, "text": "def f", "finish_reason": "length", "logprobs": None}],
+    }).choices[0]  # fmt: skip
+    assert _delta(text, parts, calls) and parts[-1] == "def f"

@@ -185,6 +185,30 @@ def test_concurrent_guesses_cannot_outrun_the_throttle(
         assert _login(gw, spelling).status_code == 429, spelling
 
 
+def test_guesses_spread_over_replicas_share_one_throttle_in_redis(
+    make_gateway: Callable[..., Gateway],
+    config: dict[str, Any],
+    slapd: Slapd,
+    private_redis: Any,
+) -> None:
+    """With the limits in Redis, N replicas together let login_max_failures guesses per user
+    reach the directory, not N times as many."""
+    shared = {**config, "limits": {"backend": "redis", "redis_url": private_redis.url}}
+    pair = [make_gateway(shared), make_gateway(shared)]
+    user = _user(slapd, "ursula")
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"username": user, "password": "wrong"}
+            sent = [client.post(f"{pair[i % 2].url}/auth/login", json=body) for i in range(40)]
+            return [r.status_code for r in await asyncio.gather(*sent)]
+
+    codes = asyncio.run(burst())
+    assert set(codes) <= {401, 429}
+    assert codes.count(401) <= 5, codes  # not 2 x 5
+    assert _login(pair[0], user).status_code == 429 == _login(pair[1], user).status_code
+
+
 def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
     make_gateway: Callable[..., Gateway], config: dict[str, Any], slapd: Slapd
 ) -> None:

@@ -204,7 +204,7 @@ def test_migration_fills_rollups_from_existing_records(kind: str, tmp_path: Path
         cfg = alembic_config(url)
         with eng.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0012")
+            command.upgrade(cfg, "0013")
         recs = make_records(300, seed=5)
         rows = [{f: getattr(r, f) for f in UsageRecord.__slots__} for r in recs]
         with eng.begin() as conn:

@@ -40,6 +40,16 @@ def _engine_adapters(engine: VllmProcess) -> set[str]:
         return {m["id"] for m in json.loads(resp.read())["data"] if m["id"] != TINY}
 
 
+def _unload(engine: VllmProcess, name: str) -> None:
+    """Behind Bastion's back, as an engine restart would."""
+    req = urllib.request.Request(
+        engine.url + "/v1/unload_lora_adapter",
+        data=json.dumps({"lora_name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(req, timeout=10).close()
+
+
 def _adapters_ready(gw: Gateway) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(gw.url + "/readyz", timeout=5) as resp:
@@ -183,12 +193,7 @@ def test_an_engine_that_lost_the_adapter_gets_it_back(fleet: dict[str, Any]) -> 
     """As after an engine restart the gateway did not notice: the engine answers 404 for the
     adapter, the gateway reloads it and the request still succeeds."""
     first, _ = fleet["gws"]
-    req = urllib.request.Request(
-        fleet["engine"].url + "/v1/unload_lora_adapter",
-        data=json.dumps({"lora_name": "owner-facts@1"}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    urllib.request.urlopen(req, timeout=10).close()
+    _unload(fleet["engine"], "owner-facts@1")
     assert "owner-facts@1" not in _engine_adapters(fleet["engine"])
     key = first.create_key("alpha", "--user", "alice")
     with openai.OpenAI(base_url=first.url + "/v1", api_key=key, max_retries=0) as client:
@@ -237,7 +242,19 @@ def test_retiring_unloads_and_tampering_refuses(fleet: dict[str, Any], db_url: s
               "--kind", "adapter", "--base", "tiny-chat@1", *FLAGS)  # fmt: skip
     first.cli("models", "validate", "owner-facts@3", "--evidence", "tune validate: passed")
     first.cli("models", "approve", "owner-facts@3", "--evidence", "committee 2026-11")
+    first.cli("models", "deploy", "owner-facts@3", "--to", "tiny:v3")
+    _wait(lambda: _adapters_ready(second).get("tiny:v3", {}).get("loaded_on") == 1)
+    # Altered on disk while served, then lost by the engine (as in a restart): the gateway
+    # checks the files before loading them again, and refuses.
     flip_byte(v3 / "adapter_model.safetensors", offset=200)
+    _unload(fleet["engine"], "owner-facts@3")
+    key = first.create_key("alpha", "--user", "alice")
+    with openai.OpenAI(base_url=second.url + "/v1", api_key=key, max_retries=0) as client:
+        with pytest.raises(openai.InternalServerError, match="is not what was registered"):
+            client.completions.create(model="tiny:v3", prompt="x", max_tokens=2)
+    assert "owner-facts@3" not in _engine_adapters(fleet["engine"])
+    assert "is not what was registered" in _adapters_ready(second)["tiny:v3"]["reason"]
+    first.cli("models", "undeploy", "tiny:v3", "--reason", "files altered")
     tampered = first.cli("models", "deploy", "owner-facts@3", "--to", "tiny:v3", check=False)
     assert "is not what was registered: hash mismatch: adapter_model.safetensors" in (
         tampered.stderr
@@ -247,7 +264,6 @@ def test_retiring_unloads_and_tampering_refuses(fleet: dict[str, Any], db_url: s
     listed = first.cli("models", "deployments").stdout
     assert ALIAS not in listed
     _wait(lambda: "owner-facts@1" not in _engine_adapters(fleet["engine"]))
-    key = first.create_key("alpha", "--user", "alice")
     with openai.OpenAI(base_url=second.url + "/v1", api_key=key, max_retries=0) as client:
         _wait(lambda: ALIAS not in {m.id for m in client.models.list().data})
         with pytest.raises(openai.NotFoundError):

@@ -8,7 +8,7 @@ import re
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,42 +16,21 @@ from typing import Any
 import openai
 import pytest
 
-from bastion.local.launcher import EngineSpec, VllmProcess, free_port
+from bastion.local.launcher import VllmProcess
 from tests.conftest import TINY, Gateway, base_config, usage_rows
+from tests.routing.conftest import Replica
 from tests.stub_engine import StubEngine
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.engine
 
-#: 80 blocks of 32 tokens: a few long prefixes fill it, as a busy production cache would be.
-SMALL_CACHE = ("--block-size", "32", "--num-gpu-blocks-override", "80")
-
 
 @pytest.fixture(scope="module")
-def replicas(tiny_model: Path, engine_logs: Path) -> Iterator[list[VllmProcess]]:
-    procs = [
-        VllmProcess(
-            EngineSpec(
-                tiny_model,
-                TINY,
-                free_port(),
-                gpu_memory_utilization=0.05,
-                max_model_len=2048,
-                extra_args=SMALL_CACHE,
-            ),
-            log_path=engine_logs / f"affinity-{i}.log",
-        )
-        for i in range(2)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.wait_ready(timeout=420)
-        yield procs
-    finally:
-        for p in procs:
-            p.stop()
+def replicas(replica_pair: list[Replica]) -> list[VllmProcess]:
+    """The session's pair (tests/routing/conftest.py), shared with the precise module: its
+    small KV cache (80 blocks of 32 tokens) fills with a few long prefixes, as a busy production
+    cache would; its KV-event publishing is idle here (no gateway subscribes)."""
+    return [r.proc for r in replica_pair]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +18,6 @@ import pytest
 import zmq
 
 from bastion.engines.settings import DeploymentSettings, KvEventsSettings
-from bastion.local.launcher import EngineSpec, VllmProcess, free_port
 from bastion.routing.balancer import Deployment
 from bastion.routing.kv_events import (
     END_SEQ,
@@ -31,63 +30,17 @@ from bastion.routing.kv_events import (
 from bastion.routing.precise import block_hashes, none_hash
 from bastion.routing.prompt_tokens import PromptTokens
 from tests.conftest import ADMIN_KEY, TINY, Gateway, base_config, usage_rows
+from tests.routing.conftest import BLOCK, HASH_SEED, Replica
 
 pytestmark = pytest.mark.engine
 
-SEED = "1234"
-BLOCK = 32
-
-
-class Replica(SimpleNamespace):
-    proc: VllmProcess
-    events: str
-    replay: str
-    #: Bastion listens and the engine connects (vLLM connects for a non-wildcard endpoint).
-    bind: bool
+SEED = HASH_SEED
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_model: Path, engine_logs: Path) -> Iterator[list[Replica]]:
-    out = []
-    for i in range(2):
-        pub, replay = free_port(), free_port()
-        bind = i == 1
-        kv = {
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            # Replica 0: a wildcard, which vLLM binds; replica 1: a plain address, which vLLM
-            # connects to (Bastion binds it).
-            "endpoint": f"tcp://127.0.0.1:{pub}" if bind else f"tcp://*:{pub}",
-            "replay_endpoint": f"tcp://127.0.0.1:{replay}",
-            "topic": "kv",
-        }
-        args = ("--block-size", str(BLOCK), "--num-gpu-blocks-override", "80")
-        args += ("--enable-prefix-caching", "--prefix-caching-hash-algo", "sha256_cbor")
-        args += ("--kv-events-config", json.dumps(kv))
-        spec = EngineSpec(
-            tiny_model, TINY, free_port(), gpu_memory_utilization=0.05, max_model_len=2048,
-            extra_args=args,
-        )  # fmt: skip
-        proc = VllmProcess(
-            spec, log_path=engine_logs / f"precise-{i}.log", env={"PYTHONHASHSEED": SEED}
-        )
-        out.append(
-            Replica(
-                proc=proc,
-                events=f"tcp://127.0.0.1:{pub}",
-                replay=f"tcp://127.0.0.1:{replay}",
-                bind=bind,
-            )
-        )
-    try:
-        for r in out:
-            r.proc.start()
-        for r in out:
-            r.proc.wait_ready(timeout=420)
-        yield out
-    finally:
-        for r in out:
-            r.proc.stop()
+def replicas(replica_pair: list[Replica]) -> list[Replica]:
+    """The session's pair (tests/routing/conftest.py), shared with the affinity module."""
+    return replica_pair
 
 
 @pytest.fixture(scope="module")
@@ -288,18 +241,24 @@ def _cached_prefix(gw: Gateway) -> int:
 def _synced(gw: Gateway, replica: Replica, index: int) -> None:
     """Waits until the gateway has applied every batch the engine has published."""
     last = _batches(replica)[-1][0]
-    _wait(
-        lambda: (_routing(gw)[index]["kv_events_seq"] or -1) >= last,
-        f"the gateway to apply batch {last}",
-    )
+
+    def applied() -> bool:
+        seq = _routing(gw)[index]["kv_events_seq"]
+        return seq is not None and seq >= last  # the first batch is number 0
+
+    _wait(applied, f"the gateway to apply batch {last}")
 
 
 def test_a_gap_is_filled_from_replay_or_forgets_the_replica(replicas, tiny_model) -> None:  # type: ignore[no-untyped-def]
     r = replicas[1]
+    # The replicas are shared: earlier traffic may have evicted every block of the oldest
+    # batches, so the lost batch is one of this test's own, after blocks that are still cached.
+    earlier = len(_batches(r))
     for i in range(3):
         _direct(r, [_system(f"gap-{i}", rules=6), {"role": "user", "content": "q"}])
     batches = _batches(r)
-    assert len(batches) >= 3
+    assert len(batches) >= earlier + 3
+    lost_seq = batches[earlier + 1][0]
     dep = Deployment("m", 0, DeploymentSettings(url=r.proc.url, served_name=TINY))
     full = BlockIndex(1)
     for _, payload in batches:
@@ -316,7 +275,7 @@ def test_a_gap_is_filled_from_replay_or_forgets_the_replica(replicas, tiny_model
 
         async def run() -> None:
             for seq, payload in batches:
-                if seq != batches[1][0]:  # one batch lost on the way
+                if seq != lost_seq:  # one batch lost on the way
                     await sub.receive(seq, payload)
 
         asyncio.run(run())
@@ -328,8 +287,11 @@ def test_a_gap_is_filled_from_replay_or_forgets_the_replica(replicas, tiny_model
     assert why == ["gap"] and lost.index.blocks(0) < full.blocks(0)
 
 
-def test_engine_load_is_scraped(gateway) -> None:  # type: ignore[no-untyped-def]
+def test_engine_load_is_scraped(gateway, replicas) -> None:  # type: ignore[no-untyped-def]
     gw, _, _ = gateway
+    # Its own traffic first: the event counter below must not depend on earlier tests.
+    _direct(replicas[0], [_system("scrape"), {"role": "user", "content": "q"}])
+    _synced(gw, replicas[0], 0)
     rows = _wait(
         lambda: (
             (rows := _routing(gw)) and all(r["kv_cache_usage"] is not None for r in rows) and rows

@@ -20,6 +20,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s = evs.add_parser("run", parents=[common], help="run a suite against a model alias")
     s.add_argument("suite", help="a suite file (.yaml/.jsonl) or a shipped suite's name")
     s.add_argument("--model", help="the alias to evaluate (default with --resume: the run's)")
+    s.add_argument(
+        "--adapter",
+        metavar="NAME@VERSION",
+        help="a registry adapter: evaluated through the alias it is deployed under (deploy a "
+        "validated one with `bastion models deploy REF --to ALIAS --staging`)",
+    )
     s.add_argument("--concurrency", type=int, default=4)
     s.add_argument("--samples", type=int, default=1, help="answers per case (pass@k)")
     s.add_argument("--temperature", type=float, help="over the suite's (samples > 1 want > 0)")
@@ -153,14 +159,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.model and args.model != run["model"]:
             sys.stderr.write(f"error: run {args.resume} evaluates {run['model']!r}\n")
             return 2
+        if args.adapter and args.adapter != run["registry_ref"]:
+            sys.stderr.write(f"error: run {args.resume} evaluates {run['registry_ref']!r}\n")
+            return 2
+        registry_ref = run["registry_ref"]
         run_id, model, samples = run["id"], run["model"], run["samples"]
         overrides = run["params"].get("overrides", {})
         store.set_status(engine, run_id, "running")
     else:
-        if not args.model:
-            sys.stderr.write("error: --model is required (the alias to evaluate)\n")
+        found = _target(engine, settings, args.model, args.adapter)
+        if isinstance(found, str):
+            sys.stderr.write(f"error: {found}\n")
             return 2
-        model, samples = args.model, args.samples
+        model, registry_ref = found
+        samples = args.samples
         if (
             samples > 1
             and suite.defaults.params.get("temperature", 0) == 0
@@ -177,9 +189,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             samples=samples,
             cases_total=len(suite.cases),
             params={"overrides": overrides, "concurrency": args.concurrency, "url": url},
+            registry_ref=registry_ref,
         )
+    what = f"{model} ({registry_ref})" if registry_ref else model
     sys.stderr.write(
-        f"eval run {run_id}: {suite.name} on {model} via {url} (user={marker(run_id)})\n"
+        f"eval run {run_id}: {suite.name} on {what} via {url} (user={marker(run_id)})\n"
     )
     client = openai.AsyncOpenAI(
         base_url=url.rstrip("/") + "/v1", api_key=key, max_retries=2, timeout=args.timeout
@@ -212,6 +226,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"note: {left} result(s) without a cost (no price for the model?)\n")
     sys.stdout.write(run_id + "\n")
     return 0 if not failed else 3
+
+
+def _target(
+    engine: Any, settings: Any, alias: str | None, adapter: str | None
+) -> tuple[str, str | None] | str:
+    """(the alias to call, the registry version it serves) or why not. The version is looked
+    up, never taken on trust: a gate counts the run as evidence about that version."""
+    import re
+
+    from bastion.evals.store import adapter_alias, served_ref
+
+    if adapter is None:
+        if not alias:
+            return "--model ALIAS or --adapter NAME@VERSION is required (what to evaluate)"
+        return alias, served_ref(engine, settings, alias)
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}@[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$", adapter):
+        return f"--adapter {adapter!r}: expected NAME@VERSION, e.g. legal@2"
+    if alias is None:
+        alias = adapter_alias(engine, adapter)
+        if alias is None:
+            return (
+                f"adapter {adapter} is not deployed: deploy it for evaluation with "
+                f"`bastion models deploy {adapter} --to ALIAS --staging`, then run again"
+            )
+    served = served_ref(engine, settings, alias)
+    if served != adapter:
+        return f"alias {alias!r} serves {served or 'no registry version'}, not {adapter}"
+    return alias, adapter
 
 
 def _summary(engine: Any, run_id: str) -> dict[str, Any] | None:
@@ -263,16 +305,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(s, indent=2, default=str) + "\n")
         return 0
     w = sys.stdout.write
-    w(f"run {s['id']}: suite {s['suite']} v{s['suite_version']} on {s['model']}, {s['status']}\n")
+    on = f"{s['model']} ({s['registry_ref']})" if s.get("registry_ref") else s["model"]
+    w(f"run {s['id']}: suite {s['suite']} v{s['suite_version']} on {on}, {s['status']}\n")
     w(f"cases {s['cases_done']}/{s['cases_total']}, {s['samples']} sample(s) each\n")
     for k, v in s["metrics"].items():
         w(f"  {k:<28} {v:.6g}\n")
+    if s["results"]:
+        head = f"{'case#sample':<12} {'result':<5} {'ttft':>7} {'total':>7}"
+        w(f"{head}     failed scorers / output (times in ms)\n")
     for r in s["results"]:
         mark = "ERROR" if r["error"] else ("pass" if r["passed"] else "FAIL")
         bad = [n for n, sc in r["scores"].items() if not sc["passed"] or sc["error"]]
         text = r["output"].replace("\n", " ")[:60]
+        ttft = f"{r['ttft_ms']:>7.0f}" if r.get("ttft_ms") is not None else f"{'-':>7}"
         w(
-            f"{r['case_id']}#{r['sample']:<2} {mark:<5} {r['latency_ms']:>7.0f} ms  "
+            f"{r['case_id']}#{r['sample']:<2} {mark:<5} {ttft} {r['latency_ms']:>7.0f} ms  "
             f"{', '.join(bad) or '-':<24} {text}\n"
         )
     return 0

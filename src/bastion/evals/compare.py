@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from bastion.evals import stats, store
 
 #: Metrics where smaller is better; every other metric (pass rates, scores) is higher-better.
-LOWER_IS_BETTER = {"latency_ms", "completion_tokens", "cost"}
+LOWER_IS_BETTER = {"latency_ms", "ttft_ms", "completion_tokens", "cost"}
 
 
 @dataclass
@@ -47,6 +47,9 @@ def aggregate(rows: list[dict[str, Any]], ks: list[int]) -> dict[str, CaseAgg]:
             vals = [r["scores"][name]["value"] for r in rs if name in r["scores"]]
             m[f"score:{name}"] = stats.mean(vals)
         m["latency_ms"] = stats.mean([r["latency_ms"] for r in rs])
+        ttfts = [r.get("ttft_ms") for r in rs]
+        if all(x is not None for x in ttfts):  # runs stored before streaming have none
+            m["ttft_ms"] = stats.mean([float(x) for x in ttfts if x is not None])
         m["completion_tokens"] = stats.mean([float(r["completion_tokens"]) for r in rs])
         costs = [r["cost_micros"] for r in rs]
         if all(x is not None for x in costs):

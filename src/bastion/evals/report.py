@@ -16,7 +16,7 @@ A_COLOR, B_COLOR = "#7a8ca3", "#d9822b"
 
 
 def _fmt(v: float, metric: str) -> str:
-    if metric == "latency_ms":
+    if metric in ("latency_ms", "ttft_ms"):
         return f"{v:.0f}"
     if metric == "cost":
         return f"{v:.6f}"
@@ -187,7 +187,7 @@ def html(c: Comparison) -> str:
             )
         )
     for m in c.metrics:
-        if m.metric in ("latency_ms", "completion_tokens", "cost"):
+        if m.metric in ("latency_ms", "ttft_ms", "completion_tokens", "cost"):
             parts.append(grouped_bars([(m.metric, m.mean_a, m.mean_b)], f"mean {m.metric}"))
     legend = (
         f'<p><span style="color:{A_COLOR}">■ A {escape(c.run_a["id"])}</span> '

@@ -47,30 +47,37 @@ FATAL = (
 async def call_model(
     client: Any, suite: Suite, case: Case, model: str, user: str, overrides: dict[str, Any]
 ) -> Output:
-    """One answer for one case; a failed call is an Output with `error` (never raised)."""
-    params = {**suite.params_for(case), **overrides}
+    """One answer for one case; a failed call is an Output with `error` (never raised).
+
+    The call is streamed so that the time to the first token (`ttft_ms`: the first chunk that
+    carries text or a tool call, not the empty role chunk) is measured as a user of a chat
+    front-end feels it; `latency_ms` stays the whole call, to the end of the stream. Usage
+    comes in the stream's last chunk (`stream_options.include_usage`)."""
+    params = {**suite.params_for(case), **overrides, "stream": True,
+              "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
+    ttft: float | None = None
+    parts: list[str] = []
+    calls: dict[int, dict[str, str]] = {}
+    finish, usage = None, None
     try:
         if case.input.endpoint == "chat":
             extra = {"tools": case.input.tools} if case.input.tools else {}
             raw = await client.chat.completions.with_raw_response.create(
                 model=model, messages=suite.messages_for(case), user=user, **extra, **params
             )
-            resp = raw.parse()
-            choice = resp.choices[0]
-            text = choice.message.content or ""
-            calls = [
-                {"name": tc.function.name, "arguments": tc.function.arguments}
-                for tc in choice.message.tool_calls or []
-            ]
         else:
             extra = {"suffix": case.input.suffix} if case.input.suffix is not None else {}
             raw = await client.completions.with_raw_response.create(
                 model=model, prompt=case.input.prompt, user=user, **extra, **params
             )
-            resp = raw.parse()
-            choice = resp.choices[0]
-            text, calls = choice.text or "", []
+        async for chunk in raw.parse():
+            usage = chunk.usage or usage
+            for choice in chunk.choices[:1] if chunk.choices else []:
+                got = _delta(choice, parts, calls)
+                if got and ttft is None:
+                    ttft = (time.perf_counter() - t0) * 1000
+                finish = choice.finish_reason or finish
     except FATAL as exc:
         raise RunAborted(f"the gateway refused the run: {exc.status_code} {exc.message}") from None
     except Exception as exc:
@@ -78,16 +85,34 @@ async def call_model(
             latency_ms=(time.perf_counter() - t0) * 1000,
             error=store.CALL_FAILED + f"{type(exc).__name__}: {exc}"[:1000],
         )
-    u = resp.usage
     return Output(
-        text=text,
-        tool_calls=calls,
+        text="".join(parts),
+        tool_calls=[calls[i] for i in sorted(calls)],
         latency_ms=(time.perf_counter() - t0) * 1000,
-        prompt_tokens=u.prompt_tokens if u else 0,
-        completion_tokens=u.completion_tokens if u else 0,
+        ttft_ms=ttft,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
         request_id=raw.headers.get("x-request-id"),
-        finish_reason=choice.finish_reason,
+        finish_reason=finish,
     )
+
+
+def _delta(choice: Any, parts: list[str], calls: dict[int, dict[str, str]]) -> bool:
+    """Adds one streamed choice's text and tool-call pieces; whether it carried any."""
+    delta = getattr(choice, "delta", None)
+    if delta is None:  # /v1/completions: the text is on the choice
+        text = choice.text or ""
+        parts.append(text)
+        return bool(text)
+    got = bool(delta.content)
+    parts.append(delta.content or "")
+    for tc in delta.tool_calls or []:
+        got = True
+        call = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+        if tc.function is not None:
+            call["name"] += tc.function.name or ""
+            call["arguments"] += tc.function.arguments or ""
+    return got
 
 
 async def score_all(
@@ -169,6 +194,7 @@ async def run_suite(
             "passed": passed,
             "error": out.error,
             "latency_ms": out.latency_ms,
+            "ttft_ms": out.ttft_ms,
             "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens,
             "request_id": out.request_id,

@@ -49,6 +49,9 @@ class Output:
     text: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: float = 0.0
+    #: Time to the first token (the first streamed chunk with text or a tool call); None when
+    #: nothing came (an empty answer, a failed call).
+    ttft_ms: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float | None = None  # in the gateway's currency, filled in from its usage records

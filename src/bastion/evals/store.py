@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from bastion.store.schema import eval_results, eval_runs, usage
+from bastion.store.schema import adapter_deployments, eval_results, eval_runs, usage
 
 #: The error text of a sample whose call to the gateway failed; a resumed run asks again.
 CALL_FAILED = "call failed: "
@@ -39,6 +39,7 @@ def create_run(
     cases_total: int,
     params: dict[str, Any],
     run_id: str | None = None,
+    registry_ref: str | None = None,
 ) -> str:
     run_id = run_id or new_run_id()
     with engine.begin() as conn:
@@ -50,6 +51,7 @@ def create_run(
                 suite_sha256=sha256,
                 suite_path=path,
                 model=model,
+                registry_ref=registry_ref,
                 samples=samples,
                 cases_total=cases_total,
                 params=params,
@@ -63,6 +65,52 @@ def create_run(
 def get_run(engine: Engine, run_id: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
         row = conn.execute(sa.select(eval_runs).where(eval_runs.c.id == run_id)).first()
+    return dict(row._mapping) if row else None
+
+
+# Read straight from the tables the registry writes: `registry` imports `evals` for its
+# promotion gates, so `evals` must not import `registry` (tests/test_layers.py).
+def served_ref(engine: Engine, settings: Any, alias: str) -> str | None:
+    """The registry version `alias` serves now: the adapter deployed under it, else the one
+    every config deployment of the alias declares (`registry:`); None if neither."""
+    with engine.connect() as conn:
+        adapter = conn.execute(
+            sa.select(adapter_deployments.c.adapter).where(adapter_deployments.c.alias == alias)
+        ).scalar()
+    if adapter is not None:
+        return str(adapter)
+    model = settings.models.get(alias)
+    refs = {d.registry for d in model.deployments} if model is not None else set()
+    return refs.pop() if len(refs) == 1 and None not in refs else None
+
+
+def adapter_alias(engine: Engine, ref: str) -> str | None:
+    """An alias the adapter version `ref` is deployed under (serve preferred over staging)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(adapter_deployments.c.alias, adapter_deployments.c.stage)
+            .where(adapter_deployments.c.adapter == ref)
+            .order_by(adapter_deployments.c.alias)
+        ).all()
+    rows.sort(key=lambda r: r.stage != "serve")
+    return str(rows[0].alias) if rows else None
+
+
+def latest_run(engine: Engine, registry_ref: str, suite_sha256: str) -> dict[str, Any] | None:
+    """The newest finished run of this suite text (its SHA-256) on a registry version: what a
+    promotion gate takes as evidence. Unfinished runs and runs of an edited suite do not count."""
+    query = (
+        sa.select(eval_runs)
+        .where(
+            eval_runs.c.registry_ref == registry_ref,
+            eval_runs.c.suite_sha256 == suite_sha256,
+            eval_runs.c.status == "finished",
+        )
+        .order_by(eval_runs.c.created_at.desc(), eval_runs.c.id)
+        .limit(1)
+    )
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
     return dict(row._mapping) if row else None
 
 

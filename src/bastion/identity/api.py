@@ -70,6 +70,11 @@ def _login(request: Request) -> DirectoryLogin:
 
 @router.post("/login")
 async def login(body: LoginIn, request: Request) -> dict[str, Any]:
+    return await sign_in(request, body)
+
+
+async def sign_in(request: Request, body: LoginIn) -> dict[str, Any]:
+    """A directory sign-in, throttled and audited; the console's sign-in form calls it too."""
     directory = _login(request)
     source = request.client.host if request.client else None
     try:

@@ -21,7 +21,7 @@ import logging
 import time
 import unicodedata
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 
@@ -46,8 +46,8 @@ def normalised(username: str) -> str:
 
 
 class LoginThrottle:
-    """Failed sign-ins per user name and per source address, in a sliding window (per replica:
-    the directory's own lockout policy stays the authority across replicas)."""
+    """Failed sign-ins per user name and per source address, in a sliding window, in this
+    replica's memory (across replicas too with `limits.backend: redis`: `SharedThrottle`)."""
 
     def __init__(self, max_failures: int, window: float):
         self.limits = {"user": max_failures, "source": 4 * max_failures}
@@ -94,8 +94,22 @@ class LoginThrottle:
         self.failures.pop(key, None)
 
 
+class SharedThrottle(Protocol):
+    """The same reservations counted across replicas (limits/login_throttle.py)."""
+
+    async def reserve(self, keys: tuple[str, ...]) -> str | None: ...
+
+    async def release(self, keys: tuple[str, ...], rid: str | None) -> None: ...
+
+
 class DirectoryLogin:
-    def __init__(self, identity: IdentitySettings, db: Engine, trail: Trail | None = None):
+    def __init__(
+        self,
+        identity: IdentitySettings,
+        db: Engine,
+        trail: Trail | None = None,
+        shared: SharedThrottle | None = None,
+    ):
         assert identity.ldap is not None
         assert identity.ldap is not None, "directory sign-in needs identity.ldap"
         self.directory = LdapDirectory(identity.ldap)
@@ -107,6 +121,8 @@ class DirectoryLogin:
         #: username → (when the directory was last asked, the mapping it gave then)
         self.checked: dict[str, tuple[float, GroupMapping | None]] = {}
         self.throttle = LoginThrottle(identity.login_max_failures, identity.login_lockout_seconds)
+        #: With `limits.backend: redis`: failures counted across every replica too.
+        self.shared = shared
         self._sweeper: asyncio.Task[None] | None = None
 
     def map(self, groups: tuple[str, ...]) -> GroupMapping | None:
@@ -115,6 +131,13 @@ class DirectoryLogin:
     async def login(self, username: str, password: str, source: str | None) -> dict[str, Any]:
         who = (f"user:{normalised(username)}", f"source:{source}")
         reserved = self.throttle.reserve(who)
+        shared = None
+        try:
+            if self.shared is not None:
+                shared = await self.shared.reserve(who)
+        except RateLimited:
+            self.throttle.release(who, reserved)
+            raise
         try:
             user = await self.directory.authenticate(username, password)
         except LoginFailed:
@@ -122,10 +145,10 @@ class DirectoryLogin:
                 "Invalid username or password.", code="invalid_credentials"
             ) from None
         except DirectoryUnavailable as exc:
-            self.throttle.release(who, reserved)
+            await self._release(who, reserved, shared)
             log.error("directory unavailable for a login: %s", exc.reason)
             raise DirectoryDown("The directory cannot be reached; try again shortly.") from None
-        self.throttle.release(who, reserved)
+        await self._release(who, reserved, shared)
         self.throttle.succeeded(who[0])
         mapping = self.map(user.groups)
         if mapping is None:
@@ -159,6 +182,11 @@ class DirectoryLogin:
                 code="session_revoked",
             )
         return mapped_principal(mapping, teams, user, "ses", user)
+
+    async def _release(self, who: tuple[str, ...], reserved: float, shared: str | None) -> None:
+        self.throttle.release(who, reserved)
+        if self.shared is not None:
+            await self.shared.release(who, shared)
 
     async def _current(self, user: str) -> GroupMapping | None:
         seen = self.checked.get(user)

@@ -15,6 +15,8 @@ every replica's `SessionRevocations` within `identity.key_refresh_seconds`.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -78,6 +80,11 @@ class Sessions:
             raise ValueError("the session key must be at least 32 bytes (base64)")
         self.ttl = identity.session_ttl_seconds
         self.db = db
+
+    def derive(self, purpose: str) -> bytes:
+        """A secret for another purpose (the console's CSRF tokens), the same on every replica
+        that shares the session key, and useless for forging sessions."""
+        return hmac.new(self._key, b"bastion:" + purpose.encode(), hashlib.sha256).digest()
 
     def issue(self, user: str, team: str, role: str) -> tuple[str, int]:
         """A signed session token, recorded so that it can be revoked (blocking: a thread)."""

@@ -22,7 +22,7 @@ from bastion.core.changes import recorded_change
 from bastion.core.errors import Conflict, NotFound, PermissionDenied
 from bastion.identity import approvals
 from bastion.identity.access import Access, Admin, Reader
-from bastion.registry import records
+from bastion.registry import gates, records
 from bastion.registry.cache import DigestCache
 from bastion.registry.digests import DigestError, digest_dir, mismatches
 
@@ -113,6 +113,13 @@ def show_model(name: ModelName, version: Version, ctx: Reader) -> dict[str, Any]
     return records.get(ctx.db, name, version)
 
 
+@router.get("/{name}/{version}/gates")
+def check_gates(name: ModelName, version: Version, ctx: Reader) -> list[dict[str, Any]]:
+    """The promotion gates that apply to this version and where it stands on each now (what
+    approving it would check), without approving anything."""
+    return gates.evaluate(ctx.db, ctx.settings, records.get(ctx.db, name, version))
+
+
 @router.post("", status_code=201)
 async def register(body: RegisterIn, ctx: Admin) -> dict[str, Any]:
     """Hashes every file of the directory and records the version as `draft`."""
@@ -169,15 +176,21 @@ async def approve(
     """validated → approved; with four-eyes, a request (202) a second person decides."""
     rec = await asyncio.to_thread(records.get, ctx.db, name, version)
     to = await asyncio.to_thread(records.check_transition, ctx.db, rec, "approve")
-    if ctx.settings.registry.approval != "four-eyes":
-        return await _move(ctx, rec, to, body.evidence)
-    if ctx.actor.name == rec["created_by"]:
+    four_eyes = ctx.settings.registry.approval == "four-eyes"
+    if four_eyes and ctx.actor.name == rec["created_by"]:
         raise PermissionDenied(
             f"'{rec['ref']}' was registered by {rec['created_by']}: under four-eyes approval "
             "someone else must ask for, and decide, its approval.",
             code="four_eyes",
         )
+    # Promotion gates (409 gate_failed): checked before a request is even made, and again when
+    # the second person decides (runs may change in between).
+    passed = await asyncio.to_thread(gates.check, ctx.db, ctx.settings, rec)
+    if not four_eyes:
+        return await _move(ctx, rec, to, body.evidence, **({"gates": passed} if passed else {}))
     subject = {"model": rec["ref"], "evidence": body.evidence, "not_by": [rec["created_by"]]}
+    if passed:
+        subject["gates"] = passed  # what the decider sees; checked again at the decision
     asked = await approvals.ask(ctx, "model.approve", None, subject)
     await asyncio.to_thread(records.set_pending, ctx.db, rec, asked["id"])
     response.status_code = 202
@@ -211,11 +224,25 @@ async def _approved(state: Any, approval: dict[str, Any]) -> dict[str, Any]:
     )
     if rec["approval"] != approval["id"] or rec["state"] != "validated":  # retired meanwhile
         raise Conflict(f"'{rec['ref']}' no longer waits for this request.", code="conflict")
-    return await asyncio.to_thread(
-        records.transition, state.db, rec, "approved", approval["decided_by"],
-        approval["subject"]["evidence"], approval=approval["id"],
-        requested_by=approval["requested_by"],
-    )  # fmt: skip
+    try:
+        passed = await asyncio.to_thread(gates.check, state.db, state.settings, rec)
+    except Conflict:
+        # Blocked now: the version is free for a new request once the evidence is there.
+        await asyncio.to_thread(records.set_pending, state.db, rec, None)
+        raise
+    extra: dict[str, Any] = {"approval": approval["id"], "requested_by": approval["requested_by"]}
+    if passed:
+        extra["gates"] = passed
+    # The decision's own entry (`model.approve.approved`) was written before the gates were
+    # checked again: this one records the change with the evidence it was made on.
+    async with recorded_change(state.audit, approval["decided_by"], "model.approve",
+                               model=rec["ref"], before={"state": "validated"},
+                               after={"state": "approved"},
+                               evidence=approval["subject"]["evidence"], **extra):  # fmt: skip
+        return await asyncio.to_thread(
+            records.transition, state.db, rec, "approved", approval["decided_by"],
+            approval["subject"]["evidence"], **extra,
+        )  # fmt: skip
 
 
 @approvals.executes("model.approve", "rejected")

@@ -19,7 +19,7 @@ import orjson
 
 from bastion.config import load_settings
 from bastion.core.errors import BastionError, Conflict
-from bastion.registry import records
+from bastion.registry import gates, records
 from bastion.registry.cache import DigestCache
 from bastion.registry.digests import DigestError, digest_dir, mismatches
 
@@ -150,13 +150,53 @@ def _move(args: argparse.Namespace, verb: str, evidence: str) -> int:
                     f"since registration: {'; '.join(changed[:5])}",
                     code="hash_mismatch",
                 )
+        extra: dict[str, Any] = {}
+        if verb == "approve" and getattr(args, "run_gates", False):
+            from bastion.registry.gate_runs import run_missing
+
+            run_missing(args, settings, db, rec)
+        if verb == "approve" and (passed := gates.check(db, settings, rec)):
+            extra["gates"] = passed
         with _change(settings, db, f"model.{verb}", rec["ref"], before={"state": rec["state"]},
-                     after={"state": to}, evidence=evidence):  # fmt: skip
-            done = records.transition(db, rec, to, cli_actor(), evidence)
+                     after={"state": to}, evidence=evidence, **extra):  # fmt: skip
+            done = records.transition(db, rec, to, cli_actor(), evidence, **extra)
     except BastionError as exc:
         return _fail(exc)
+    for g in extra.get("gates", []):
+        sys.stdout.write(f"gate {g['gate']}: passed ({_gate_line(g)})\n")
     sys.stdout.write(f"{done['ref']}: {rec['state']} -> {done['state']}\n")
     return 0
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    """Where a version stands on its promotion gates now; exit 1 if approving would be blocked."""
+    settings, db = _ctx(args)
+    try:
+        found = gates.evaluate(db, settings, records.get(db, *records.parse_ref(args.ref)))
+    except BastionError as exc:
+        return _fail(exc)
+    if not found:
+        sys.stdout.write(f"no promotion gate applies to {args.ref}\n")
+    for g in found:
+        line = f"passed ({_gate_line(g)})" if g["passed"] else f"BLOCKED: {g['failure']}"
+        sys.stdout.write(f"gate {g['gate']}: {line}\n")
+    return 0 if all(g["passed"] for g in found) else 1
+
+
+def _gate_line(g: dict[str, Any]) -> str:
+    """`pass = 0.95 on ev_…, >= 0.8; no regression vs x@1: +0.02 [-0.03, +0.07]`."""
+    out = f"{g['metric']} = {g['value']:.4g} on {g['run']}"
+    for key, op in (("min", ">="), ("max", "<=")):
+        if key in g:
+            out += f", {op} {g[key]:.4g}"
+    reg = g.get("regression")
+    if reg and "ci" in reg:
+        lo, hi = reg["ci"]
+        out += (f"; against {reg['production']} ({reg['run']}): {reg['delta']:+.4g} "
+                f"[{lo:+.4g}, {hi:+.4g}], {reg['verdict']}")  # fmt: skip
+    elif reg:
+        out += f"; {reg['verdict']}"
+    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -214,6 +254,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     s = m.add_parser("show", parents=[common], help="one version's record, files and history")
     s.add_argument("ref", help="NAME@VERSION")
     s.set_defaults(func=cmd_show)
+    s = m.add_parser("gates", parents=[common], help="check the promotion gates (no approval)")
+    s.add_argument("ref", help="NAME@VERSION")
+    s.set_defaults(func=cmd_gates)
     s = m.add_parser("verify", parents=[common], help="check a directory against a record")
     s.add_argument("ref", help="NAME@VERSION")
     s.add_argument("--path", help="the directory (default: where it was registered from)")
@@ -227,6 +270,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         s.add_argument("ref", help="NAME@VERSION")
         s.add_argument(flag, required=True, help="recorded with the transition")
         s.set_defaults(func=func)
+        if verb == "approve":
+            s.add_argument(
+                "--run-gates",
+                action="store_true",
+                help="first run, through the gateway, the gates' suites that have no run yet",
+            )
+            s.add_argument("--url", help="gateway URL for --run-gates (default: from the config)")
+            s.add_argument("--key", help="API key for --run-gates (default: $BASTION_EVAL_KEY)")
+            s.add_argument("--concurrency", type=int, default=4, help="for --run-gates")
     from bastion.registry.deploy_cli import add_commands as add_deploy_commands
 
     add_deploy_commands(m, common)

@@ -103,7 +103,10 @@ def public(row: Any) -> dict[str, Any]:
         "updated_at": _iso(m["updated_at"]),
         "history": m["history"],
         "approval": m["approval"],
-    }
+        # The model card's eval evidence: the promotion gates its approval passed.
+        "gates": next((h.get("gates", []) for h in reversed(m["history"])
+                       if h.get("to") == "approved"), []),
+    }  # fmt: skip
 
 
 def get(db: Engine, name: str, version: str) -> dict[str, Any]:

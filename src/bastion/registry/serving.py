@@ -63,7 +63,9 @@ class AdapterServing(Poller):
         self.targets: dict[str, AdapterDeployment] = {}
         #: alias → why it cannot be served (files changed, base alias unknown), else absent.
         self.problems: dict[str, str] = {}
-        #: adapter → the path its files were verified at, by this process.
+        #: adapter → the path its files were verified at, by this process, since it was last
+        #: loaded anywhere (every load reads the files from disk again, so they are checked
+        #: again before it).
         self._verified: dict[str, str] = {}
         #: Base aliases whose engines this process has checked: only aliases served from the
         #: registry can carry adapters, so no other engine is ever asked.
@@ -84,6 +86,14 @@ class AdapterServing(Poller):
     async def reconcile(self) -> None:
         async with self._lock:
             rows = await asyncio.to_thread(adapters.active, self._db)
+            for row in rows:  # about to be loaded somewhere: its files are checked again
+                deps = (
+                    self._routes[row.base_alias].deployments
+                    if row.base_alias in self._bases
+                    else []
+                )
+                if any(row.adapter not in d.adapters for d in deps):
+                    self._verified.pop(row.adapter, None)
             targets, problems = {}, {}
             for row in rows:
                 why = await self._problem(row)

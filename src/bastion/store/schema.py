@@ -352,6 +352,9 @@ eval_runs = Table(
     Column("suite_sha256", String(64), nullable=False),
     Column("suite_path", Text, nullable=False),
     Column("model", String(128), nullable=False, index=True),
+    # The registry version (NAME@VERSION) the alias served when the run started: what
+    # promotion gates look runs up by (None: the alias serves no registry version).
+    Column("registry_ref", String(200), nullable=True, index=True),
     Column("samples", Integer, nullable=False),
     Column("cases_total", Integer, nullable=False),
     Column("params", JSON, nullable=False),
@@ -374,6 +377,8 @@ eval_results = Table(
     Column("passed", Boolean, nullable=False),
     Column("error", Text, nullable=True),
     Column("latency_ms", Float, nullable=False),
+    # Time to the first token of the streamed answer (None: no token came).
+    Column("ttft_ms", Float, nullable=True),
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     # The gateway's usage record of the call (x-request-id), and its cost once written there.

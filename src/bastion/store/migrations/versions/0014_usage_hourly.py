@@ -2,7 +2,7 @@
 existing usage records here, so reports that read them are right at once)
 
 Revision ID: 0014
-Revises: 0012 (0013 is on another branch: the merge re-chains this one after it)
+Revises: 0013
 Create Date: 2026-11-30 11:20:00
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0012"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
