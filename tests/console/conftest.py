@@ -68,14 +68,7 @@ def console_gateway(
     )
     cfg["identity"].update(
         {
-            "ldap": {
-                "url": slapd.ldaps_url,
-                "ca_file": str(slapd.ca_file),
-                "bind_dn": slapd.service_dn,
-                "bind_password": slapd.service_password,
-                "user_base": slapd.base_dn,
-                "group_base": slapd.group_base,
-            },
+            "ldap": slapd.ldap_settings(),
             "group_mappings": [
                 {"group": "bastion-auditors", "team": "beta", "role": "auditor"},
                 {"group": "risk-analysts", "team": "beta", "role": "team-admin"},

@@ -20,6 +20,7 @@ import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import ldap
 import ldap.dn
@@ -341,6 +342,18 @@ olcOverlay: {{1}}ppolicy
         return {"objectClass": ["groupOfNames"], "cn": [cn], "member": dns}
 
     # -- changes, as the root DN over LDAPS -------------------------------------------------------
+    def ldap_settings(self, **extra: Any) -> dict[str, Any]:
+        """Bastion's `identity.ldap` section for this server (service bind over LDAPS)."""
+        return {
+            "url": self.ldaps_url,
+            "ca_file": str(self.ca_file),
+            "bind_dn": self.service_dn,
+            "bind_password": self.service_password,
+            "user_base": self.base_dn,
+            "group_base": self.group_base,
+            **extra,
+        }
+
     def admin(self) -> ldap.ldapobject.LDAPObject:
         """A connection bound as the root DN; the caller unbinds it."""
         conn = ldap.initialize(self.ldaps_url)

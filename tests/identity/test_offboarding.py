@@ -37,16 +37,8 @@ def config(
         cfg["admin"] = {"key": ADMIN_KEY}
         cfg["identity"].update(
             {
-                "ldap": {
-                    "url": slapd.ldaps_url,
-                    "ca_file": str(slapd.ca_file),
-                    "bind_dn": slapd.service_dn,
-                    "bind_password": slapd.service_password,
-                    "user_base": slapd.base_dn,
-                    "group_base": slapd.group_base,
-                    # The default filter (AD and ppolicy) has nothing to match on this slapd.
-                    "disabled_filter": "(employeeType=disabled)",
-                },
+                # The default filter (AD and ppolicy) has nothing to match on this slapd.
+                "ldap": slapd.ldap_settings(disabled_filter="(employeeType=disabled)"),
                 "group_cache_seconds": 1,
                 "self_service_key_max_days": 30,
                 # Every replica signs and checks sessions with the same secret.
@@ -164,6 +156,18 @@ def test_a_disabled_account_loses_its_session_and_keys(
 
 
 # -- sign-in throttling ---------------------------------------------------------------------------
+def _guesses(gws: list[Gateway], user: str, n: int) -> list[int]:
+    """`n` wrong passwords for `user` at once, spread over `gws`: the statuses."""
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"username": user, "password": "wrong"}
+            sent = [client.post(f"{gws[i % len(gws)].url}/auth/login", json=body) for i in range(n)]
+            return [r.status_code for r in await asyncio.gather(*sent)]
+
+    return asyncio.run(burst())
+
+
 def test_concurrent_guesses_cannot_outrun_the_throttle(
     make_gateway: Callable[..., Gateway], config: dict[str, Any], slapd: Slapd
 ) -> None:
@@ -171,13 +175,7 @@ def test_concurrent_guesses_cannot_outrun_the_throttle(
     gw = make_gateway(config)
     user = _user(slapd, "sven")
 
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            body = {"username": user, "password": "wrong"}
-            sent = [client.post(f"{gw.url}/auth/login", json=body) for _ in range(60)]
-            return [r.status_code for r in await asyncio.gather(*sent)]
-
-    codes = asyncio.run(burst())
+    codes = _guesses([gw], user, 60)
     assert set(codes) <= {401, 429}
     assert codes.count(401) <= 5, codes  # at most login_max_failures reached the directory
     # Spelled as the directory compares names, it is the same user.
@@ -197,13 +195,7 @@ def test_guesses_spread_over_replicas_share_one_throttle_in_redis(
     pair = [make_gateway(shared), make_gateway(shared)]
     user = _user(slapd, "ursula")
 
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            body = {"username": user, "password": "wrong"}
-            sent = [client.post(f"{pair[i % 2].url}/auth/login", json=body) for i in range(40)]
-            return [r.status_code for r in await asyncio.gather(*sent)]
-
-    codes = asyncio.run(burst())
+    codes = _guesses(pair, user, 40)
     assert set(codes) <= {401, 429}
     assert codes.count(401) <= 5, codes  # not 2 x 5
     assert _login(pair[0], user).status_code == 429 == _login(pair[1], user).status_code

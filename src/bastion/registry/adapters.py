@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Engine, delete, select
@@ -28,7 +27,6 @@ from sqlalchemy import Engine, delete, select
 from bastion.core.errors import Conflict, InvalidRequest, NotFound
 from bastion.core.settings import NAME
 from bastion.registry import records
-from bastion.registry.digests import mismatches
 from bastion.store.schema import adapter_deployments
 
 Stage = Literal["serve", "staging"]
@@ -113,12 +111,7 @@ def deploy(
             f"'{ref}' is an adapter of '{rec['base']}', which is {base['state']}.",
             code="base_not_approved",
         )
-    changed = mismatches(Path(rec["path"]), rec["files"])
-    if changed:
-        raise Conflict(
-            f"'{ref}' at {rec['path']} is not what was registered: {'; '.join(changed[:5])}.",
-            code="hash_mismatch",
-        )
+    records.model_dir(db, ref, states)  # its files as registered (409 hash_mismatch)
     row = {"alias": alias, "adapter": ref, "base_alias": base_alias(settings, rec["base"]),
            "stage": stage}  # fmt: skip
     return row, get(db, alias)
