@@ -4,7 +4,7 @@ legal@1 --to tiny:legal-v1`) on the deployments of its base.
 The base is found through the config: the alias whose deployments declare
 `registry: <the adapter's base>` (every one of them, so that any replica the alias routes to
 can load it). A row in `adapter_deployments` is the deployment's whole state; every gateway
-replica reads the table and makes its engines match it (`routing/adapters.py`): it loads what
+replica reads the table and makes its engines match it (`registry/serving.py`): it loads what
 is deployed and unloads what is not, also after an engine restarts.
 
 Two stages:
@@ -18,6 +18,7 @@ Retiring an adapter removes its deployments in the same transaction as the state
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -47,6 +48,9 @@ class AdapterDeployment:
     stage: str
     #: Where the engines read it (the registered directory).
     path: str
+    #: The adapter's registry state when read: one its stage does not accept (retired while
+    #: being deployed, a database edit) keeps it off the engines.
+    state: str = "approved"
 
     def public(self) -> dict[str, Any]:
         return {"alias": self.alias, "adapter": self.adapter, "base_alias": self.base_alias,
@@ -66,8 +70,6 @@ def base_alias(settings: Any, base_ref: str) -> str:
 
 
 def check_alias(settings: Any, alias: str) -> None:
-    import re
-
     if not re.match(NAME, alias):
         raise InvalidRequest(
             f"'{alias}' is not a model alias: letters, digits and . _ : / - (at most 128).",
@@ -155,16 +157,16 @@ def listing(db: Engine) -> list[dict[str, Any]]:
 
 
 def active(db: Engine) -> list[AdapterDeployment]:
-    """Every deployment with where its adapter's files are (one query each way)."""
+    """Every deployment, with its adapter's directory and registry state (one query)."""
     from bastion.store.schema import registry_models
 
-    query = select(adapter_deployments, registry_models.c.path).join(
+    query = select(adapter_deployments, registry_models.c.path, registry_models.c.state).join(
         registry_models,
         (registry_models.c.name + "@" + registry_models.c.version) == adapter_deployments.c.adapter,
     )
     with db.connect() as conn:
         return [
-            AdapterDeployment(r.alias, r.adapter, r.base_alias, r.stage, r.path)
+            AdapterDeployment(r.alias, r.adapter, r.base_alias, r.stage, r.path, r.state)
             for r in conn.execute(query)
         ]
 
@@ -179,7 +181,7 @@ def alias_of(db: Engine, ref: str) -> str | None:
 def _target(db: Engine, row: dict[str, Any]) -> AdapterDeployment:
     rec = records.get(db, *records.parse_ref(row["adapter"]))
     return AdapterDeployment(
-        row["alias"], row["adapter"], row["base_alias"], row["stage"], rec["path"]
+        row["alias"], row["adapter"], row["base_alias"], row["stage"], rec["path"], rec["state"]
     )
 
 

@@ -121,6 +121,8 @@ class AdapterServing(Poller):
     async def _problem(self, row: AdapterDeployment) -> str | None:
         if row.base_alias not in self._bases:
             return f"its base alias '{row.base_alias}' is not served from the registry here"
+        if row.state not in adapters.STAGE_STATES[row.stage]:
+            return f"{row.adapter} is {row.state}"
         if self._verified.get(row.adapter) == row.path:
             return None
         rec = await asyncio.to_thread(records.get, self._db, *records.parse_ref(row.adapter))
