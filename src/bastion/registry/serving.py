@@ -78,7 +78,10 @@ class AdapterServing(Poller):
         return bool(self._bases)
 
     def resolve(self, name: str) -> AdapterDeployment | None:
-        return self.known.get(name)
+        """The deployment behind an adapter alias this gateway serves (a config without its
+        base alias does not: the alias is then unknown here)."""
+        t = self.known.get(name)
+        return t if t is not None and t.base_alias in self._bases else None
 
     async def poll(self) -> None:
         await self.reconcile()
@@ -190,7 +193,8 @@ class AdapterServing(Poller):
         return [
             t
             for t in self.known.values()
-            if principal.may_use(t.alias)
+            if t.base_alias in self._bases
+            and principal.may_use(t.alias)
             and (t.stage == "serve" or t.alias in (principal.models or ()))
         ]
 
