@@ -14,7 +14,7 @@ from bastion.console.queries import Scope
 from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, UsageWriter
 from bastion.store.db import make_engine, upgrade
-from bastion.store.schema import usage
+from bastion.store.schema import usage, usage_hourly
 
 NOW = datetime(2026, 11, 20, 12, 30, 15, tzinfo=UTC)
 PRICE = PriceSettings(currency="USD", prompt=1.0, cached_prompt=0.5, completion=2.0)
@@ -25,8 +25,9 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-u
     url = f"sqlite:///{tmp_path}/u.db" if request.param == "sqlite" else None
     engine = make_engine(url or request.getfixturevalue("pg_url"))
     upgrade(engine)
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # PostgreSQL's test database is shared with other modules
         conn.execute(usage.delete())
+        conn.execute(usage_hourly.delete())
     writer = UsageWriter(engine, flush_seconds=0.05)
     writer.open()
     rows = [  # minutes ago, team, user, model, latency, outcome

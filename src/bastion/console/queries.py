@@ -1,8 +1,9 @@
 """What the console reads about usage: one thin module, so that its callers do not care where
 the numbers come from.
 
-Today every function reads the raw `usage` table; when hourly rollup tables exist
-(`bastion.metering`), these functions are the only place that must change. Each takes a
+Breakdowns read the hourly rollups (`bastion.metering`); the time series and the burn-down
+still read the raw `usage` table (their minute buckets and exact percentiles need it), and
+these functions are the only place to change for that. Each takes a
 `Scope` that says whose usage a viewer may see (everyone's, one team's, or one user's in a
 team), applied here so that no page can forget it.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 
+from bastion.metering.reports import summarize
 from bastion.store.schema import usage
 
 #: What a breakdown may group by, and the usage column behind each name.
@@ -113,10 +115,28 @@ def timeseries(db: Engine, window: str, scope: Scope, now: datetime | None = Non
 
 
 def breakdown(db: Engine, by: str, since: datetime, scope: Scope) -> list[dict[str, Any]]:
-    """Requests, tokens and spend since `since`, grouped by one of GROUPS, biggest spend first.
-    Money stays exact: integer micro-units summed, then a Decimal."""
+    """Requests, tokens and spend since `since`, grouped by one of GROUPS (a row per group and
+    currency), biggest spend first. Money stays exact: integer micro-units summed, then a
+    Decimal. Everyone's or a team's usage comes from the hourly rollups for whole hours and
+    from the records for the minutes at the edges (`reports.summarize`): a month of a million
+    requests is a few thousand rollup rows."""
     if by not in GROUPS:
         raise ValueError(f"unknown grouping {by!r} (one of: {', '.join(GROUPS)})")
+    if scope.user is None:
+        name = by.replace("_", "-")
+        rows = [
+            {
+                "name": None if r[name] == "(none)" else r[name],
+                "requests": r["requests"],
+                "prompt_tokens": r["prompt_tokens"],
+                "completion_tokens": r["completion_tokens"],
+                "cost": Decimal(r["cost"]),
+                "currency": r["currency"],
+            }
+            for r in summarize(db, name, since, None, scope.team)  # type: ignore[arg-type]
+        ]
+        rows.sort(key=lambda r: (-r["cost"], -r["requests"]))
+        return rows
     col = GROUPS[by]
     q = (
         select(
