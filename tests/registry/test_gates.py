@@ -5,32 +5,21 @@ the record (the model card). Runs are stored through the evals store as `eval ru
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from bastion.app import build_app
 from bastion.config import parse_settings
 from bastion.store.db import open_database
-from tests.conftest import audit_config, pg_database
+from tests.conftest import audit_config
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
 from tests.registry.gate_helpers import first_n, stored_run, suite_file
 from tests.registry.helpers import DOCUMENTED, admin_trail
 
 ADMIN = "registry-admin-key-0123456789"
 H = {"Authorization": f"Bearer {ADMIN}"}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/r.db"
-        return
-    with pg_database() as url:
-        yield url
 
 
 def _app(db_url: str, tmp: Path, suite: Path, approval: str = "single", oidc: Any = None) -> Any:

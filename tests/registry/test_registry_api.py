@@ -6,7 +6,6 @@ registrant."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from bastion.core.errors import Conflict
 from bastion.identity.keys import create_key
 from bastion.registry import records
 from bastion.registry.digests import DigestError, digest_dir, manifest_digest, sha256_file
-from tests.conftest import audit_config, pg_database
+from tests.conftest import audit_config
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
 from tests.registry.helpers import DOCUMENTED, admin_trail, copy_model, flip_byte
 
@@ -29,15 +28,6 @@ H = {"Authorization": f"Bearer {ADMIN}"}
 
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/r.db"
-        return
-    with pg_database() as url:
-        yield url
 
 
 def _app(

@@ -186,9 +186,7 @@ class EngineClient:
         extra_headers: dict[str, str] | None = None,
     ) -> EngineResponse:
         """Sends the request; returns once the engine's response headers are in and say OK."""
-        headers = {**(extra_headers or {}), "Content-Type": "application/json"}
-        if dep.api_key:
-            headers["Authorization"] = f"Bearer {dep.api_key}"
+        headers = {**(extra_headers or {}), "Content-Type": "application/json", **auth_headers(dep)}
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=dep.connect_timeout, sock_read=dep.read_timeout
         )
@@ -219,7 +217,7 @@ class EngineClient:
         return EngineResponse(resp)
 
     async def healthy(self, dep: DeploymentSettings, limit: float = 2.0) -> bool:
-        headers = {"Authorization": f"Bearer {dep.api_key}"} if dep.api_key else {}
+        headers = auth_headers(dep)
         try:
             async with self.session.get(
                 dep.url + HEALTH_PATHS[dep.kind],
@@ -229,6 +227,11 @@ class EngineClient:
                 return resp.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+
+def auth_headers(dep: DeploymentSettings) -> dict[str, str]:
+    """The bearer key the engine expects, if it has one."""
+    return {"Authorization": f"Bearer {dep.api_key}"} if dep.api_key else {}
 
 
 #: Below every engine's own keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default).

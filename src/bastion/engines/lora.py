@@ -12,7 +12,7 @@ from __future__ import annotations
 import aiohttp
 import orjson
 
-from bastion.engines.client import EngineClient
+from bastion.engines.client import EngineClient, auth_headers
 from bastion.engines.settings import DeploymentSettings
 
 #: Loading reads the weights from disk (and on a GPU copies them over): slower than a request.
@@ -30,7 +30,7 @@ def supported(dep: DeploymentSettings) -> bool:
 async def loaded(client: EngineClient, dep: DeploymentSettings) -> dict[str, str]:
     """The adapters the engine serves now: name → the path it loaded it from."""
     async with client.session.get(
-        dep.url + "/v1/models", headers=_auth(dep), timeout=aiohttp.ClientTimeout(total=10)
+        dep.url + "/v1/models", headers=auth_headers(dep), timeout=aiohttp.ClientTimeout(total=10)
     ) as resp:
         if resp.status != 200:
             raise LoraError(f"{dep.display_url}/v1/models answered {resp.status}")
@@ -56,7 +56,7 @@ async def _post(
     async with client.session.post(
         dep.url + path,
         data=orjson.dumps(body),
-        headers={**_auth(dep), "Content-Type": "application/json"},
+        headers={**auth_headers(dep), "Content-Type": "application/json"},
         timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT),
     ) as resp:
         if resp.status == 200:
@@ -66,7 +66,3 @@ async def _post(
             text = "the engine has no runtime LoRA API (start vLLM with --enable-lora and " \
                 "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)"  # fmt: skip
         raise LoraError(f"{dep.display_url}{path} answered {resp.status}: {text}")
-
-
-def _auth(dep: DeploymentSettings) -> dict[str, str]:
-    return {"Authorization": f"Bearer {dep.api_key}"} if dep.api_key else {}
