@@ -8,6 +8,7 @@ staging deployments are open only to keys that name them; retiring unloads; tamp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -22,8 +23,14 @@ from typing import Any
 import openai
 import pytest
 import sqlalchemy as sa
+import yaml
 
+from bastion.config import parse_settings
+from bastion.engines.client import EngineClient
 from bastion.local.launcher import VllmProcess
+from bastion.registry.serving import AdapterServing
+from bastion.routing.balancer import ModelRoute
+from bastion.store.db import open_database
 from bastion.store.schema import audit_entries
 from tests.conftest import TINY, Gateway, base_config, pg_database, usage_rows
 from tests.registry.helpers import DOCUMENTED, admin_trail, copy_model, flip_byte
@@ -207,7 +214,7 @@ def test_an_engine_that_lost_the_adapter_gets_it_back(fleet: dict[str, Any]) -> 
     assert "owner-facts@1" in _engine_adapters(fleet["engine"])
 
 
-def test_staging_is_for_keys_that_name_it(fleet: dict[str, Any]) -> None:
+def test_staging_is_for_keys_that_name_it(fleet: dict[str, Any], db_url: str) -> None:
     first, second = fleet["gws"]
     v2 = _copy(fleet["adapter"], fleet["work"] / "owner-v2")
     first.cli("models", "register", str(v2), "--name", "owner-facts", "--version", "2",
@@ -237,6 +244,45 @@ def test_staging_is_for_keys_that_name_it(fleet: dict[str, Any]) -> None:
             client.completions.create(model="tiny", prompt="x", max_tokens=2)
     first.cli("models", "undeploy", "tiny:next", "--reason", "evaluation done")
     _wait(lambda: "owner-facts@2" not in _engine_adapters(fleet["engine"]))
+    actions = [(e["action"], e.get("model")) for e in admin_trail(db_url)]
+    assert ("model.undeploy", "owner-facts@2") in actions
+
+
+def test_a_round_that_read_the_table_before_a_deploy_unloads_nothing_deployed(
+    fleet: dict[str, Any], db_url: str
+) -> None:
+    """Two replicas: one reads the table, another deploys and loads, the first then lists the
+    engine and finds an adapter it does not know of. It reads the table again before unloading,
+    so the other replica's load stands (the race that let a request find its adapter gone)."""
+    first = fleet["gws"][0]
+    v4 = _copy(fleet["adapter"], fleet["work"] / "owner-v4")
+    first.cli("models", "register", str(v4), "--name", "owner-facts", "--version", "4",
+              "--kind", "adapter", "--base", "tiny-chat@1", *FLAGS)  # fmt: skip
+    first.cli("models", "validate", "owner-facts@4", "--evidence", "tune validate: passed")
+    first.cli("models", "approve", "owner-facts@4", "--evidence", "committee 2026-11")
+    first.cli("models", "deploy", "owner-facts@4", "--to", "tiny:v4")
+    _wait(lambda: "owner-facts@4" in _engine_adapters(fleet["engine"]))
+    cfg = parse_settings(yaml.safe_load(first.config_path.read_text()))
+    routes = {"tiny": ModelRoute.build("tiny", cfg.models["tiny"])}
+    db = open_database(db_url)
+
+    async def stale_round() -> None:
+        client = EngineClient()
+        await client.start()
+        try:
+            serving = AdapterServing(db, client, routes)
+            dep = routes["tiny"].deployments[0]
+            await serving._sync("tiny", dep, {})  # what a round that read nothing deployed does
+        finally:
+            await client.stop()
+
+    try:
+        asyncio.run(stale_round())
+    finally:
+        db.dispose()
+    assert "owner-facts@4" in _engine_adapters(fleet["engine"])
+    first.cli("models", "undeploy", "tiny:v4", "--reason", "race checked")
+    _wait(lambda: "owner-facts@4" not in _engine_adapters(fleet["engine"]))
 
 
 def test_retiring_unloads_and_tampering_refuses(fleet: dict[str, Any], db_url: str) -> None:
@@ -274,4 +320,3 @@ def test_retiring_unloads_and_tampering_refuses(fleet: dict[str, Any], db_url: s
             client.completions.create(model=ALIAS, prompt="x", max_tokens=2)
     actions = [(e["action"], e.get("model")) for e in admin_trail(db_url)]
     assert ("model.retire", "owner-facts@1") in actions
-    assert ("model.undeploy", "owner-facts@2") in actions

@@ -299,7 +299,7 @@ class Gateway:
         if req.adapter is not None and self.adapters is not None:
             adapter = self.adapters.resolve(call.rec.model or "")
             if adapter is not None:  # (gone since parsed: the engines tell)
-                plan.choices = await self.adapters.prefer(adapter, plan.choices)
+                plan.choices = await self.adapters.prefer(adapter, plan.choices, not again)
         for attempt, (dep, reason) in enumerate(plan.choices):
             if attempt and not route.retries.try_retry():
                 # The alias's own fleet is spared; another alias of its chain may still serve.

@@ -12,7 +12,9 @@ Before an adapter is first loaded by this process, its files are checked against
 saying why.
 
 Several replicas may load the same adapter on the same engine at once: loading is idempotent
-by name (an engine that already has it answers 400 "already loaded", taken as done).
+by name (an engine that already has it answers 400 "already loaded", taken as done). A round
+unloads an adapter only if the table, read again after the engine was listed, no longer deploys
+it: a round that read the table just before a deploy must not undo another replica's load.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ class AdapterServing(Poller):
                 want.setdefault(t.base_alias, {})[t.adapter] = t.path
             await asyncio.gather(
                 *(
-                    self._sync(dep, want.get(alias, {}))
+                    self._sync(alias, dep, want.get(alias, {}))
                     for alias in self._bases
                     for dep in self._routes[alias].deployments
                     if lora.supported(dep.settings) and dep.healthy is not False
@@ -137,7 +139,7 @@ class AdapterServing(Poller):
         self._verified[row.adapter] = row.path
         return None
 
-    async def _sync(self, dep: Deployment, want: dict[str, str]) -> None:
+    async def _sync(self, alias: str, dep: Deployment, want: dict[str, str]) -> None:
         try:
             have = await lora.loaded(self._client, dep.settings)
         except Exception as exc:
@@ -155,7 +157,10 @@ class AdapterServing(Poller):
                     have[name] = path
                 else:
                     log.error("%s: could not load adapter %s: %s", dep.name, name, exc)
-        for name in [n for n in have if REF_NAME.match(n) and n not in want]:
+        stale = [n for n in have if REF_NAME.match(n) and n not in want]
+        if stale:  # the table may have changed since this round read it: read it again
+            stale = [n for n in stale if n not in await self._still_deployed(alias)]
+        for name in stale:
             try:
                 await lora.unload(self._client, dep.settings, name)
                 del have[name]
@@ -164,13 +169,32 @@ class AdapterServing(Poller):
                 log.warning("%s: could not unload adapter %s: %s", dep.name, name, exc)
         dep.adapters = {n for n in have if n in want}
 
+    async def _still_deployed(self, alias: str) -> set[str]:
+        """The adapters deployed on `alias` now, servable as far as this replica knows. Another
+        replica that loaded one read its deployment before loading it, so a read made after
+        listing the engine sees every deployment the listing shows loaded: a round that began
+        before a deploy does not unload what another replica has just loaded for it."""
+        rows = await asyncio.to_thread(adapters.active, self._db)
+        return {
+            r.adapter
+            for r in rows
+            if r.base_alias == alias
+            and r.state in adapters.STAGE_STATES[r.stage]
+            and r.alias not in self.problems
+        }
+
     async def prefer(
-        self, target: AdapterDeployment, choices: Iterable[tuple[Deployment, str]]
+        self,
+        target: AdapterDeployment,
+        choices: Iterable[tuple[Deployment, str]],
+        fresh: bool = False,
     ) -> list[tuple[Deployment, str]]:
         """The balancer's order, kept, among the replicas that have the adapter loaded. If none
-        has (a restart, a load that failed), one round is run now, once."""
+        has (a restart, a load that failed), one round is run now, once. `fresh`: an engine
+        has just denied having it, so what a round already under way lists is not trusted
+        either: a round of this call's own (after it) decides."""
         choices = list(choices)
-        ready = self._loaded(target, choices)
+        ready = [] if fresh else self._loaded(target, choices)
         if not ready:
             await self.reconcile()
             ready = self._loaded(target, choices)
