@@ -310,3 +310,20 @@ def test_lint_finds_a_broken_template(tmp_path: Path) -> None:
     assert any(
         m["severity"] == 3 and "broken.yaml" in m["path"] + m["error"] for m in report["messages"]
     ), report
+
+
+def test_rendered_by_helm_v4_sdk() -> None:
+    """What renders here is Helm's Go SDK itself (the version libhelm_c was built from)."""
+    from helm_python import _native
+
+    assert _native.helm_sdk_version().startswith("v4.")
+
+
+def test_readiness_probe_can_follow_liveness() -> None:
+    vals = values("external")
+    vals["gateway"]["readinessPath"] = "/healthz"
+    gw = one(render(vals), "Deployment", "bastion-gateway")
+    probe = gw["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/healthz"
+    vals["gateway"]["readinessPath"] = "/ready"
+    assert "readinessPath" in _render_error(vals)
