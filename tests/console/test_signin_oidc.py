@@ -183,7 +183,7 @@ def test_a_user_in_no_mapped_group_is_refused_with_the_reason(
     assert "bastion_session" not in {c["name"] for c in v.context.cookies()}
     assert v.goto("/console/").url == v.base + "/console/login"
     failed = [e for e in _audit(idp_gateway[0], "login.failed") if e.get("method") == "oidc"]
-    assert any(e["reason"] == "no_mapped_group" for e in failed)
+    assert any(e["reason"] == "no_mapped_group" and e["actor"] == "fay" for e in failed)
 
 
 def test_a_forged_or_missing_state_and_a_callback_nobody_started_are_refused(

@@ -98,13 +98,16 @@ async def idp_sign_in(request: Request, flow: Flow, params: dict[str, str]) -> d
     the same `auth` records, `login` or `login.failed`, with `method: oidc`."""
     keys = request.app.state.keys
     source = request.client.host if request.client else None
+    actor = "(unknown)"  # until the ID token says who it is
     try:
         if keys.idp_login is None:
             raise NotFound("Console sign-in at an IdP is not configured.", code="not_found")
-        done = await keys.idp_login.finish(flow, params, keys.teams)
+        who = await keys.idp_login.finish(flow, params)
+        actor = who.user
+        done = await keys.idp_login.admit(who, keys.teams)
     except BastionError as exc:
         await _record(
-            request, "auth", actor="(idp)", action="login.failed", source=source,
+            request, "auth", actor=actor, action="login.failed", source=source,
             reason=exc.code, method="oidc", idp=flow.issuer,
         )  # fmt: skip
         raise

@@ -208,19 +208,21 @@ class KeyStore:
                 raise AuthenticationFailed("Invalid session token.", code="invalid_token")
             return await self.login.principal(token, self._teams, self.revoked_sessions)
         # An IdP sign-in (console): its groups were mapped at sign-in; the session is short
-        # (`console.session_seconds`) and ends if that mapping is no longer configured.
+        # (`console.session_seconds`) and ends if that IdP or mapping is no longer configured.
         if claims.get("jti") in self.revoked_sessions:
             raise AuthenticationFailed(
                 "This session was ended (signed out or revoked): sign in again.",
                 code="session_revoked",
             )
-        mappings = self._sso.mappings if self._sso is not None else []
+        trusted = self.idp_login is not None and claims["idp"] in self.idp_login.issuers
+        mappings = self._sso.mappings if self._sso is not None and trusted else []
         mapping = next(
             (m for m in mappings if (m.team, m.role) == (claims["team"], claims["role"])), None
         )
         if mapping is None:
             raise AuthenticationFailed(
-                "Your team or role is no longer configured: sign in again.", code="session_revoked"
+                "Your identity provider, team or role is no longer configured: sign in again.",
+                code="session_revoked",
             )
         identity = f"{claims['idp']}\0{claims['idp_sub']}"
         return mapped_principal(mapping, self._teams, str(claims["sub"]), "sso", identity)

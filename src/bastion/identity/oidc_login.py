@@ -203,9 +203,9 @@ class IdpLogin:
                                code="oidc_bad_flow") from None  # fmt: skip
         return Flow(str(c["idp"]), str(c["st"]), str(c["n"]), str(c["v"]), str(c["r"]))
 
-    async def finish(self, flow: Flow, params: dict[str, str], teams: dict[str, Team]) -> SignedIn:
-        """Checks the callback's parameters against the flow, trades the code, validates the
-        ID token and maps the user; then issues the console session."""
+    async def finish(self, flow: Flow, params: dict[str, str]) -> Identity:
+        """Checks the callback's parameters against the flow, trades the code and validates
+        the ID token: who signed in (`admit` then maps them)."""
         if "error" in params:
             detail = params.get("error_description") or params["error"]
             raise SignInFailed(
@@ -236,7 +236,12 @@ class IdpLogin:
         id_token = tokens.get("id_token") if isinstance(tokens, dict) else None
         if not isinstance(id_token, str):
             raise SignInFailed("The identity provider sent no ID token.", code="oidc_no_id_token")
-        who = await self._id_token(id_token, flow, console)
+        return await self._id_token(id_token, flow, console)
+
+    async def admit(self, who: Identity, teams: dict[str, Team]) -> SignedIn:
+        """Maps the user's groups as for an API token (403 if none is mapped), then issues the
+        console session."""
+        console = self._console(who.issuer)[1]
         mapping, principal = self.sso.map(who, teams)
         token, expires = await _issue(self.sessions, who, mapping, console.session_seconds)
         return SignedIn(who, mapping, principal, token, expires)
