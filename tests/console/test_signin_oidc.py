@@ -2,7 +2,8 @@
 `oidc-provider` (authorization code + PKCE, its own login and consent pages) to a real
 `bastion serve` with no directory configured, so the session path stands on its own.
 
-Checks: groups decide the role (member, team-admin) and so the pages, 404 for the others; a user
+Checks: a confidential client (secret from the environment) and a public client (PKCE alone)
+both sign in; groups decide the role (member, team-admin) and so the pages, 404 for the others; a user
 in no mapped group is refused with the reason; a forged or missing `state`, a callback without a
 started flow and the IdP's own error are refused on the login page; sign-out revokes the session
 (the old cookie no longer works); a team-admin mints a team key and revokes a member's key
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +31,7 @@ from tests.console.conftest import Visitor
 from tests.identity.oidc_provider import DEFAULT_RESOURCE, OidcProvider
 
 CLIENT = "bastion-console"
+PUBLIC = "bastion-console-public"
 SECRET_ENV = "BASTION_TEST_CONSOLE_OIDC_SECRET"
 #: IdP accounts (the login name at the IdP's page) and their ID token claims.
 USERS = {
@@ -39,51 +42,67 @@ USERS = {
 Visit = Callable[[], Visitor]
 
 
-@pytest.fixture(scope="module")
-def idp_gateway(
-    make_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, OidcProvider]]:
-    work = tmp_path_factory.mktemp("console-oidc")
+def _console_config(work: Path, issuer: str, console: dict[str, Any]) -> dict[str, Any]:
     # No engine is needed to sign in: the model's deployment is simply down.
     models = {"tiny": {"deployments": [{"url": "http://127.0.0.1:9", "served_name": "tiny"}]}}
     cfg = base_config(f"sqlite:///{work / 'b.db'}", models)
-    gw = make_gateway(cfg, start=False)  # its port is known now: the IdP must know the callback
-    provider = OidcProvider(
-        {},
-        work / "provider.log",
-        web_clients={CLIENT: {"redirect_uris": [gw.url + "/console/oidc/callback"]}},
-        users=USERS,
-    )
-    os.environ[SECRET_ENV] = provider.secret(CLIENT)
+    issuer_cfg = {"issuer": issuer, "audience": DEFAULT_RESOURCE, "console": console,
+                  "user_claim": "preferred_username"}  # fmt: skip
     cfg["identity"].update(
         {
-            "oidc": [
-                {
-                    "issuer": provider.issuer,
-                    "audience": DEFAULT_RESOURCE,
-                    "user_claim": "preferred_username",
-                    "console": {
-                        "client_id": CLIENT,
-                        "client_secret": "${" + SECRET_ENV + "}",
-                        "name": "Bank SSO",
-                        "scopes": ["openid", "profile", "groups"],
-                    },
-                }
-            ],
+            "oidc": [issuer_cfg],
             "group_mappings": [
                 {"group": "alpha-admins", "team": "alpha", "role": "team-admin"},
                 {"group": "payments-devs", "team": "alpha"},
             ],
         }
     )
-    gw.config_path.write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def idp_setup(
+    make_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, OidcProvider, Gateway]]:
+    """A gateway with a confidential console client and one with a public client (PKCE
+    alone), both at the same real IdP."""
+    work = tmp_path_factory.mktemp("console-oidc")
+    # Their ports are known before they start: the IdP must know their callbacks.
+    gw = make_gateway({}, start=False)
+    public = make_gateway({}, start=False)
+    provider = OidcProvider(
+        {},
+        work / "provider.log",
+        web_clients={
+            CLIENT: {"redirect_uris": [gw.url + "/console/oidc/callback"]},
+            PUBLIC: {"redirect_uris": [public.url + "/console/oidc/callback"], "public": True},
+        },
+        users=USERS,
+    )
+    os.environ[SECRET_ENV] = provider.secret(CLIENT)
+    scopes = ["openid", "profile", "groups"]
+    for g, console in (
+        (gw, {"client_id": CLIENT, "client_secret": "${" + SECRET_ENV + "}", "name": "Bank SSO"}),
+        (public, {"client_id": PUBLIC, "name": "Bank SSO"}),
+    ):
+        g.config.update(_console_config(g.workdir, provider.issuer, {**console, "scopes": scopes}))
+        g.config_path.write_text(yaml.safe_dump(g.config))
     try:
         gw.start()
-        yield gw, provider
+        public.start()
+        yield gw, provider, public
     finally:
         gw.stop()
+        public.stop()
         provider.stop()
         os.environ.pop(SECRET_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def idp_gateway(
+    idp_setup: tuple[Gateway, OidcProvider, Gateway],
+) -> tuple[Gateway, OidcProvider]:
+    return idp_setup[0], idp_setup[1]
 
 
 @pytest.fixture
@@ -159,6 +178,16 @@ def test_a_member_signs_in_at_the_idp_and_sees_only_member_pages(
     assert entry["team"] == "alpha" and entry["method"] == "oidc"
     assert entry["idp"] == provider.issuer
     assert not v.errors
+
+
+def test_a_public_client_signs_in_with_pkce_alone(
+    visit: Visit, idp_setup: tuple[Gateway, OidcProvider, Gateway]
+) -> None:
+    public = idp_setup[2]
+    v = visit()
+    v.base = public.url  # the same IdP, the gateway whose console client has no secret
+    _sign_in(v, "dora")
+    assert v.page.inner_text("#whoami") == "dora · alpha · member"
 
 
 def test_groups_make_a_team_admin_who_sees_the_team_pages(visit: Visit) -> None:
