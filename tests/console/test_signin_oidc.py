@@ -3,11 +3,11 @@
 `bastion serve` with no directory configured, so the session path stands on its own.
 
 Checks: a confidential client (secret from the environment) and a public client (PKCE alone)
-both sign in; groups decide the role (member, team-admin) and so the pages, 404 for the others; a user
-in no mapped group is refused with the reason; a forged or missing `state`, a callback without a
-started flow and the IdP's own error are refused on the login page; sign-out revokes the session
-(the old cookie no longer works); a team-admin mints a team key and revokes a member's key
-through the admin API's handlers (audited as such).
+both sign in; groups decide the role (member, team-admin) and so the pages, 404 for the others;
+a user in no mapped group is refused with the reason; a forged or missing `state`, a callback
+without a started flow and the IdP's own error are refused on the login page; sign-out revokes
+the session (the old cookie no longer works); a team-admin mints a team key and revokes a
+member's key through the admin API's handlers (audited as such).
 """
 
 from __future__ import annotations
