@@ -38,6 +38,8 @@ from bastion.gateway.routes import gateway_routes
 from bastion.gateway.stored_responses import ResponseStore, TeamSealer
 from bastion.identity import api as identity_api
 from bastion.identity.keystore import KeyStore
+from bastion.identity.oidc_login import IdpLogin
+from bastion.identity.sessions import Sessions
 from bastion.identity.sso import SsoAuthenticator
 from bastion.identity.teams import open_store
 from bastion.limits.admission import Admission
@@ -85,11 +87,16 @@ def build_app(
         self_service_max=timedelta(days=settings.identity.self_service_key_max_days),
         trail=audit,
     )
+    console_sso = sso is not None and any(i.console for i in settings.identity.oidc)
+    if settings.identity.ldap is not None or console_sso:  # one session secret for both
+        keys.sessions = Sessions(settings.identity, db)
+    if sso is not None and keys.sessions is not None and console_sso:
+        keys.idp_login = IdpLogin(settings.identity.oidc, sso, keys.sessions)
     if settings.identity.ldap is not None:
         from bastion.identity.ldap_login import DirectoryLogin  # needs the `ldap` extra
 
         keys.login = DirectoryLogin(
-            settings.identity, db, audit, _login_throttle(settings, counters)
+            settings.identity, db, audit, _login_throttle(settings, counters), keys.sessions
         )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, counters, db, metrics)

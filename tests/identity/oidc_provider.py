@@ -6,6 +6,12 @@ resource indicator gives a JWT access token per client without any browser inter
 client stands for one test user and carries its own extra claims (`preferred_username`, `email`,
 `groups`). `sub` is the client id (oidc-provider sets it so for client credentials).
 
+For the console's sign-in, `web_clients` adds authorization-code clients (PKCE required, as
+oidc-provider does by default; confidential with a secret, or public). A browser signs in through
+oidc-provider's own development login and consent pages (any password); the login name is the
+account id, and `users` gives each account's claims (`preferred_username`, `groups`, ...), which
+go into the ID token. A login name not in `users` gets only `sub`: a user in no group.
+
 The npm package is installed once under ~/.cache/bastion/oidc-provider and reused from there.
 """
 
@@ -42,15 +48,32 @@ server.listen(0, '127.0.0.1', () => {
   const issuer = `http://127.0.0.1:${server.address().port}`;
   const key = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey;
   const jwk = { ...key.export({ format: 'jwk' }), kid: cfg.kid, use: 'sig', alg: 'RS256' };
+  const web = (cfg.webClients || []).map((c) => ({
+    client_id: c.client_id, grant_types: ['authorization_code'], response_types: ['code'],
+    redirect_uris: c.redirect_uris,
+    ...(c.client_secret
+      ? { client_secret: c.client_secret, token_endpoint_auth_method: 'client_secret_basic' }
+      : { token_endpoint_auth_method: 'none' }),
+  }));
   const provider = new Provider(issuer, {
     jwks: { keys: [jwk] },
     clients: cfg.clients.map((c) => ({
       client_id: c.client_id, client_secret: c.client_secret,
       grant_types: ['client_credentials'], response_types: [], redirect_uris: [],
       token_endpoint_auth_method: 'client_secret_post',
-    })),
+    })).concat(web),
+    claims: {
+      openid: ['sub'], profile: ['preferred_username', 'name'], email: ['email'],
+      groups: ['groups'],
+    },
+    // The requested scopes' claims go into the ID token itself (as Entra or Keycloak mappers do).
+    conformIdTokenClaims: false,
+    findAccount: (ctx, id) => ({
+      accountId: id,
+      claims: () => ({ ...(cfg.users[id] || {}), sub: id }),
+    }),
     features: {
-      devInteractions: { enabled: false },
+      devInteractions: { enabled: web.length > 0 },
       clientCredentials: { enabled: true },
       resourceIndicators: {
         enabled: true,
@@ -103,15 +126,35 @@ def install() -> Path:
 class OidcProvider:
     """Starts the provider with one client per entry of `clients` (client_id -> extra claims)."""
 
-    def __init__(self, clients: dict[str, dict[str, Any]], log_path: Path, kid: str = "") -> None:
+    def __init__(
+        self,
+        clients: dict[str, dict[str, Any]],
+        log_path: Path,
+        kid: str = "",
+        *,
+        web_clients: dict[str, dict[str, Any]] | None = None,
+        users: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """`web_clients`: client_id -> {"redirect_uris": [...], "public": bool}."""
         script = install()
         self.kid = kid or "test-" + secrets.token_hex(4)
         self._secrets = {client_id: secrets.token_urlsafe(24) for client_id in clients}
+        web = web_clients or {}
+        for cid, spec in web.items():
+            if not spec.get("public"):
+                self._secrets[cid] = secrets.token_urlsafe(24)
         config = {
             "kid": self.kid,
-            "clients": [
-                {"client_id": cid, "client_secret": sec} for cid, sec in self._secrets.items()
+            "clients": [{"client_id": cid, "client_secret": self._secrets[cid]} for cid in clients],
+            "webClients": [
+                {
+                    "client_id": cid,
+                    "client_secret": self._secrets.get(cid),
+                    "redirect_uris": spec["redirect_uris"],
+                }
+                for cid, spec in web.items()
             ],
+            "users": users or {},
             "claims": clients,
         }
         self._log = log_path.open("ab")
@@ -152,6 +195,10 @@ class OidcProvider:
         ).encode()
         with urllib.request.urlopen(self.issuer + "/token", data=body, timeout=10) as resp:
             return str(json.load(resp)["access_token"])
+
+    def secret(self, client_id: str) -> str:
+        """A confidential client's secret (what the operator puts in the environment)."""
+        return self._secrets[client_id]
 
     def jwks(self) -> dict[str, Any]:
         return dict(self._get("/jwks"))

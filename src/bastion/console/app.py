@@ -4,7 +4,8 @@ audit Bastion.
 Pages are Jinja2 templates rendered here; the only scripts are vendored files served from
 `/console/static/` (htmx, uPlot, and the console's own charts.js), so the Content-Security-
 Policy allows no inline code at all. Sign-in is the directory's (`POST /auth/login`'s own
-throttled, audited path); the session is the same `bss-` token the CLI gets, in a cookie.
+throttled, audited path) or the IdP's (OIDC authorization code + PKCE, console/oidc.py); the
+session is the same `bss-` token the CLI gets, in a cookie.
 Every change (minting or revoking a key, signing out) calls the very handler the API uses, so
 it is checked and audit-recorded in one place.
 
@@ -33,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from bastion.admin import api as admin_api
 from bastion.audit import api as audit_api
 from bastion.audit.api import Key as AuditKey
-from bastion.console import queries
+from bastion.console import oidc, queries
 from bastion.console.security import (
     NONCE_COOKIE,
     SESSION_COOKIE,
@@ -141,15 +142,22 @@ def page(name: str) -> Callable[[Handler], Callable[[Request], Awaitable[Respons
 
 
 # -- signing in and out ---------------------------------------------------------------------------
+def login_page(
+    request: Request, status: int = 200, error: str | None = None, username: str = ""
+) -> HTMLResponse:
+    """The sign-in page: the directory's form and a button per IdP, whichever are configured."""
+    directory = request.app.state.keys.login is not None
+    return render(request, "login.html", None, status, directory=directory, error=error,
+                  username=username, idps=oidc.providers(request))  # fmt: skip
+
+
 async def login_form(request: Request) -> Response:
     if await viewer(request) is not None:
         return RedirectResponse("/console/", status_code=303)
-    directory = request.app.state.keys.login is not None
-    return render(request, "login.html", None, directory=directory, error=None, username="")
+    return login_page(request)
 
 
 async def login_submit(request: Request) -> Response:
-    directory = request.app.state.keys.login is not None
     form: dict[str, str] = {}
     try:
         form = await check_csrf(request)
@@ -158,17 +166,33 @@ async def login_submit(request: Request) -> Response:
         )
         result = await identity_api.sign_in(request, body)
     except ValidationError:
-        return render(request, "login.html", None, 400, directory=directory,
-                      error="Enter your user name and password.", username="")  # fmt: skip
+        return login_page(request, 400, "Enter your user name and password.")
     except BastionError as exc:  # wrong password, throttled, not mapped, directory down
-        response = render(request, "login.html", None, exc.status, directory=directory,
-                          error=exc.message, username=form.get("username", ""))  # fmt: skip
+        response = login_page(request, exc.status, exc.message, form.get("username", ""))
         response.headers.update(exc.headers)
         return response
     response = RedirectResponse("/console/", status_code=303)
     max_age = max(1, int(result["expires_at"]) - int(datetime.now(UTC).timestamp()))
     set_cookie(response, SESSION_COOKIE, result["token"], max_age)
     return response
+
+
+async def oidc_start(request: Request) -> Response:
+    try:
+        return await oidc.begin(request)
+    except BastionError as exc:  # unknown IdP, IdP unreachable
+        return login_page(request, exc.status, exc.message)
+
+
+async def oidc_callback(request: Request) -> Response:
+    try:
+        result = await oidc.complete(request)
+    except BastionError as exc:  # IdP error, state/nonce mismatch, expired flow, not mapped
+        response = login_page(request, exc.status, exc.message)
+        oidc.set_flow(response, "", 0)  # a flow is finished once, whatever the outcome
+        return response
+    # A page that moves on by itself, not a redirect: see console/oidc.py on SameSite.
+    return oidc.signed_in(render(request, "signed_in.html", None, user=result["user"]), result)
 
 
 async def logout(request: Request) -> Response:
@@ -275,6 +299,29 @@ async def mint(request: Request, who: Principal) -> Response:
         return await _keys_view(request, who, error=message, status=400)
     made = await identity_api.mint_key(body, request, who)
     return await _keys_view(request, who, new_key=made, status=201)
+
+
+@page("keys")
+async def mint_team(request: Request, who: Principal) -> Response:
+    """A team-admin's (or admin's) key for the team: `POST /admin/keys`' own handler, so its
+    checks (a team-admin attributes keys to themselves or to no one) and audit record."""
+    if who.role == "member":
+        return not_found(request, who)
+    form = await check_csrf(request)
+    days, user = form.get("days", "").strip(), form.get("user", "").strip() or None
+    team = form.get("team", "").strip() if who.role == "admin" else who.team
+    try:
+        body = admin_api.KeyIn(
+            team=team, user=user, name=form.get("name", ""), expires_in=f"{days}d" if days else None
+        )
+    except ValidationError as exc:
+        message = "; ".join(str(e["msg"]) for e in exc.errors())
+        return await _keys_view(request, who, error=message, status=400)
+    try:
+        made = await admin_api.post_key(body, Access(_actor(who), request))
+    except BastionError as exc:  # the handler's refusal, shown on the page it came from
+        return await _keys_view(request, who, error=exc.message, status=exc.status)
+    return await _keys_view(request, who, new_key=made.model_dump(), status=201)
 
 
 @page("keys")
@@ -385,6 +432,10 @@ def console_app() -> Starlette:
             Route("/login", login_form, methods=["GET"]),
             Route("/login", login_submit, methods=["POST"]),
             Route("/logout", logout, methods=["POST"]),
+            # Sign-in at the IdP (OIDC authorization code + PKCE): console/oidc.py; team keys.
+            Route("/oidc/start", oidc_start, methods=["GET"]),
+            Route("/oidc/callback", oidc_callback, methods=["GET"], name="oidc_callback"),
+            Route("/keys/team", mint_team, methods=["POST"]),
             Route("/usage", usage),
             Route("/keys", keys_page, methods=["GET"]),
             Route("/keys", mint, methods=["POST"]),

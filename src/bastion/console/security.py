@@ -89,10 +89,10 @@ def clear_cookie(response: Response, name: str) -> None:
 
 
 def _csrf_secret(request: Request) -> bytes:
-    login = request.app.state.keys.login
-    if login is not None:
-        return login.sessions.derive("console-csrf")  # type: ignore[no-any-return]
-    # No directory sign-in: no session can exist, and a per-process secret protects nothing
+    sessions = request.app.state.keys.sessions
+    if sessions is not None:
+        return sessions.derive("console-csrf")  # type: ignore[no-any-return]
+    # No sign-in configured: no session can exist, and a per-process secret protects nothing
     # that another replica must check.
     state = request.app.state
     if getattr(state, "csrf_fallback", None) is None:

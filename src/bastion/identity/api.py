@@ -29,6 +29,7 @@ from bastion.identity.teams import IdentityError
 
 if TYPE_CHECKING:  # python-ldap is an optional extra
     from bastion.identity.ldap_login import DirectoryLogin
+    from bastion.identity.oidc_login import Flow
 
 router = APIRouter(prefix="/auth", tags=["sign-in and self-service keys"])
 
@@ -92,6 +93,32 @@ async def sign_in(request: Request, body: LoginIn) -> dict[str, Any]:
     return result
 
 
+async def idp_sign_in(request: Request, flow: Flow, params: dict[str, str]) -> dict[str, Any]:
+    """The console's IdP sign-in finished (oidc_login.py), audited as a directory sign-in is:
+    the same `auth` records, `login` or `login.failed`, with `method: oidc`."""
+    keys = request.app.state.keys
+    source = request.client.host if request.client else None
+    actor = "(unknown)"  # until the ID token says who it is
+    try:
+        if keys.idp_login is None:
+            raise NotFound("Console sign-in at an IdP is not configured.", code="not_found")
+        who = await keys.idp_login.finish(flow, params)
+        actor = who.user
+        done = await keys.idp_login.admit(who, keys.teams)
+    except BastionError as exc:
+        await _record(
+            request, "auth", actor=actor, action="login.failed", source=source,
+            reason=exc.code, method="oidc", idp=flow.issuer,
+        )  # fmt: skip
+        raise
+    await _record(
+        request, "auth", actor=done.identity.user, action="login", team=done.mapping.team,
+        source=source, after={"role": done.mapping.role}, method="oidc", idp=flow.issuer,
+    )  # fmt: skip
+    return {"token": done.token, "expires_at": done.expires_at, "user": done.identity.user,
+            "team": done.mapping.team, "role": done.mapping.role}  # fmt: skip
+
+
 @router.post("/logout")
 async def logout(
     request: Request,
@@ -102,14 +129,14 @@ async def logout(
     state = request.app.state
     who: Principal = await state.keys.authenticate(authorization)
     token = (authorization or "").partition(" ")[2].strip()
-    if not token.startswith(SESSION_PREFIX) or state.keys.login is None:
+    if not token.startswith(SESSION_PREFIX) or state.keys.sessions is None:
         raise PermissionDenied(  # this credential may not do it: like sign_in_required
             "Only a session token from `bastion login` can sign out; an SSO token ends at its "
             "identity provider, an API key is revoked.",
             code="not_a_session",
         )
     everywhere = body is not None and body.everywhere
-    jti = None if everywhere else state.keys.login.sessions.verify(token)["jti"]
+    jti = None if everywhere else state.keys.sessions.verify(token)["jti"]
     async with recorded_change(
         state.audit, who.name, "session.revoke", takes_access_away=True, team=who.team,
         user=who.user, reason="signed out everywhere" if everywhere else "signed out",

@@ -31,14 +31,15 @@ from bastion.identity.keys import KEY_PREFIX, SELF_SERVICE, KeyRecord, hash_key,
 from bastion.identity.oidc import looks_like_jwt
 from bastion.identity.principal import Principal
 from bastion.identity.roles import CALLERS
-from bastion.identity.sessions import SESSION_PREFIX, SessionRevocations
+from bastion.identity.sessions import SESSION_PREFIX, SessionRevocations, Sessions
 from bastion.identity.settings import GroupMapping
-from bastion.identity.sso import SsoAuthenticator
+from bastion.identity.sso import SsoAuthenticator, mapped_principal
 from bastion.identity.teams import Team, load_teams
 from bastion.store.schema import api_keys, sessions
 
 if TYPE_CHECKING:
     from bastion.identity.ldap_login import DirectoryLogin
+    from bastion.identity.oidc_login import IdpLogin
 
 log = logging.getLogger("bastion.identity")
 
@@ -65,6 +66,10 @@ class KeyStore:
             sso.membership = self._sso_membership
         #: Directory logins (`bastion login` session tokens), when LDAP is configured.
         self.login: DirectoryLogin | None = None
+        #: Session tokens (`bss-`), from a directory sign-in or the console's IdP sign-in.
+        self.sessions: Sessions | None = None
+        #: The console's sign-in at the IdP (`identity.oidc[].console`), when configured.
+        self.idp_login: IdpLogin | None = None
         self.trail = trail
         self.self_service_max = self_service_max
         self.revoked_sessions = SessionRevocations()
@@ -121,6 +126,11 @@ class KeyStore:
             else:
                 live.discard(rec.key_hash)
 
+    @property
+    def teams(self) -> dict[str, Team]:
+        """The teams as last read (what sign-ins map users to)."""
+        return self._teams
+
     def refresh_now(self) -> None:
         self._apply(*self._changes())
 
@@ -163,8 +173,8 @@ class KeyStore:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
-        if self.login is not None and token.startswith(SESSION_PREFIX):
-            return await self.login.principal(token, self._teams, self.revoked_sessions)
+        if self.sessions is not None and token.startswith(SESSION_PREFIX):
+            return await self._session(token)
         if self._sso is not None and not token.startswith(KEY_PREFIX) and looks_like_jwt(token):
             return await self._sso.authenticate(token, self._teams)
         if not token.startswith(KEY_PREFIX) or len(token) > 256:
@@ -190,6 +200,32 @@ class KeyStore:
         if team.models is not None:
             models = team.models if models is None else models & team.models
         return Principal(rec.id, rec.team, team.cost_center, rec.user, models, rec.limits, rec.role)
+
+    async def _session(self, token: str) -> Principal:
+        claims = self.sessions.verify(token) if self.sessions is not None else {}
+        if "idp" not in claims:  # a directory sign-in: the directory re-checks its groups
+            if self.login is None:
+                raise AuthenticationFailed("Invalid session token.", code="invalid_token")
+            return await self.login.principal(token, self._teams, self.revoked_sessions)
+        # An IdP sign-in (console): its groups were mapped at sign-in; the session is short
+        # (`console.session_seconds`) and ends if that IdP or mapping is no longer configured.
+        if claims.get("jti") in self.revoked_sessions:
+            raise AuthenticationFailed(
+                "This session was ended (signed out or revoked): sign in again.",
+                code="session_revoked",
+            )
+        trusted = self.idp_login is not None and claims["idp"] in self.idp_login.issuers
+        mappings = self._sso.mappings if self._sso is not None and trusted else []
+        mapping = next(
+            (m for m in mappings if (m.team, m.role) == (claims["team"], claims["role"])), None
+        )
+        if mapping is None:
+            raise AuthenticationFailed(
+                "Your identity provider, team or role is no longer configured: sign in again.",
+                code="session_revoked",
+            )
+        identity = f"{claims['idp']}\0{claims['idp_sub']}"
+        return mapped_principal(mapping, self._teams, str(claims["sub"]), "sso", identity)
 
     async def _miss(self, key_hash: str) -> KeyRecord | None:
         now = time.monotonic()

@@ -109,11 +109,12 @@ class DirectoryLogin:
         db: Engine,
         trail: Trail | None = None,
         shared: SharedThrottle | None = None,
+        sessions: Sessions | None = None,
     ):
-        assert identity.ldap is not None
         assert identity.ldap is not None, "directory sign-in needs identity.ldap"
         self.directory = LdapDirectory(identity.ldap)
-        self.sessions = Sessions(identity, db)
+        #: Shared with the console's IdP sign-in when both are configured (one secret, one table).
+        self.sessions = sessions or Sessions(identity, db)
         self.mappings = identity.group_mappings
         self.period = identity.group_cache_seconds
         self.db = db

@@ -217,8 +217,9 @@ class OidcValidator:
             if session is not self._session:
                 await session.close()
 
-    async def validate(self, token: str) -> Identity:
-        """The identity a valid token speaks for; raises `InvalidToken` (and logs) otherwise."""
+    async def validate(self, token: str, audience: str | None = None) -> Identity:
+        """The identity a valid token speaks for; raises `InvalidToken` (and logs) otherwise.
+        `audience` replaces the issuer's configured one (an ID token's is the client id)."""
         header: _Json = {}
         unverified: _Json = {}
         try:
@@ -229,7 +230,7 @@ class OidcValidator:
                 unverified = jwt.decode(token, options={"verify_signature": False})
             except jwt.PyJWTError as exc:
                 raise InvalidToken(_reason(exc)) from exc
-            return await self._verify(token, header, unverified)
+            return await self._verify(token, header, unverified, audience)
         except InvalidToken as exc:
             log.warning(
                 "oidc token rejected: %s (iss=%.200r kid=%.100r)",
@@ -237,7 +238,9 @@ class OidcValidator:
             )  # fmt: skip
             raise
 
-    async def _verify(self, token: str, header: _Json, unverified: _Json) -> Identity:
+    async def _verify(
+        self, token: str, header: _Json, unverified: _Json, audience: str | None
+    ) -> Identity:
         iss = unverified.get("iss")
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
@@ -249,7 +252,7 @@ class OidcValidator:
         key = await issuer.key_for(header.get("kid"), alg)
         try:
             claims: _Json = jwt.decode(
-                token, key, algorithms=[alg], audience=s.audience, issuer=s.issuer,
+                token, key, algorithms=[alg], audience=audience or s.audience, issuer=s.issuer,
                 leeway=s.leeway_seconds, options={"require": ["exp", "iss", "aud", "sub"]},
             )  # fmt: skip
         except jwt.PyJWTError as exc:

@@ -86,16 +86,20 @@ class Sessions:
         that shares the session key, and useless for forging sessions."""
         return hmac.new(self._key, b"bastion:" + purpose.encode(), hashlib.sha256).digest()
 
-    def issue(self, user: str, team: str, role: str) -> tuple[str, int]:
-        """A signed session token, recorded so that it can be revoked (blocking: a thread)."""
+    def issue(
+        self, user: str, team: str, role: str, ttl: int | None = None, **extra: str
+    ) -> tuple[str, int]:
+        """A signed session token, recorded so that it can be revoked (blocking: a thread).
+        `extra` claims name an IdP sign-in's issuer and subject (`idp`, `idp_sub`)."""
         now = int(time.time())
-        claims = {
+        claims: dict[str, Any] = {
+            **extra,
             "iss": ISSUER,
             "sub": user,
             "team": team,
             "role": role,
             "iat": now,
-            "exp": now + self.ttl,
+            "exp": now + min(ttl or self.ttl, self.ttl),
             "jti": secrets.token_hex(16),
         }
         with self.db.begin() as conn:

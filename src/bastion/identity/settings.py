@@ -20,6 +20,48 @@ IN_CHAIN_FILTER = "(member:1.2.840.113556.1.4.1941:={user_dn})"
 DISABLED_FILTER = "(|(userAccountControl:1.2.840.113556.1.4.803:=2)(pwdAccountLockedTime=*))"
 
 
+class OidcConsole(Strict):
+    """The console's sign-in at this IdP: OIDC authorization code flow with PKCE (S256). Register
+    `<public URL>/console/oidc/callback` as the client's redirect URI at the IdP."""
+
+    client_id: str = Field(description="The console's client id at the IdP (its ID tokens' `aud`).")
+    client_secret: str | None = Field(
+        None,
+        repr=False,
+        json_schema_extra=SECRET,
+        description="A confidential client's secret (use `${ENV_VAR}`; sent as HTTP Basic); "
+        "none: a public client (PKCE alone).",
+    )
+    name: str = Field("single sign-on", description="Shown on the button: 'Sign in with <name>'.")
+    scopes: list[str] = Field(
+        default_factory=lambda: ["openid", "profile", "email"],
+        description="Scopes asked for; must include `openid`, and whatever makes the IdP put "
+        "`user_claim` and `groups_claim` into the ID token.",
+    )
+    redirect_uri: str | None = Field(
+        None,
+        description="The callback URL registered at the IdP; none: this request's own "
+        "`/console/oidc/callback` (set it behind a proxy that rewrites the host).",
+    )
+    session_seconds: int = Field(
+        3600,
+        ge=60,
+        le=86400,
+        description="Lifetime of a console session begun at this IdP. The IdP's groups are read "
+        "at sign-in only: a changed membership counts from the next sign-in.",
+    )
+
+    @model_validator(mode="after")
+    def _openid(self) -> OidcConsole:
+        if "openid" not in self.scopes:
+            raise ValueError("console.scopes must include 'openid'")
+        if self.redirect_uri is not None and not self.redirect_uri.startswith(
+            ("https://", "http://127.0.0.1", "http://localhost")
+        ):
+            raise ValueError("console.redirect_uri must be https:// (or http on loopback)")
+        return self
+
+
 class OidcIssuer(Strict):
     """One trusted IdP. Keys come from `jwks_file`, else `jwks_url`, else OIDC discovery."""
 
@@ -40,6 +82,9 @@ class OidcIssuer(Strict):
     email_claim: str = Field("email", description="Claim with the e-mail address.")
     groups_claim: str = Field("groups", description="Claim listing the user's groups.")
     leeway_seconds: int = Field(30, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    console: OidcConsole | None = Field(
+        None, description="Console sign-in at this IdP (authorization code + PKCE); none: off."
+    )
 
     @model_validator(mode="after")
     def _safe(self) -> OidcIssuer:

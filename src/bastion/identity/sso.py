@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable
 
 from bastion.core.errors import AuthenticationFailed, PermissionDenied
-from bastion.identity.oidc import InvalidToken, OidcValidator
+from bastion.identity.oidc import Identity, InvalidToken, OidcValidator
 from bastion.identity.principal import Principal
 from bastion.identity.settings import GroupMapping, IdentitySettings
 from bastion.identity.teams import Team
@@ -33,12 +33,22 @@ class SsoAuthenticator:
             raise AuthenticationFailed(
                 f"The bearer token was rejected: {exc.reason}.", code="invalid_token"
             ) from None
+        return self.map(who, teams)[1]
+
+    def map(self, who: Identity, teams: dict[str, Team]) -> tuple[GroupMapping, Principal]:
+        """The mapping and caller a validated identity makes (API tokens and console sign-ins
+        alike); 403 for a user in no mapped group. SSO-minted keys follow the result."""
         mapping = first_mapping(self.mappings, who.groups)
         if self.membership is not None:
             self.membership(who.user, mapping)
         if mapping is None:
             raise not_mapped(who.user)
-        return mapped_principal(mapping, teams, who.user, "sso", f"{who.issuer}\0{who.subject}")
+        return mapping, mapped_principal(mapping, teams, who.user, "sso", sso_identity(who))
+
+
+def sso_identity(who: Identity) -> str:
+    """What the synthetic key id of an IdP user is derived from: stable per issuer and subject."""
+    return f"{who.issuer}\0{who.subject}"
 
 
 def first_mapping(mappings: list[GroupMapping], groups: tuple[str, ...]) -> GroupMapping | None:
