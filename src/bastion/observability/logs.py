@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -83,9 +84,18 @@ def _access_fields(args: tuple[Any, ...]) -> dict[str, Any]:
     return {"client": client, "method": method, "path": path, "status": status}
 
 
-def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
+#: The format, for processes this one starts (the audit shipper), which log to the same stream.
+FORMAT_ENV = "BASTION_LOG_FORMAT"
+
+
+def configure_logging(
+    settings: LoggingSettings, stream: Any = None, *, children: bool = True
+) -> None:
     """Replaces the root logger's handlers with one in the configured format; uvicorn's
-    loggers (started with `log_config=None`) write through it too."""
+    loggers (started with `log_config=None`) write through it too, and so do the processes
+    started from here on (`children`: through the environment they inherit)."""
+    if children:
+        os.environ[FORMAT_ENV] = settings.format
     handler = logging.StreamHandler(stream or sys.stderr)
     fmt = JsonFormatter() if settings.format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(fmt)
@@ -98,3 +108,11 @@ def configure_logging(settings: LoggingSettings, stream: Any = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+
+
+def configure_child_logging() -> None:
+    """In a process the gateway started: the gateway's format, warnings and worse."""
+    from bastion.observability.settings import LoggingSettings
+
+    fmt = "json" if os.environ.get(FORMAT_ENV) == "json" else "text"
+    configure_logging(LoggingSettings(format=fmt, level="WARNING"), children=False)

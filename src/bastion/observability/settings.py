@@ -17,10 +17,13 @@ class LoggingSettings(Strict):
         "text",
         description="`text`: one human-readable line per event; `json`: one JSON object per "
         "line (timestamp, level, logger, message, and the request id, team and model of the "
-        "request being served), for a log shipper. Uvicorn's own logs use the same format.",
+        "request being served), for a log shipper. Uvicorn's own logs use the same format. Env "
+        "override: BASTION_LOG_FORMAT.",
     )
     level: Level = Field(
-        "INFO", description="The least severe level written (DEBUG, INFO, WARNING, ERROR)."
+        "INFO",
+        description="The least severe level written (DEBUG, INFO, WARNING, ERROR). Env "
+        "override: BASTION_LOG_LEVEL. `bastion serve --log-level` sets uvicorn's own.",
     )
     access_log: bool = Field(
         False,
@@ -76,5 +79,10 @@ class TracingSettings(Strict):
         return self
 
 
-section("logging", LoggingSettings, "Logs: format and level.", env={"level": "BASTION_LOG_LEVEL"})
+section(
+    "logging",
+    LoggingSettings,
+    "Logs: format and level.",
+    env={"level": "BASTION_LOG_LEVEL", "format": "BASTION_LOG_FORMAT"},
+)
 section("tracing", TracingSettings, "OpenTelemetry traces (OTLP/HTTP).")
