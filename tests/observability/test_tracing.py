@@ -15,7 +15,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import Gateway, base_config, pg_database
+from bastion.local.launcher import VllmProcess
+from tests.conftest import TINY, Gateway, base_config, pg_database, usage_rows
 from tests.observability.otlp_receiver import OtlpReceiver, Span
 from tests.stub_engine import StubEngine
 
@@ -131,8 +132,10 @@ def test_a_request_span_continues_the_clients_trace_with_genai_attributes(
     assert a["http.response.status_code"] == 200
     assert a["bastion.team"] == "alpha"
     assert a["bastion.cost_center"] == "cc-1"
-    assert a["bastion.key_id"].startswith("key_") or a["bastion.key_id"]
-    assert a["bastion.deployment"]
+    # Attribution as the usage record has it.
+    (row,) = usage_rows(traced.config["database"]["url"], request_id=a["bastion.request_id"])
+    assert (a["bastion.key_id"], a["bastion.deployment"]) == (row.key_id, row.deployment)
+    assert a["bastion.deployment"] == "stub[0]"
     # The children: admission, the engine call, the audit write; all in the client's trace.
     children = receiver.wait_for(lambda s: s.parent_span_id == span.span_id)
     names = {c.name for c in receiver.trace(trace_id) if c.parent_span_id == span.span_id}
@@ -217,3 +220,37 @@ def test_bad_tracing_settings_are_refused() -> None:
     for bad in ({"endpoint": "collector:4318"}, {"sample_ratio": 2}, {"capture": True}):
         with pytest.raises(ConfigError, match="tracing"):
             parse_settings({"tracing": bad})
+
+
+def test_through_real_vllm_the_span_has_the_engines_usage(
+    make_gateway: Any, chat_engine: VllmProcess, receiver: OtlpReceiver
+) -> None:
+    """vLLM takes the traceparent Bastion sends, and the span counts what it reported."""
+    models = {"tiny": {"deployments": [{"url": chat_engine.url, "served_name": TINY}]}}
+    with pg_database() as db:
+        gw = make_gateway(
+            base_config(db, models, tracing={"enabled": True, "endpoint": receiver.endpoint})
+        )
+        trace_id = secrets.token_hex(16)
+        r = httpx.post(
+            gw.url + "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": SECRET_PROMPT}],
+                "max_tokens": 4,
+            },
+            headers={
+                "Authorization": f"Bearer {gw.create_key('alpha')}",
+                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+            },
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        span = _request_span(receiver, r.headers["x-request-id"])
+        gw.stop()
+    assert span.trace_id == trace_id and span.name == "chat tiny"
+    assert span.attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"] > 0
+    assert span.attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"] > 0
+    assert span.attributes["server.port"] == chat_engine.spec.port
+    assert not any(SECRET_PROMPT.encode() in b for b in receiver.bodies)

@@ -47,9 +47,9 @@ from bastion.limits.fairshare import FairQueue
 from bastion.limits.tokens import prompt_upper_bound
 from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
+from bastion.observability import tracing as traces
 from bastion.observability.logs import bind_request
 from bastion.observability.metrics import Metrics
-from bastion.observability.tracing import RequestSpan, Tracing, answered, child, upstream_span
 from bastion.registry.serving import AdapterServing
 from bastion.routing.balancer import Deployment, Lease, ModelRoute
 from bastion.routing.tiers import NotServed, not_served
@@ -87,8 +87,7 @@ class Call:
     serving_tickets: list[Ticket] = field(default_factory=list)
     #: How the request got where it went (response headers): a router's rule, a fallback.
     routing_headers: dict[str, str] = field(default_factory=dict)
-    #: The request's trace span (None: not traced).
-    trace: RequestSpan | None = None
+    trace: traces.RequestSpan | None = None  # the request's span (None: not traced)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -113,7 +112,7 @@ class Gateway:
         audit: AuditTrail | None = None,
         hooks: dict[str, AnswerHook] | None = None,
         adapters: AdapterServing | None = None,
-        tracing: Tracing | None = None,
+        tracing: traces.Tracing | None = None,
     ):
         self.settings = settings
         self.keys = keys
@@ -144,8 +143,7 @@ class Gateway:
             request.client.host if request.client else None,
         )
         bind_request(call.rec)  # every log line from here on names the request
-        if self.tracing is not None:
-            call.trace = self.tracing.request(request.headers, wire.name)
+        call.trace = self.tracing.request(request.headers, wire.name) if self.tracing else None
         try:
             principal = await self.keys.authenticate(wire.credential(request.headers))
             self._attribute(call.rec, principal)
@@ -172,7 +170,7 @@ class Gateway:
             if (hook := self.hooks.get(wire.name)) is not None:
                 await hook.prepare(principal, req)
             check_caps(self.settings, req)
-            with child(call.trace, "bastion.admission"):
+            with traces.child(call.trace, "bastion.admission"):
                 call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
             return await serve(self, call, principal, route, req, wire, request.receive)
         except BastionError as exc:
@@ -232,7 +230,7 @@ class Gateway:
 
             async def before_done(tr: StreamTranslator) -> BastionError | None:
                 self._count_stream(call, tr)
-                answered(call.trace, tr.assembled())
+                traces.answered(call.trace, tr.assembled)
                 failure = None
                 if self.audit is not None:
                     failure = await self._record_answer(call, tr.assembled(), tr.state.engine_model)
@@ -252,7 +250,7 @@ class Gateway:
             )
         raw, spoken = await self._whole_answer(call, route, req, wire, receive)
         answer = spoken.answer(raw, call.rec.model or route.alias)
-        answered(call.trace, answer.content)
+        traces.answered(call.trace, lambda: answer.content)
         if hook is not None:
             answer = hook.complete(req, answer)
         self._count(call.rec, answer.usage)
@@ -328,8 +326,8 @@ class Gateway:
             lease = dep.lease(gauge)
             try:
                 spoken = wire.via(dep.settings)
-                with upstream_span(call.trace, dep.settings) as trace_headers:
-                    upstream = await self._send(route, dep, spoken, req, trace_headers)
+                with traces.upstream_span(call.trace, dep.settings):
+                    upstream = await self._send(route, dep, spoken, req)
                 route.served(plan, dep, reason)
                 call.deployment = dep
                 call.routing_headers["x-bastion-routed-to"] = dep.name
@@ -362,17 +360,12 @@ class Gateway:
         raise NotServed(down, "unavailable")
 
     async def _send(
-        self,
-        route: ModelRoute,
-        dep: Deployment,
-        spoken: WireAdapter,
-        req: ParsedRequest,
-        trace_headers: dict[str, str],
+        self, route: ModelRoute, dep: Deployment, spoken: WireAdapter, req: ParsedRequest
     ) -> EngineResponse:
         """The engine's answer, begun: its headers in (and, with the model's
         `first_byte_timeout_s`, a stream's first events read ahead, not yet relayed)."""
         body = spoken.engine_body(req, req.adapter or dep.settings.served_name)
-        headers = {**spoken.engine_headers(req), **trace_headers}  # (W3C traceparent)
+        headers = {**spoken.engine_headers(req), **traces.trace_headers()}  # (W3C traceparent)
         path = spoken.engine_path
         limit = route.settings.routing.first_byte_timeout_s
         if limit is None:
@@ -420,7 +413,7 @@ class Gateway:
         rec.latency_ms = (time.perf_counter() - call.started) * 1000
         call.audit_closed = True
         try:
-            with child(call.trace, "bastion.audit"):
+            with traces.child(call.trace, "bastion.audit"):
                 await self.audit.completion(rec, content=content, engine_model=engine_model)
         except Exception as exc:
             return self.audit.failed(rec, exc, "the answer, so it is withheld")
@@ -492,9 +485,7 @@ class Gateway:
         for ticket in call.serving_tickets:
             self.admission.settle(ticket, rec)
         self.usage.add(rec)
-        if call.trace is not None:
-            call.trace.end(rec, call.req, status)
-            call.trace = None
+        call.trace = traces.ended(call.trace, rec, call.req, status)
         if self.audit is not None and not call.audit_closed:
             call.audit_closed = True
             if call.audited:  # forwarded, and did not end well: what was sent so far

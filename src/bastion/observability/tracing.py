@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +26,10 @@ from bastion.config import ConfigError
 from bastion.observability.settings import TracingSettings
 
 log = logging.getLogger("bastion.tracing")
+
+#: The headers carrying the current engine call's trace context (set by `upstream_span`, read
+#: where the engine request is built, in the same task).
+_engine_headers: ContextVar[dict[str, str] | None] = ContextVar("bastion_trace", default=None)
 
 #: The GenAI conventions' operation names, by wire API; others keep the endpoint's name.
 OPERATIONS = {
@@ -136,7 +141,11 @@ class RequestSpan:
         with self.child("bastion.upstream", attrs, client=True) as span:
             headers: dict[str, str] = {}
             self.tracing.propagator.inject(headers, context=set_span_in_context(span))
-            yield headers
+            token = _engine_headers.set(headers)
+            try:
+                yield headers
+            finally:
+                _engine_headers.reset(token)
 
     def end(self, rec: Any, req: Any, status: int) -> None:
         from opentelemetry.trace import Status, StatusCode
@@ -200,7 +209,18 @@ def upstream_span(trace: RequestSpan | None, dep: Any) -> contextlib.AbstractCon
     return contextlib.nullcontext({}) if trace is None else trace.upstream(dep)
 
 
-def answered(trace: RequestSpan | None, content: Any) -> None:
-    """The answer's content, kept for the span only where content is captured."""
+def trace_headers() -> dict[str, str]:
+    """The `traceparent` for the engine call being made (none when not traced)."""
+    return _engine_headers.get() or {}
+
+
+def answered(trace: RequestSpan | None, content: Callable[[], Any]) -> None:
+    """The answer's content (made only if needed), kept where content is captured."""
     if trace is not None and trace.tracing.settings.capture_content:
-        trace.output = content
+        trace.output = content()
+
+
+def ended(trace: RequestSpan | None, rec: Any, req: Any, status: int) -> None:
+    """Ends the request's span (once: the caller keeps the None this returns)."""
+    if trace is not None:
+        trace.end(rec, req, status)
