@@ -22,6 +22,8 @@ from tests.stub_engine import StubEngine
 
 #: Text that must never reach a trace unless `capture_content` is on.
 SECRET_PROMPT = "account 4242-secret-" + secrets.token_hex(4)
+#: What the gateway that captures content is sent (the receiver is shared by the module).
+CAPTURED_PROMPT = "captured-" + secrets.token_hex(4)
 TOKEN = "otel-token-" + secrets.token_hex(8)
 SERVER, CLIENT = 2, 3  # the protobuf's SpanKind values
 
@@ -92,9 +94,9 @@ def capturing(make_gateway: Any, stub: StubEngine, receiver: OtlpReceiver) -> It
         )
 
 
-def _chat(gw: Gateway, key: str, **extra: Any) -> httpx.Response:
+def _chat(gw: Gateway, key: str, prompt: str = SECRET_PROMPT, **extra: Any) -> httpx.Response:
     headers = extra.pop("headers", {})
-    body = {"model": "stub", "messages": [{"role": "user", "content": SECRET_PROMPT}], **extra}
+    body = {"model": "stub", "messages": [{"role": "user", "content": prompt}], **extra}
     r = httpx.post(
         gw.url + "/v1/chat/completions",
         json=body,
@@ -182,9 +184,9 @@ def test_capture_content_puts_messages_on_the_span(
 ) -> None:
     key = capturing.create_key("alpha")
     for stream in (False, True):
-        r = _chat(capturing, key, stream=stream)
+        r = _chat(capturing, key, CAPTURED_PROMPT, stream=stream)
         a = _request_span(receiver, r.headers["x-request-id"]).attributes
-        assert SECRET_PROMPT in a["gen_ai.input.messages"]
+        assert CAPTURED_PROMPT in a["gen_ai.input.messages"]
         assert "hi" in a["gen_ai.output.messages"], (stream, a)
 
 
