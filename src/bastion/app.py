@@ -48,6 +48,7 @@ from bastion.limits.login_throttle import SharedLoginThrottle
 from bastion.limits.redis_counters import RedisCounters
 from bastion.metering.usage import UsageWriter
 from bastion.observability.metrics import Metrics
+from bastion.observability.tracing import Tracing
 from bastion.registry import api as registry_api
 from bastion.registry import deploy_api
 from bastion.registry.enforce import check_deployments
@@ -99,12 +100,14 @@ def build_app(
             settings.identity, db, audit, _login_throttle(settings, counters), keys.sessions
         )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
+    metrics.usage_pending.set_function(usage.pending)
     admission = Admission(settings, counters, db, metrics)
     responses = _response_store(settings, db, audit)
     adapters = AdapterServing(db, client, routes, interval=settings.registry.adapter_refresh_s)
+    tracing = Tracing(settings.tracing, __version__) if settings.tracing.enabled else None
     gateway = Gateway(
         settings, keys, usage, client, metrics, routes, admission, audit, {"responses": responses},
-        adapters,
+        adapters, tracing,
     )  # fmt: skip
     health = HealthChecker(
         client, [d for r in routes.values() for d in r.deployments], interval=health_interval
@@ -126,6 +129,7 @@ def build_app(
         adapters,
         engine_load,
         kv_events,
+        tracing,
     ]
 
     @contextlib.asynccontextmanager

@@ -37,8 +37,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from bastion.app import build_app
+    from bastion.observability.logs import configure_logging
 
     settings = _settings(args)
+    configure_logging(settings.logging)  # uvicorn's loggers too (log_config=None below)
     port = args.port or settings.server.port
     app = build_app(settings, port=port)
     uvicorn.run(
@@ -47,7 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=port,
         loop="uvloop",
         http="httptools",
-        access_log=False,
+        access_log=settings.logging.access_log,
+        log_config=None,
         # X-Forwarded-For is believed only from the configured load balancers (uvicorn would
         # otherwise trust it from 127.0.0.1, or from $FORWARDED_ALLOW_IPS).
         proxy_headers=bool(settings.server.trusted_proxies),

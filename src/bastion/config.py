@@ -54,6 +54,7 @@ SECTION_MODULES = (
     "bastion.metering.settings",
     "bastion.metering.tco_settings",
     "bastion.registry.settings",
+    "bastion.observability.settings",
 )
 
 

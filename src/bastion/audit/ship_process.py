@@ -90,6 +90,7 @@ def _main(
     errors: Any,
 ) -> None:
     from bastion.audit.shipper import Shipper
+    from bastion.observability.logs import configure_child_logging
     from bastion.store.db import make_engine
 
     # The gateway decides when this process ends (a last shipment on its way out), so the
@@ -98,9 +99,7 @@ def _main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
 
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_child_logging()  # the gateway's format (text or JSON lines)
     db = make_engine(db_url)
 
     def count(n: int) -> None:

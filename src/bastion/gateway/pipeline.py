@@ -47,6 +47,8 @@ from bastion.limits.fairshare import FairQueue
 from bastion.limits.tokens import prompt_upper_bound
 from bastion.metering.settings import PriceSettings, resolved_prices
 from bastion.metering.usage import UsageRecord, UsageWriter
+from bastion.observability import tracing as traces
+from bastion.observability.logs import bind_request
 from bastion.observability.metrics import Metrics
 from bastion.registry.serving import AdapterServing
 from bastion.routing.balancer import Deployment, Lease, ModelRoute
@@ -85,6 +87,7 @@ class Call:
     serving_tickets: list[Ticket] = field(default_factory=list)
     #: How the request got where it went (response headers): a router's rule, a fallback.
     routing_headers: dict[str, str] = field(default_factory=dict)
+    trace: traces.RequestSpan | None = None  # the request's span (None: not traced)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -109,6 +112,7 @@ class Gateway:
         audit: AuditTrail | None = None,
         hooks: dict[str, AnswerHook] | None = None,
         adapters: AdapterServing | None = None,
+        tracing: traces.Tracing | None = None,
     ):
         self.settings = settings
         self.keys = keys
@@ -124,6 +128,7 @@ class Gateway:
         self.hooks = hooks or {}
         #: Registry adapters served under their own aliases (`bastion models deploy`).
         self.adapters = adapters
+        self.tracing = tracing
         self.queues = {
             alias: FairQueue(cap, settings.limits.queue_timeout_seconds)
             for alias, route in routes.items()
@@ -137,6 +142,8 @@ class Gateway:
             time.perf_counter(),
             request.client.host if request.client else None,
         )
+        bind_request(call.rec)  # every log line from here on names the request
+        call.trace = self.tracing.request(request.headers, wire.name) if self.tracing else None
         try:
             principal = await self.keys.authenticate(wire.credential(request.headers))
             self._attribute(call.rec, principal)
@@ -163,7 +170,8 @@ class Gateway:
             if (hook := self.hooks.get(wire.name)) is not None:
                 await hook.prepare(principal, req)
             check_caps(self.settings, req)
-            call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
+            with traces.child(call.trace, "bastion.admission"):
+                call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
             return await serve(self, call, principal, route, req, wire, request.receive)
         except BastionError as exc:
             self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
@@ -222,6 +230,7 @@ class Gateway:
 
             async def before_done(tr: StreamTranslator) -> BastionError | None:
                 self._count_stream(call, tr)
+                traces.answered(call.trace, tr.assembled)
                 failure = None
                 if self.audit is not None:
                     failure = await self._record_answer(call, tr.assembled(), tr.state.engine_model)
@@ -241,6 +250,7 @@ class Gateway:
             )
         raw, spoken = await self._whole_answer(call, route, req, wire, receive)
         answer = spoken.answer(raw, call.rec.model or route.alias)
+        traces.answered(call.trace, lambda: answer.content)
         if hook is not None:
             answer = hook.complete(req, answer)
         self._count(call.rec, answer.usage)
@@ -316,7 +326,8 @@ class Gateway:
             lease = dep.lease(gauge)
             try:
                 spoken = wire.via(dep.settings)
-                upstream = await self._send(route, dep, spoken, req)
+                with traces.upstream_span(call.trace, dep.settings):
+                    upstream = await self._send(route, dep, spoken, req)
                 route.served(plan, dep, reason)
                 call.deployment = dep
                 call.routing_headers["x-bastion-routed-to"] = dep.name
@@ -354,7 +365,7 @@ class Gateway:
         """The engine's answer, begun: its headers in (and, with the model's
         `first_byte_timeout_s`, a stream's first events read ahead, not yet relayed)."""
         body = spoken.engine_body(req, req.adapter or dep.settings.served_name)
-        headers = spoken.engine_headers(req)
+        headers = {**spoken.engine_headers(req), **traces.trace_headers()}  # (W3C traceparent)
         path = spoken.engine_path
         limit = route.settings.routing.first_byte_timeout_s
         if limit is None:
@@ -402,7 +413,8 @@ class Gateway:
         rec.latency_ms = (time.perf_counter() - call.started) * 1000
         call.audit_closed = True
         try:
-            await self.audit.completion(rec, content=content, engine_model=engine_model)
+            with traces.child(call.trace, "bastion.audit"):
+                await self.audit.completion(rec, content=content, engine_model=engine_model)
         except Exception as exc:
             return self.audit.failed(rec, exc, "the answer, so it is withheld")
         return None
@@ -473,6 +485,7 @@ class Gateway:
         for ticket in call.serving_tickets:
             self.admission.settle(ticket, rec)
         self.usage.add(rec)
+        call.trace = traces.ended(call.trace, rec, call.req, status)
         if self.audit is not None and not call.audit_closed:
             call.audit_closed = True
             if call.audited:  # forwarded, and did not end well: what was sent so far

@@ -117,6 +117,10 @@ class UsageWriter:
         """Drains every queued record into the database (in a worker thread, off the loop)."""
         await asyncio.to_thread(self.close)
 
+    def pending(self) -> int:
+        """Records queued, not yet taken by the writer (the backlog gauge)."""
+        return self._q.qsize()
+
     def add(self, rec: UsageRecord) -> None:
         self._q.put_nowait(rec)
 

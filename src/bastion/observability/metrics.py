@@ -118,6 +118,12 @@ class Metrics:
             "Audit entries moved from the local log into the store since the gateway started.",
             registry=r,
         )
+        self.usage_pending = Gauge(
+            "bastion_usage_pending_records",
+            "Usage records queued for the database, not yet written (grows while it is slow or "
+            "down; drained at shutdown).",
+            registry=r,
+        )
         self.audit_ship_errors = Gauge(
             "bastion_audit_ship_errors",
             "Failed attempts to move audit entries into the store since start (retried).",
