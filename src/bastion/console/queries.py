@@ -16,12 +16,12 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import BigInteger, Engine, cast, func, select
 
 from bastion.metering.hourly import BUCKETS, LAT, TTFT
 from bastion.metering.reports import summarize
 from bastion.metering.rollups import aggregate, percentile
-from bastion.store.schema import usage
+from bastion.store.schema import usage, usage_hourly
 
 #: What a breakdown may group by, and the usage column behind each name.
 GROUPS = {
@@ -131,30 +131,54 @@ def raw_cells(
     return cells
 
 
+def _bucket_of_hour(db: Engine, start: int, step: int) -> Any:
+    """SQL for a rollup row's bucket: (its hour in Unix seconds - start) // step, so that the
+    database sums each bucket and hands back one row per bucket and model, not per hour."""
+    col = usage_hourly.c.hour
+    if db.dialect.name == "postgresql":
+        epoch = cast(func.extract("epoch", col), BigInteger)
+    else:  # SQLite keeps the hour as text, 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC)
+        epoch = cast(func.strftime("%s", col), BigInteger)
+    return (epoch - start) // step  # >= 0 here (hour >= start): truncation is the floor
+
+
 def rollup_cells(
     db: Engine, scope: Scope, start: int, step: int, n: int
 ) -> dict[str, dict[int, _Cell]]:
     """The same buckets (`step` a whole number of hours, `start` on the hour) summed from the
-    hourly rollups: a month is a few thousand rows whatever the traffic. The rollups are
-    written with the records, so the hour in progress is as current as the records are."""
+    hourly rollups, by the database: a row per bucket and model, whatever the traffic. The
+    rollups are written with the records, so the hour in progress is as current as they are."""
     if step % 3600 or start % 3600:
         raise ValueError("rollup buckets are whole hours")
     lo, hi = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(start + n * step, UTC)
-    rows = aggregate(db, ["model"], lo, hi, _scope_where(scope), step="hour", histograms=True)
-    cells: dict[str, dict[int, _Cell]] = defaultdict(dict)
-    for r in rows:
-        i = (int(r["period"].timestamp()) - start) // step
-        if not 0 <= i < n:
-            continue
-        cell = cells[r["model"] or "?"].get(i) or cells[r["model"] or "?"].setdefault(
-            i, _Cell(True)
+    h = usage_hourly.c
+    i = _bucket_of_hour(db, start, step).label("i")
+    q = (
+        select(
+            i,
+            h.model,
+            func.sum(h.requests),
+            func.sum(h.prompt_tokens + h.completion_tokens),
+            func.sum(h.errors),
+            *(func.sum(h[c]) for c in (*LAT, *TTFT)),
         )
-        cell.requests += r["requests"]
-        cell.tokens += r["prompt_tokens"] + r["completion_tokens"]
-        cell.errors += r["errors"]
-        for b, (lat, ttft) in enumerate(zip(LAT, TTFT, strict=True)):
-            cell.lat[b] += r[lat]
-            cell.ttft[b] += r[ttft]
+        .where((h.hour >= lo) & (h.hour < hi))
+        .group_by(i, h.model)
+    )
+    if scope.team is not None:
+        q = q.where(h.team == scope.team)
+    if scope.user is not None:
+        q = q.where(h.user == scope.user)
+    cells: dict[str, dict[int, _Cell]] = defaultdict(dict)
+    with db.connect() as conn:
+        for row in conn.execute(q):
+            idx, model, requests, tokens, errors, *hist = row
+            if not 0 <= idx < n:
+                continue
+            cell = cells[model or "?"].setdefault(int(idx), _Cell(True))
+            cell.requests, cell.tokens, cell.errors = int(requests), int(tokens), int(errors)
+            cell.lat = [int(v) for v in hist[:BUCKETS]]
+            cell.ttft = [int(v) for v in hist[BUCKETS:]]
     return cells
 
 

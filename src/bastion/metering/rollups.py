@@ -86,17 +86,30 @@ def aggregate(
     for name, value in (where or {}).items():
         q = q.where(usage_hourly.c[COLUMNS[name]] == (value or ""))
     with engine.connect() as conn:
-        rows = conn.execute(q).mappings().all()
+        result = conn.execute(q)
+        keys = list(result.keys())
+        rows = result.all()
+    # Converters chosen once per column, not per cell: a month's day rows number thousands.
+    dims = [i for i, k in enumerate(keys) if k in COLUMNS]
+    floats = [i for i, k in enumerate(keys) if k in SUMS and k.endswith("_ms_sum")]
+    ints = [i for i, k in enumerate(keys) if k in SUMS and not k.endswith("_ms_sum")]
+    hour_period = step == "hour"
     out = []
     for r in rows:
-        d: dict[str, Any] = {k: (v or None) if k in COLUMNS else v for k, v in r.items()}
-        if step == "hour" and isinstance(d["period"], datetime) and d["period"].tzinfo is None:
-            d["period"] = d["period"].replace(tzinfo=UTC)
-        elif step == "hour" and isinstance(d["period"], str):  # SQLite's text, via a label
-            d["period"] = datetime.fromisoformat(d["period"]).replace(tzinfo=UTC)
-        for s in SUMS:
-            if s in d:
-                d[s] = float(d[s] or 0) if s.endswith("_ms_sum") else int(d[s] or 0)
+        v = list(r)
+        for i in dims:
+            v[i] = v[i] or None
+        for i in ints:
+            v[i] = int(v[i] or 0)
+        for i in floats:
+            v[i] = float(v[i] or 0)
+        d: dict[str, Any] = dict(zip(keys, v, strict=True))
+        if hour_period:
+            p = d["period"]
+            if isinstance(p, str):  # SQLite's text, via a label
+                d["period"] = datetime.fromisoformat(p).replace(tzinfo=UTC)
+            elif p.tzinfo is None:
+                d["period"] = p.replace(tzinfo=UTC)
         out.append(d)
     out.sort(key=lambda d: tuple(_order(d.get(k)) for k in ["period", *by, "currency"]))
     return out
