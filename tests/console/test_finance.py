@@ -12,6 +12,7 @@ uPlot's own state); team-admins get 404; no console errors.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -134,6 +135,17 @@ def test_chargeback_page_and_downloads_equal_the_cli(
     # tiny: 60 requests priced (40 x 1.4 + 20 x 0.7 USD); heavy is unpriced (0, x_Priced false).
     assert total == Decimal("70.000000")
     assert v.page.inner_text("#total-USD") == "70.000000 USD"
+    # Each summary row is the CLI's day rows of its cost center, team and model, summed.
+    cli_groups: dict[tuple[str, ...], Decimal] = defaultdict(Decimal)
+    for r in focus:
+        key = (r["BillingAccountId"], r["SubAccountId"], r["ResourceName"])
+        cli_groups[key] += Decimal(r["BilledCost"])
+    cells = v.page.eval_on_selector_all(
+        "#chargeback-table tbody tr",
+        "trs => trs.map(tr => Array.from(tr.cells).map(td => td.innerText))",
+    )
+    page_groups = {(c[0], c[1], c[2]): Decimal(c[6].split()[0]) for c in cells}
+    assert page_groups == cli_groups
     heavy = v.page.locator("#chargeback-table tbody tr", has_text="heavy").inner_text()
     assert "30" in heavy and "(unpriced)" in heavy and "cc-2" in heavy
     csv_bytes = _download(v, "#download-csv", tmp_path)

@@ -21,8 +21,9 @@ from bastion.core.errors import InvalidRequest
 from bastion.identity.principal import Principal
 from bastion.metering import chargeback as cb
 from bastion.metering import tco
-from bastion.metering.rollups import month_range
+from bastion.metering.rollups import aggregate, month_range
 from bastion.metering.tco_settings import tco_currency
+from bastion.metering.usage import money
 
 #: Page → roles, merged into the console's PAGES.
 FINANCE_PAGES: dict[str, frozenset[str]] = {
@@ -49,41 +50,34 @@ def _chargeback_rows(request: Request, month: str) -> list[dict[str, Any]]:
     return cb.chargeback(request.app.state.db, month, settings.metering.currency)
 
 
-def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """FOCUS rows (one a day) summed per cost center x team x model x currency, exactly."""
-    acc: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+def summary(request: Request, month: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The month's chargeback per cost center x team x model x currency, and the total per
+    currency: the same rollup sums as the FOCUS rows, without their split by day (a row per
+    group, not per group and day), so the totals reconcile with the CLI's to the micro-unit.
+    Unpriced usage is listed at 0 in the default currency, as the FOCUS rows list it."""
+    start, end = month_range(month)
+    default = request.app.state.settings.metering.currency
+    rows = aggregate(request.app.state.db, ["cost-center", "team", "model"], start, end)
+    out, totals = [], {}
     for r in rows:
-        key = (r["BillingAccountId"], r["SubAccountId"], r["ResourceName"], r["BillingCurrency"])
-        a = acc.setdefault(key, {"requests": 0, "errors": 0, "tokens": 0, "cost": Decimal(0),
-                                 "priced": True})  # fmt: skip
-        a["requests"] += r["x_Requests"]
-        a["errors"] += r["x_Errors"]
-        a["tokens"] += r["ConsumedQuantity"]
-        a["cost"] += Decimal(r["BilledCost"])
-        a["priced"] &= r["x_Priced"]
-    out = [
-        {
-            "cost_center": k[0],
-            "team": k[1],
-            "model": k[2],
-            "currency": k[3],
-            **a,
-            "cost": format(a["cost"].quantize(Decimal("0.000001")), "f"),
-        }
-        for k, a in acc.items()
-    ]
+        currency = r["currency"] or default
+        totals[currency] = totals.get(currency, 0) + r["cost_micros"]
+        out.append(
+            {"cost_center": r["cost-center"] or "", "team": r["team"] or "",
+             "model": r["model"] or "", "currency": currency, "requests": r["requests"],
+             "errors": r["errors"], "tokens": r["prompt_tokens"] + r["completion_tokens"],
+             "cost": money(r["cost_micros"]), "priced": r["currency"] is not None}
+        )  # fmt: skip
     out.sort(key=lambda r: (r["currency"], -Decimal(r["cost"]), r["cost_center"], r["team"]))
-    return out
+    return out, {c: money(v) for c, v in sorted(totals.items())}
 
 
 async def chargeback_page(request: Request, who: Principal) -> Response:
     from bastion.console.app import render  # the console's renderer (app imports this module)
 
     month = month_of(request)
-    rows = await asyncio.to_thread(_chargeback_rows, request, month)
-    days = len({r["ChargePeriodStart"] for r in rows})
-    return render(request, "chargeback.html", who, month=month, rows=summarise(rows),
-                  totals=cb.totals(rows), days=days)  # fmt: skip
+    rows, totals = await asyncio.to_thread(summary, request, month)
+    return render(request, "chargeback.html", who, month=month, rows=rows, totals=totals)
 
 
 async def chargeback_download(request: Request, who: Principal) -> Response:
