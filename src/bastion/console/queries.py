@@ -20,7 +20,7 @@ from sqlalchemy import BigInteger, Engine, cast, func, select
 
 from bastion.metering.hourly import BUCKETS, LAT, TTFT
 from bastion.metering.reports import summarize
-from bastion.metering.rollups import aggregate, percentile
+from bastion.metering.rollups import aggregate, count_cell, percentile
 from bastion.store.schema import usage, usage_hourly
 
 #: What a breakdown may group by, and the usage column behind each name.
@@ -157,10 +157,10 @@ def rollup_cells(
         select(
             i,
             h.model,
-            func.sum(h.requests),
+            func.sum(count_cell("requests")),
             func.sum(h.prompt_tokens + h.completion_tokens),
-            func.sum(h.errors),
-            *(func.sum(h[c]) for c in (*LAT, *TTFT)),
+            func.sum(count_cell("errors")),
+            *(func.sum(count_cell(c)) for c in (*LAT, *TTFT)),
         )
         .where((h.hour >= lo) & (h.hour < hi))
         .group_by(i, h.model)
