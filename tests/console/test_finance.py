@@ -146,6 +146,7 @@ def test_chargeback_page_and_downloads_equal_the_cli(
     )
     page_groups = {(c[0], c[1], c[2]): Decimal(c[6].split()[0]) for c in cells}
     assert page_groups == cli_groups
+    v.page.screenshot(path=str(SHOTS / "chargeback.png"), full_page=True)
     heavy = v.page.locator("#chargeback-table tbody tr", has_text="heavy").inner_text()
     assert "30" in heavy and "(unpriced)" in heavy and "cc-2" in heavy
     csv_bytes = _download(v, "#download-csv", tmp_path)
@@ -166,7 +167,6 @@ def test_chargeback_page_and_downloads_equal_the_cli(
     assert bad.status == 400 and "not a month" in v.page.inner_text("main")
     got = v.page.request.get(finance_gateway.url + "/console/chargeback/download?format=xls")
     assert got.status == 400
-    v.page.screenshot(path=str(SHOTS / "chargeback.png"), full_page=True)
     assert v.errors == [] or all("400" in e for e in v.errors), v.errors
 
 
