@@ -187,6 +187,9 @@ def test_each_role_sees_its_pages_and_404_for_the_rest(
         "bob": {"": 200, "keys": 200, "usage": 200, "models": 200, "limits": 200, "audit": 404},
         "carol": {"": 200, "keys": 404, "usage": 200, "models": 404, "limits": 404, "audit": 200},
     }
+    # The finance pages (tests/console/test_finance.py): admins and auditors only.
+    for user, status in (("alice", 404), ("bob", 404), ("carol", 200)):
+        expected[user].update({"chargeback": status, "cost-case": status})
     for user, pages in expected.items():
         v = visit()
         v.sign_in(user)

@@ -34,7 +34,7 @@ from starlette.staticfiles import StaticFiles
 from bastion.admin import api as admin_api
 from bastion.audit import api as audit_api
 from bastion.audit.api import Key as AuditKey
-from bastion.console import oidc, queries
+from bastion.console import finance, oidc, queries
 from bastion.console.security import (
     NONCE_COOKIE,
     SESSION_COOKIE,
@@ -77,6 +77,9 @@ TITLES = {
     "limits": "Limits",
     "audit": "Audit",
 }
+# The finance pages (Chargeback, Cost case): admins and auditors (console/finance.py).
+PAGES.update(finance.FINANCE_PAGES)
+TITLES.update(finance.FINANCE_TITLES)
 
 templates = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -446,6 +449,11 @@ def console_app() -> Starlette:
             Route("/models/table", models_table),
             Route("/api/overview", api_overview),
             Route("/api/burn-down", api_burn_down),
+            # -- finance (console/finance.py) --
+            Route("/chargeback", page("chargeback")(finance.chargeback_page)),
+            Route("/chargeback/download", page("chargeback")(finance.chargeback_download)),
+            Route("/cost-case", page("cost-case")(finance.cost_case_page)),
+            Route("/api/cost-case", page("cost-case")(finance.api_cost_case)),
             Mount("/static", app=StaticFiles(directory=HERE / "static")),
         ],
         exception_handlers={HTTPException: http_error, BastionError: bastion_error},

@@ -48,10 +48,15 @@ def chargeback(engine: Engine, month: str, default_currency: str) -> list[dict[s
     in its records: it is listed at cost 0 in `default_currency` with `x_Priced` false, so
     the volume is visible without inventing an amount."""
     start, end = month_range(month)
+    period_start, period_end = _iso(start), _iso(end)
     rows = aggregate(engine, ["cost-center", "team", "model"], start, end, step="day")
     out = []
+    days: dict[str, tuple[str, str]] = {}  # a period's ISO bounds, formatted once a day
     for r in rows:
-        day = datetime.fromisoformat(r["period"]).replace(tzinfo=start.tzinfo)
+        bounds = days.get(r["period"])
+        if bounds is None:
+            day = datetime.fromisoformat(r["period"]).replace(tzinfo=start.tzinfo)
+            bounds = days[r["period"]] = (_iso(day), _iso(day + timedelta(days=1)))
         tokens = r["prompt_tokens"] + r["completion_tokens"]
         cost = money(r["cost_micros"])
         cc, team, model = r["cost-center"] or "", r["team"] or "", r["model"] or ""
@@ -61,10 +66,10 @@ def chargeback(engine: Engine, month: str, default_currency: str) -> list[dict[s
                 "BillingAccountName": cc,
                 "SubAccountId": team,
                 "SubAccountName": team,
-                "BillingPeriodStart": _iso(start),
-                "BillingPeriodEnd": _iso(end),
-                "ChargePeriodStart": _iso(day),
-                "ChargePeriodEnd": _iso(day + timedelta(days=1)),
+                "BillingPeriodStart": period_start,
+                "BillingPeriodEnd": period_end,
+                "ChargePeriodStart": bounds[0],
+                "ChargePeriodEnd": bounds[1],
                 "ChargeCategory": "Usage",
                 "ChargeClass": None,
                 "ChargeFrequency": "Usage-Based",

