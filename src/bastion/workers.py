@@ -177,7 +177,7 @@ class Supervisor:
         self.workers = workers
         self.options = uvicorn_options(settings, host, port, log_level)
         self.slots = [_Slot(i) for i in range(workers)]
-        self.stopping = False
+        self.stopping = self.signalled = False
         self.sock: socket.socket | None = None
 
     def run(self) -> int:
@@ -193,8 +193,9 @@ class Supervisor:
         for slot in self.slots[1:] if ok else []:
             self._start(slot)
         if not (ok and self._all_ready(self.slots)):
-            self._stop_all()
-            return 1
+            # Stopped while starting: a clean stop if asked to; a failed start is not.
+            clean = self._stop_all()
+            return clean if self.signalled else 1
         while not self.stopping:
             self._watch()
         return self._stop_all()
@@ -202,7 +203,7 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self.stopping:
             log.info("%s: draining %d workers", signal.Signals(signum).name, self.workers)
-        self.stopping = True
+        self.stopping = self.signalled = True
 
     def _start(self, slot: _Slot) -> None:
         slot.conn, child = _ctx.Pipe(duplex=False)

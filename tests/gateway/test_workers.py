@@ -22,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 from bastion.store.schema import audit_entries, usage
-from tests.conftest import REDIS_URL, TINY, Gateway, base_config, pg_database
+from tests.conftest import REDIS_URL, TINY, Gateway, base_config, free_port, pg_database
 
 REPLICA = "wk"
 CHAINS = {f"{REPLICA}-w0", f"{REPLICA}-w1"}
@@ -223,3 +223,22 @@ def test_more_workers_need_redis_limits(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "--workers 3 needs limits.backend: redis" in run.stderr
     assert not (tmp_path / "b.db").exists()  # refused before anything was opened
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    """It would fail the same way on every restart: exit 1 instead of a restart loop."""
+    db = "postgresql+psycopg://postgres@127.0.0.1:5432/bastion_no_such_database"
+    cfg = base_config(db, {}, limits={"backend": "redis", "redis_url": REDIS_URL})
+    path = tmp_path / "bastion.yaml"
+    path.write_text(orjson.dumps(cfg).decode())
+    argv = ["serve", "--config", str(path), "--workers", "2", "--port", str(free_port())]
+    run = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "worker 0 failed to start (exit status 1): stopping" in run.stderr
+    assert "worker 1 started" not in run.stderr  # never started after worker 0 failed
