@@ -196,6 +196,7 @@ class Supervisor:
             # Stopped while starting: a clean stop if asked to; a failed start is not.
             clean = self._stop_all()
             return clean if self.signalled else 1
+        log.info("all %d workers serving", self.workers)
         while not self.stopping:
             self._watch()
         return self._stop_all()
