@@ -11,11 +11,11 @@ one chain, and worker i keeps its chain across its restarts, so a restarted work
 its predecessor left in the log. Limits must be shared: N > 1 is refused unless
 `limits.backend` is `redis` (in memory, each worker would grant a key its full limit).
 
-A worker that dies is restarted, after a pause that doubles with every quick death (to
-`MAX_BACKOFF_S`). SIGTERM or SIGINT is forwarded to every worker, which drains as a single
-gateway does: it stops accepting, lets in-flight requests (streams included) finish for up to
-`GRACE_S` and cuts the rest, then flushes usage and closes its audit log with a signed
-checkpoint. The supervisor exits 0 when every worker stopped cleanly.
+A worker that dies is restarted: at once after a long run, else after a pause that doubles with
+every quick death (to `MAX_BACKOFF_S`). SIGTERM or SIGINT is forwarded to every worker,
+which drains as a single gateway does: it stops accepting, lets in-flight requests (streams
+included) finish for up to `GRACE_S` and cuts the rest, then flushes usage and closes its
+audit log with a signed checkpoint. The supervisor exits 0 when every worker stopped cleanly.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -168,7 +168,6 @@ class _Slot:
     started_at: float = 0.0
     deaths: int = 0  # quick deaths in a row: the restart pause doubles with each
     start_after: float = 0.0
-    exits: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -259,13 +258,12 @@ class Supervisor:
                 self._start(slot)
 
     def _died(self, slot: _Slot, now: float) -> None:
+        if self.stopping:
+            return  # how it ended is judged by the stop
         code = slot.proc.exitcode
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         slot.proc.close()
         slot.proc = None
-        slot.exits.append(code)
-        if self.stopping:
-            return
         stable = slot.ready and now - slot.started_at >= STABLE_S
         slot.deaths = 0 if stable else slot.deaths + 1
         pause = 0.0 if stable else min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (slot.deaths - 1))
