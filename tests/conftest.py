@@ -221,6 +221,7 @@ class Gateway:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"gateway-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.serve_args: list[str] = []  # more `bastion serve` flags (`--workers 2`)
 
     @property
     def url(self) -> str:
@@ -278,6 +279,7 @@ class Gateway:
                 str(self.port),
                 "--log-level",
                 "warning",
+                *self.serve_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -34,31 +34,18 @@ def _print_json(obj: Any) -> None:
 
 # -- serve / up ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from bastion.app import build_app
     from bastion.observability.logs import configure_logging
+    from bastion.workers import serve
 
     settings = _settings(args)
-    configure_logging(settings.logging)  # uvicorn's loggers too (log_config=None below)
-    port = args.port or settings.server.port
-    app = build_app(settings, port=port)
-    uvicorn.run(
-        app,
+    configure_logging(settings.logging)  # uvicorn's loggers too (log_config=None)
+    return serve(
+        settings,
         host=args.host or settings.server.host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        access_log=settings.logging.access_log,
-        log_config=None,
-        # X-Forwarded-For is believed only from the configured load balancers (uvicorn would
-        # otherwise trust it from 127.0.0.1, or from $FORWARDED_ALLOW_IPS).
-        proxy_headers=bool(settings.server.trusted_proxies),
-        forwarded_allow_ips=settings.server.trusted_proxies or [],
+        port=args.port or settings.server.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=30,
+        workers=args.workers,
     )
-    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -372,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes on the one port, under a supervisor that restarts them "
+        "(N > 1 needs limits.backend: redis; docs/deploy.md)",
     )
     s.set_defaults(func=cmd_serve)
 
