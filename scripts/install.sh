@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs Bastion into .venv and the vLLM CPU engine into its own venv. Idempotent.
-# Usage: scripts/install.sh [--dev]
+# Usage: scripts/install.sh [--dev]   (BASTION_LOCK=requirements/prod.txt: the production extras)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${BASTION_PYTHON:-}"
@@ -31,8 +31,22 @@ if [ "${1:-}" = "--dev" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
 fi
-.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import bastion" 
+# Everything comes from a hash-pinned lock (requirements/, made by scripts/lock): pip refuses a
+# file whose sha256 is not in the lock, and --no-deps means nothing unpinned is ever pulled in.
+# setuptools goes first, alone, so that what builds from source (python-ldap, Bastion itself)
+# builds with the locked setuptools instead of one fetched into an isolated build environment.
+lock="${BASTION_LOCK:-requirements/$([ -n "$extra" ] && echo dev || echo gateway).txt}"
+pipi() {
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --require-hashes "$@" \
+    2> >(grep -v "^WARNING: Location" >&2)
+}
+build="$(awk '/^setuptools==/ {p = 1} p {print; if ($0 !~ /\\$/) exit}' "$lock")"
+[ -n "$build" ] || { echo "$lock pins no setuptools: regenerate it with scripts/lock" >&2; exit 1; }
+pipi -r <(echo "$build")
+pipi --no-build-isolation -r "$lock"
+.venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+  2> >(grep -v "^WARNING: Location" >&2)
+.venv/bin/python -c "import bastion"
 bash scripts/install-engine.sh 2>&1 | grep -v "^WARNING: Location"
 if [ -n "$extra" ]; then
   # The coding assistants the tests run for real (Claude Code, Codex CLI), from npm.
