@@ -29,10 +29,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _db(settings: Settings):  # type: ignore[no-untyped-def]
+def _db(settings: Settings, write: bool = True):  # type: ignore[no-untyped-def]
     from bastion.identity.teams import open_store
 
-    return open_store(settings)
+    return open_store(settings, write)
 
 
 def _fail(message: str) -> int:
@@ -58,7 +58,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             since = parse_time(args.since) if args.since else None
             verdict = verify_store(
-                _db(settings),
+                _db(settings, write=False),  # an auditor's read-only account is enough
                 trust,
                 since,
                 anchor_dir=None if args.no_anchor or not anchor else Path(anchor),
@@ -261,7 +261,7 @@ def _purge_plan(settings: Settings, db: Any, args: argparse.Namespace) -> dict[s
 def cmd_holds(args: argparse.Namespace) -> int:
     from bastion.audit.store import holds
 
-    sys.stdout.write(orjson.dumps(holds(_db(_settings(args)))).decode() + "\n")
+    sys.stdout.write(orjson.dumps(holds(_db(_settings(args), write=False))).decode() + "\n")
     return 0
 
 
@@ -276,7 +276,12 @@ def cmd_ship(args: argparse.Namespace) -> int:
     directory = Path(settings.audit.wal_dir)
     replicas = sorted({p.name.rsplit("-", 1)[0] for p in segments(directory)})
     total = 0
-    key, _created = load_signing_key(settings.audit, load_master_key(settings.audit))
+    # Never made here: a key this host invented would sign checkpoints nobody trusts.
+    try:
+        master = load_master_key(settings.audit, create=False)
+        key, _created = load_signing_key(settings.audit, master, create=False)
+    except (OSError, ValueError) as exc:
+        return _fail(f"the audit keys the gateways use are needed here: {exc}")
     for replica in replicas:
         try:  # holding the replica's lock proves no gateway is writing it
             wal = AuditLog(directory, replica, signing_key=key)
