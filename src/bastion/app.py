@@ -89,7 +89,11 @@ def build_app(
         from bastion.identity.ldap_login import DirectoryLogin  # needs the `ldap` extra
 
         keys.login = DirectoryLogin(
-            settings.identity, db, audit, _login_throttle(settings, counters)
+            settings.identity,
+            db,
+            audit,
+            _login_throttle(settings, counters),
+            create_key=settings.database.embedded,  # shared database: shared session key
         )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
     admission = Admission(settings, counters, db, metrics)

@@ -23,7 +23,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _db(settings: Settings, write: bool = True):  # type: ignore[no-untyped-def]
-    """The database; `write=False` for read-only commands (a read-only account suffices)."""
+    # write=False: a read-only command, which works with an account that can only read.
     from bastion.identity.teams import open_store
 
     return open_store(settings, write)
@@ -271,9 +271,7 @@ def cmd_teams_list(args: argparse.Namespace) -> int:
             "source": t.source,
             "models": ",".join(sorted(t.models)) if t.models is not None else "*",
         }
-        for t in sorted(
-            load_teams(_db(_settings(args), write=False)).values(), key=lambda t: t.name
-        )
+        for t in sorted(load_teams(_db(_settings(args), False)).values(), key=lambda t: t.name)
     ]
     sys.stdout.write(render(rows, "table") if rows else "no teams\n")
     return 0
@@ -295,19 +293,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    """The explicit migration step: under a database-level lock, so upgrades started together
-    (two replicas' init containers) run one after the other."""
     from bastion.config import _mask
-    from bastion.store.db import make_engine, upgrade
+    from bastion.store.db import upgrade_url
 
     settings = _settings(args)
-    engine = make_engine(settings.database.url)
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
+    upgrade_url(settings.database.url)  # the explicit step, under a database-level lock
     _db(settings)  # the config's teams and cost centers, as before
-
     url = _mask(settings.database.url)  # never a password on screen or in a CI log
     sys.stdout.write(f"database is at the newest schema: {url}\n")
     return 0

@@ -298,7 +298,32 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secrets_init(args: argparse.Namespace) -> int:
+    """Once per deployment: the keys every replica and CLI host must share (docs/deploy.md)."""
+    from bastion.audit.keys import SECRET_FILES, KeyOperationError, init_secrets
+
+    directory = Path(args.dir)
+    try:
+        public = init_secrets(directory)
+    except KeyOperationError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stdout.write(f"wrote {', '.join(SECRET_FILES)} to {directory} (mode 0600)\n")
+    sys.stdout.write("mount them on every replica and CLI host and point the settings there:\n")
+    for name, setting in SECRET_FILES.items():
+        sys.stdout.write(f"  {setting}: <mount>/{name}\n")
+    sys.stdout.write(f"  audit.trusted_public_keys: [{public}]\n")
+    return 0
+
+
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("secrets", help="keys shared by every replica").add_subparsers(
+        dest="secrets_cmd", required=True
+    )
+    s = s.add_parser("init", help="write a new set of shared keys (master, signing, session)")
+    s.add_argument("--dir", required=True, help="an empty folder (e.g. for a Kubernetes Secret)")
+    s.set_defaults(func=cmd_secrets_init)
+
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit_cmd", required=True
     )

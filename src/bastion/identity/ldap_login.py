@@ -109,11 +109,11 @@ class DirectoryLogin:
         db: Engine,
         trail: Trail | None = None,
         shared: SharedThrottle | None = None,
+        create_key: bool = True,
     ):
-        assert identity.ldap is not None
         assert identity.ldap is not None, "directory sign-in needs identity.ldap"
         self.directory = LdapDirectory(identity.ldap)
-        self.sessions = Sessions(identity, db)
+        self.sessions = Sessions(identity, db, create_key)
         self.mappings = identity.group_mappings
         self.period = identity.group_cache_seconds
         self.db = db

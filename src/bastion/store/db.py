@@ -123,6 +123,15 @@ def upgrade(engine: Engine) -> bool:
     return True
 
 
+def upgrade_url(url: str) -> bool:
+    """`bastion db upgrade`: the database at `url` brought to the newest schema."""
+    engine = make_engine(url)
+    try:
+        return upgrade(engine)
+    finally:
+        engine.dispose()
+
+
 def check_schema(engine: Engine) -> None:
     """Raises DeploymentError unless the schema is one this code can use: at head, or (during
     a rolling upgrade, migrations run first) at a newer revision this code does not know."""
