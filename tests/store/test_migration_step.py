@@ -127,3 +127,21 @@ def test_read_only_commands_work_with_an_account_that_can_only_read(tmp_path: Pa
                 conn.execute(sa.text(f"DROP OWNED BY {role}"))
                 conn.execute(sa.text(f"DROP ROLE {role}"))
             owner.dispose()
+
+
+@pytest.mark.postgres
+def test_synchronous_commit_off_is_named(tmp_path: Path) -> None:
+    """The shipper deletes its local copy once PostgreSQL acknowledges: `off` must be said."""
+    from bastion.store.db import durability_problem
+
+    with pg_database() as url:
+        engine = make_engine(url)
+        assert durability_problem(engine) is None  # the server's default: on
+        name = url.rsplit("/", 1)[1]
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
+        engine.dispose()  # the setting applies to new sessions
+        engine = make_engine(url)
+        assert "synchronous_commit is off" in (durability_problem(engine) or "")
+        engine.dispose()
+    assert durability_problem(make_engine(f"sqlite:///{tmp_path}/x.db")) is None

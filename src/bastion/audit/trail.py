@@ -37,6 +37,7 @@ from bastion.core.errors import AuditUnavailable
 from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord
 from bastion.observability.metrics import Metrics
+from bastion.store.db import durability_problem
 
 log = logging.getLogger("bastion.audit")
 #: Contents larger than this are redacted and sealed in a worker thread, off the event loop.
@@ -105,6 +106,8 @@ class AuditTrail:
         create = settings.database.embedded
         master = load_master_key(a, create=create)
         check_master_key(db, master)
+        if problem := durability_problem(db):
+            log.error("%s", problem)
         self.signing_key, created = load_signing_key(a, master, create=create)
         self.public_key = public_key_hex(self.signing_key)
         if created or self.public_key not in a.trusted_public_keys:

@@ -146,6 +146,22 @@ def check_schema(engine: Engine) -> None:
     )
 
 
+def durability_problem(engine: Engine) -> str | None:
+    """What makes an acknowledged commit losable on this database, if anything: the audit
+    shipper deletes its local copy of entries once PostgreSQL acknowledges them."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        mode = conn.execute(text("SHOW synchronous_commit")).scalar()
+    if mode == "off":
+        return (
+            "PostgreSQL synchronous_commit is off for this role or database: a database crash "
+            "can lose audit entries the gateway has already deleted locally; set it to on "
+            "(docs/deploy.md#postgresql)"
+        )
+    return None
+
+
 def open_database(url: str, migrate: bool = True) -> Engine:
     """The database at `url`: migrated to the newest schema, or (migrate=False) checked to be
     there already (DeploymentError naming the command to run if not)."""
