@@ -197,7 +197,7 @@ def _response_store(settings: Settings, db: Engine, audit: AuditTrail | None) ->
     else:
         from bastion.audit.keys import load_master_key
 
-        keys = TeamKeys(db, load_master_key(settings.audit))
+        keys = TeamKeys(db, load_master_key(settings.audit, create=settings.database.embedded))
     return ResponseStore(settings.responses, db, TeamSealer(db, keys))
 
 

@@ -132,3 +132,23 @@ def test_replica_id_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("BASTION_REPLICA_ID", "bad id/../x")
     with pytest.raises(Exception, match="replica"):
         parse_settings({})
+
+
+@pytest.mark.postgres
+def test_a_cli_host_never_invents_a_signing_key(pg_url: str, tmp_path: Path) -> None:
+    """Its recorded changes would be signed by a key `audit verify` elsewhere does not trust."""
+    raw = {
+        "database": {"url": pg_url},
+        "cost_centers": {"cc": {"name": "Retail"}},
+        "teams": {"alpha": {"cost_center": "cc"}},
+        **_files(tmp_path / "keys"),
+    }
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "bastion.cli", "keys", "create", "--team", "alpha"]
+    done = subprocess.run(
+        [*cmd, "--config", str(cfg)], capture_output=True, text=True, env=_clean_env(), cwd=tmp_path
+    )
+    assert done.returncode == 2 and "no audit master key" in done.stderr, done.stderr
+    assert "bst-" not in done.stdout  # nothing was made: the change could not be recorded
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "var").exists()
