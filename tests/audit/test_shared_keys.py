@@ -27,6 +27,7 @@ from bastion.core.errors import DeploymentError
 from bastion.identity.sessions import SESSION_KEY_ENV, load_session_key
 from bastion.identity.settings import IdentitySettings
 from bastion.store.db import make_engine
+from tests.conftest import pg_database
 
 KEY_ENVS = (MASTER_KEY_ENV, SIGNING_KEY_ENV, SESSION_KEY_ENV)
 
@@ -85,6 +86,13 @@ def test_a_replica_without_the_keys_stops_at_start_and_creates_none(
 
 @pytest.mark.postgres
 def test_keys_given_by_files_or_env_start_and_a_foreign_master_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pg_database() as url:  # its own: the shared one holds team keys of the suite's key
+        _given_keys_start_and_a_foreign_master_key_is_refused(url, tmp_path, monkeypatch)
+
+
+def _given_keys_start_and_a_foreign_master_key_is_refused(
     pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for k in KEY_ENVS:
