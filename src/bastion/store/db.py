@@ -58,6 +58,7 @@ UPGRADE_HINT = "run `bastion db upgrade --config <file>` (with an account that m
 
 def _revisions(engine: Engine) -> tuple[set[str], set[str], set[str]]:
     """(the database's revisions, the code's heads, every revision the code knows)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # before it is imported: it logs then
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
@@ -100,13 +101,12 @@ def upgrade(engine: Engine) -> bool:
     """Brings the schema to the newest revision; False (and not a word logged) if it was.
     Serialised by a database-level lock, so concurrent upgrades apply each step once; at head
     it changes nothing and needs no schema privilege. A change is logged as one line;
-    Alembic's own INFO chatter is kept out of every command."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # before it is imported: it logs then
-    from alembic import command
-
+    Alembic's own INFO chatter is kept out of every command (`_revisions`)."""
     current, heads, _known = _revisions(engine)
     if current == heads:
         return False
+    from alembic import command
+
     with _migration_lock(engine):
         current, heads, _known = _revisions(engine)  # another process may have done it
         if current == heads:
