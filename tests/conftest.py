@@ -153,14 +153,23 @@ def rerank_engine(engine_logs: Path) -> Iterator[VllmProcess]:
 
 # -- databases ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database on the machine's server, dropped afterwards."""
+def pg_database(migrate: bool = True) -> Iterator[str]:
+    """A fresh PostgreSQL database on the machine's server, dropped afterwards. Migrated, as
+    `bastion db upgrade` leaves it before a deployment (PostgreSQL is not migrated at start),
+    unless `migrate` is False."""
+    from bastion.store.db import make_engine, upgrade
+
     name = "bastion_test_" + secrets.token_hex(4)
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        if migrate:
+            engine = make_engine(url)
+            upgrade(engine)
+            engine.dispose()
+        yield url
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

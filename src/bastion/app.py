@@ -90,7 +90,8 @@ def build_app(
     )
     console_sso = sso is not None and any(i.console for i in settings.identity.oidc)
     if settings.identity.ldap is not None or console_sso:  # one session secret for both
-        keys.sessions = Sessions(settings.identity, db)
+        # A shared database means a shared session key: never one invented here.
+        keys.sessions = Sessions(settings.identity, db, create_key=settings.database.embedded)
     if sso is not None and keys.sessions is not None and console_sso:
         keys.idp_login = IdpLogin(settings.identity.oidc, sso, keys.sessions)
     if settings.identity.ldap is not None:
@@ -204,7 +205,7 @@ def _response_store(settings: Settings, db: Engine, audit: AuditTrail | None) ->
     else:
         from bastion.audit.keys import load_master_key
 
-        keys = TeamKeys(db, load_master_key(settings.audit))
+        keys = TeamKeys(db, load_master_key(settings.audit, create=settings.database.embedded))
     return ResponseStore(settings.responses, db, TeamSealer(db, keys))
 
 

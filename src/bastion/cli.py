@@ -15,17 +15,18 @@ import orjson
 
 from bastion import __version__
 from bastion.config import ConfigError, Settings, load_settings
-from bastion.core.errors import BastionError
+from bastion.core.errors import BastionError, DeploymentError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _db(settings: Settings):  # type: ignore[no-untyped-def]
+def _db(settings: Settings, write: bool = True):  # type: ignore[no-untyped-def]
+    # write=False: a read-only command, which works with an account that can only read.
     from bastion.identity.teams import open_store
 
-    return open_store(settings)
+    return open_store(settings, write)
 
 
 def _print_json(obj: Any) -> None:
@@ -212,7 +213,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     from bastion.metering.reports import render
 
     now = datetime.now(UTC)
-    rows = [k.public(now) for k in list_keys(_db(_settings(args)), args.team)]
+    rows = [k.public(now) for k in list_keys(_db(_settings(args), write=False), args.team)]
     if args.format == "json":
         _print_json(rows)
         return 0
@@ -260,7 +261,7 @@ def cmd_teams_list(args: argparse.Namespace) -> int:
             "source": t.source,
             "models": ",".join(sorted(t.models)) if t.models is not None else "*",
         }
-        for t in sorted(load_teams(_db(_settings(args))).values(), key=lambda t: t.name)
+        for t in sorted(load_teams(_db(_settings(args), False)).values(), key=lambda t: t.name)
     ]
     sys.stdout.write(render(rows, "table") if rows else "no teams\n")
     return 0
@@ -276,16 +277,18 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    rows = summarize(_db(_settings(args)), args.by, since, until, args.team)
+    rows = summarize(_db(_settings(args), write=False), args.by, since, until, args.team)
     sys.stdout.write(render(rows, args.format))
     return 0
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    _db(settings)
     from bastion.config import _mask
+    from bastion.store.db import upgrade_url
 
+    settings = _settings(args)
+    upgrade_url(settings.database.url)  # the explicit step, under a database-level lock
+    _db(settings)  # the config's teams and cost centers, as before
     url = _mask(settings.database.url)  # never a password on screen or in a CI log
     sys.stdout.write(f"database is at the newest schema: {url}\n")
     return 0
@@ -484,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, DeploymentError) as exc:
         sys.stderr.write(f"{exc}\n")
         return 2
 

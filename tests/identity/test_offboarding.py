@@ -6,6 +6,8 @@ the sign-in throttle (concurrently, by spelling, or by a forged X-Forwarded-For)
 from __future__ import annotations
 
 import asyncio
+import base64
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,6 +34,10 @@ def stub() -> Iterator[StubEngine]:
 def config(
     stub: StubEngine, slapd: Slapd, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
+    # Every replica signs and checks sessions with the same secret, given to them (on a shared
+    # database none is created at start).
+    session_key = tmp_path_factory.mktemp("sessions") / "session.key"
+    session_key.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
     with pg_database() as url:
         cfg = base_config(url, {"stub": {"deployments": [{"url": stub.url, "served_name": "s"}]}})
         cfg["admin"] = {"key": ADMIN_KEY}
@@ -41,8 +47,7 @@ def config(
                 "ldap": slapd.ldap_settings(disabled_filter="(employeeType=disabled)"),
                 "group_cache_seconds": 1,
                 "self_service_key_max_days": 30,
-                # Every replica signs and checks sessions with the same secret.
-                "session_key_file": str(tmp_path_factory.mktemp("sessions") / "session.key"),
+                "session_key_file": str(session_key),
                 "group_mappings": [{"group": "all-engineering", "team": "alpha"}],
             }
         )

@@ -197,7 +197,9 @@ def test_migration_fills_rollups_from_existing_records(kind: str, tmp_path: Path
 
     with contextlib.ExitStack() as stack:
         url = (
-            f"sqlite:///{tmp_path}/m.db" if kind == "sqlite" else stack.enter_context(pg_database())
+            f"sqlite:///{tmp_path}/m.db"
+            if kind == "sqlite"
+            else stack.enter_context(pg_database(migrate=False))
         )
         eng = make_engine(url)
         stack.callback(eng.dispose)

@@ -29,10 +29,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _db(settings: Settings):  # type: ignore[no-untyped-def]
+def _db(settings: Settings, write: bool = True):  # type: ignore[no-untyped-def]
     from bastion.identity.teams import open_store
 
-    return open_store(settings)
+    return open_store(settings, write)
 
 
 def _fail(message: str) -> int:
@@ -58,7 +58,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             since = parse_time(args.since) if args.since else None
             verdict = verify_store(
-                _db(settings),
+                _db(settings, write=False),  # an auditor's read-only account is enough
                 trust,
                 since,
                 anchor_dir=None if args.no_anchor or not anchor else Path(anchor),
@@ -261,7 +261,7 @@ def _purge_plan(settings: Settings, db: Any, args: argparse.Namespace) -> dict[s
 def cmd_holds(args: argparse.Namespace) -> int:
     from bastion.audit.store import holds
 
-    sys.stdout.write(orjson.dumps(holds(_db(_settings(args)))).decode() + "\n")
+    sys.stdout.write(orjson.dumps(holds(_db(_settings(args), write=False))).decode() + "\n")
     return 0
 
 
@@ -276,7 +276,12 @@ def cmd_ship(args: argparse.Namespace) -> int:
     directory = Path(settings.audit.wal_dir)
     replicas = sorted({p.name.rsplit("-", 1)[0] for p in segments(directory)})
     total = 0
-    key, _created = load_signing_key(settings.audit, load_master_key(settings.audit))
+    # Never made here: a key this host invented would sign checkpoints nobody trusts.
+    try:
+        master = load_master_key(settings.audit, create=False)
+        key, _created = load_signing_key(settings.audit, master, create=False)
+    except (OSError, ValueError) as exc:
+        return _fail(f"the audit keys the gateways use are needed here: {exc}")
     for replica in replicas:
         try:  # holding the replica's lock proves no gateway is writing it
             wal = AuditLog(directory, replica, signing_key=key)
@@ -293,7 +298,32 @@ def cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secrets_init(args: argparse.Namespace) -> int:
+    """Once per deployment: the keys every replica and CLI host must share (docs/deploy.md)."""
+    from bastion.audit.keys import SECRET_FILES, KeyOperationError, init_secrets
+
+    directory = Path(args.dir)
+    try:
+        public = init_secrets(directory)
+    except KeyOperationError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    sys.stdout.write(f"wrote {', '.join(SECRET_FILES)} to {directory} (mode 0600)\n")
+    sys.stdout.write("mount them on every replica and CLI host and point the settings there:\n")
+    for name, setting in SECRET_FILES.items():
+        sys.stdout.write(f"  {setting}: <mount>/{name}\n")
+    sys.stdout.write(f"  audit.trusted_public_keys: [{public}]\n")
+    return 0
+
+
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("secrets", help="keys shared by every replica").add_subparsers(
+        dest="secrets_cmd", required=True
+    )
+    s = s.add_parser("init", help="write a new set of shared keys (master, signing, session)")
+    s.add_argument("--dir", required=True, help="an empty folder (e.g. for a Kubernetes Secret)")
+    s.set_defaults(func=cmd_secrets_init)
+
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit_cmd", required=True
     )

@@ -38,6 +38,7 @@ from sqlalchemy import Engine, select, update
 from bastion.audit.crypto import KeyWrapper, MasterKey
 from bastion.audit.settings import AuditSettings
 from bastion.audit.store import on_hold, shred
+from bastion.core.errors import DeploymentError
 from bastion.store.schema import audit_keys
 
 log = logging.getLogger("bastion.audit")
@@ -46,6 +47,18 @@ SIGNING_KEY_ENV = "BASTION_AUDIT_SIGNING_KEY"
 #: Bound into the signing key's wrapping; no team can be named this (NUL is not allowed).
 SIGNING_LABEL = "\x00audit-signing-key"
 SIGNING_FORMAT = "bastion-audit-signing-key"
+
+
+#: Where to get the keys when they are not created here (said by every "missing key" error).
+SHARED_KEYS_HINT = (
+    "keys are created on first start only with the embedded SQLite database; replicas and "
+    "CLI hosts sharing a database must all be given the same keys (`bastion secrets "
+    "init --dir DIR` makes a set; see docs/deploy.md)"
+)
+
+
+class KeyMissing(DeploymentError):
+    """A key the deployment must supply is absent (a shared database: none is invented)."""
 
 
 class KeyOperationError(Exception):
@@ -62,6 +75,11 @@ def load_master_key(settings: AuditSettings, create: bool = True) -> MasterKey:
     if text := os.environ.get(MASTER_KEY_ENV):
         return MasterKey.from_base64(text)
     path = Path(settings.master_key_file)
+    if not path.exists() and not _pending(path).exists() and not create:
+        raise KeyMissing(
+            f"no audit master key: set {MASTER_KEY_ENV} or put it at audit.master_key_file "
+            f"({path}); {SHARED_KEYS_HINT}"
+        )
     if not path.exists() and create:
         _write_new(path, base64.b64encode(os.urandom(32)) + b"\n")
         log.warning(
@@ -97,10 +115,62 @@ def load_signing_key(
         raw = wrapper.unwrap(base64.b64decode(doc["wrapped"]), SIGNING_LABEL)
         return Ed25519PrivateKey.from_private_bytes(raw), False
     if not create:
-        raise ValueError(f"the audit signing key {path} is not there")
+        raise KeyMissing(
+            f"no audit signing key: set {SIGNING_KEY_ENV} or put it at audit.signing_key "
+            f"({path}); {SHARED_KEYS_HINT}"
+        )
     key = Ed25519PrivateKey.generate()
     _write_new(path, _wrapped_signing_key(key, wrapper))
     return key, True
+
+
+#: The files `bastion secrets init` writes, and the settings that point at them.
+SECRET_FILES = {
+    "audit-master.key": "audit.master_key_file",
+    "audit-signing.key": "audit.signing_key",
+    "session.key": "identity.session_key_file",
+}
+
+
+def init_secrets(directory: Path) -> str:
+    """A fresh set of the keys every replica and CLI host shares, written (mode 0600) to
+    `directory` for a secret store or a mounted Secret; the signing key is wrapped by the
+    master key. Refuses to overwrite any. Returns the signing key's public key (hex)."""
+    from bastion.audit.chain import public_key_hex
+
+    taken = [name for name in SECRET_FILES if (directory / name).exists()]
+    if taken:
+        raise KeyOperationError(f"{directory}: {', '.join(taken)} exist already; not replaced")
+    master_b64 = base64.b64encode(os.urandom(32))
+    key = Ed25519PrivateKey.generate()
+    _write_new(directory / "audit-master.key", master_b64 + b"\n")
+    _write_new(
+        directory / "audit-signing.key",
+        _wrapped_signing_key(key, MasterKey.from_base64(master_b64.decode())),
+    )
+    _write_new(directory / "session.key", base64.b64encode(os.urandom(32)) + b"\n")
+    return public_key_hex(key)
+
+
+def check_master_key(db: Engine, wrapper: KeyWrapper) -> None:
+    """At start: the master key must unwrap the team keys already in the database, else this
+    replica would answer 503 to every recorded request (and wrap new keys nobody else reads)."""
+    with db.connect() as conn:
+        row = conn.execute(
+            select(audit_keys.c.team, audit_keys.c.wrapped)
+            .where(audit_keys.c.wrapped.is_not(None))
+            .order_by(audit_keys.c.created_at.desc())
+            .limit(1)
+        ).first()
+    if row is None:
+        return
+    try:
+        wrapper.unwrap(row.wrapped, row.team)
+    except Exception as exc:  # ContentUnavailable, or a KMS's own error
+        raise DeploymentError(
+            f"this audit master key does not unwrap the team keys in the database ({exc}): "
+            f"every replica must be given the same master key; {SHARED_KEYS_HINT}"
+        ) from exc
 
 
 def _raw(key: Ed25519PrivateKey) -> bytes:

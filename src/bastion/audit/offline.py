@@ -51,7 +51,10 @@ def record_event(
     if not a.enabled:
         return
     replica = f"cli-{socket.gethostname()}"[:128]
-    key, _created = load_signing_key(a, load_master_key(a))
+    # A CLI host never invents keys on a shared database: its checkpoints must be signed by
+    # the deployment's key, which `audit verify` trusts (docs/deploy.md).
+    create = settings.database.embedded
+    key, _created = load_signing_key(a, load_master_key(a, create=create), create=create)
     directory = Path(a.wal_dir)
     deadline = time.monotonic() + 15
     while True:  # another CLI command on this host may hold the chain for a moment

@@ -21,19 +21,25 @@ class AuditSettings(Strict):
         "`open` (development only) forwards anyway, logged and counted every time.",
     )
     wal_dir: str = Field(
-        "var/audit", description="Local write-ahead log; entries are fsynced here first."
+        "var/audit",
+        description="Local write-ahead log; entries are fsynced here first and deleted once "
+        "shipped to the database. In a container: a persistent local volume (a StatefulSet's "
+        "volume claim), never an emptyDir; entries not yet shipped live only here.",
     )
     replica: str | None = Field(
         None,
         pattern=NAME,
-        description="This gateway's chain id (default: `<hostname>-<port>`). Keep it stable "
-        "across restarts; two running processes must never share one.",
+        description="This gateway's chain id (default: `<hostname>-<port>`, which changes "
+        "with every Deployment pod). Keep it stable across restarts, with the `wal_dir` it "
+        "writes: in Kubernetes a StatefulSet pod name (env BASTION_REPLICA_ID from "
+        "metadata.name). Two running processes must never share one.",
     )
     signing_key: str = Field(
         "var/audit-signing.pem",
         description="Ed25519 key that signs checkpoints, stored wrapped by the master key "
         "(env BASTION_AUDIT_SIGNING_KEY, base64 of the raw key, takes precedence); created on "
-        "first start and its public key logged: put that in `trusted_public_keys`.",
+        "first start with the embedded SQLite database (with PostgreSQL it must be given: `bastion "
+        "secrets init`) and its public key logged: put that in `trusted_public_keys`.",
     )
     trusted_public_keys: list[str] = Field(
         default_factory=list,
@@ -61,7 +67,10 @@ class AuditSettings(Strict):
     master_key_file: str = Field(
         "var/audit-master.key",
         description="Master key (base64 of 32 bytes) that wraps each team's data key. Created "
-        "on first start if absent; env BASTION_AUDIT_MASTER_KEY takes precedence. "
+        "on first start if absent only with the embedded SQLite database; with PostgreSQL "
+        "every replica and CLI host must be given the same one (a start without it, or with "
+        "one that does not unwrap the stored team keys, stops). Env BASTION_AUDIT_MASTER_KEY "
+        "takes precedence. "
         "Lose it and every recorded content is unreadable: back it up.",
     )
     checkpoint_entries: int = Field(
@@ -113,4 +122,10 @@ def _team_retention_floor(settings: Any) -> list[str]:
     ]
 
 
-section("audit", AuditSettings, "The audit trail of every request.", check=_team_retention_floor)
+section(
+    "audit",
+    AuditSettings,
+    "The audit trail of every request.",
+    env={"replica": "BASTION_REPLICA_ID"},
+    check=_team_retention_floor,
+)

@@ -27,7 +27,7 @@ from bastion import __version__
 from bastion.audit import anchor, store
 from bastion.audit.chain import canonical, content_digest, public_key_hex
 from bastion.audit.crypto import KeyWrapper, commitment, seal
-from bastion.audit.keys import load_master_key, load_signing_key
+from bastion.audit.keys import check_master_key, load_master_key, load_signing_key
 from bastion.audit.redact import Redactor
 from bastion.audit.ship_process import ShipperProcess
 from bastion.audit.shipper import Shipper
@@ -37,6 +37,7 @@ from bastion.core.errors import AuditUnavailable
 from bastion.identity.principal import Principal
 from bastion.metering.usage import UsageRecord
 from bastion.observability.metrics import Metrics
+from bastion.store.db import durability_problem
 
 log = logging.getLogger("bastion.audit")
 #: Contents larger than this are redacted and sealed in a worker thread, off the event loop.
@@ -101,8 +102,13 @@ class AuditTrail:
         }
         self.db, self.metrics = db, metrics
         self.replica = a.replica or f"{socket.gethostname()}-{port}"
-        master = load_master_key(a)
-        self.signing_key, created = load_signing_key(a, master)
+        # Invented here only on the embedded database: replicas sharing one must share keys.
+        create = settings.database.embedded
+        master = load_master_key(a, create=create)
+        check_master_key(db, master)
+        if problem := durability_problem(db):
+            log.error("%s", problem)
+        self.signing_key, created = load_signing_key(a, master, create=create)
         self.public_key = public_key_hex(self.signing_key)
         if created or self.public_key not in a.trusted_public_keys:
             log.warning(

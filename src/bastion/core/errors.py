@@ -255,3 +255,8 @@ class FirstByteTimeout(UpstreamTimeout):
     """No byte of the answer within `models.<alias>.routing.first_byte_timeout_s`."""
 
     default_code = "first_byte_timeout"
+
+
+class DeploymentError(Exception):
+    """Not a request's error: the deployment is not ready for this command or start (schema
+    behind, a shared key missing). The message says what to do; the CLI prints it, exits 2."""

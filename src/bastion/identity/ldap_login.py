@@ -110,11 +110,12 @@ class DirectoryLogin:
         trail: Trail | None = None,
         shared: SharedThrottle | None = None,
         sessions: Sessions | None = None,
+        create_key: bool = True,
     ):
         assert identity.ldap is not None, "directory sign-in needs identity.ldap"
         self.directory = LdapDirectory(identity.ldap)
         #: Shared with the console's IdP sign-in when both are configured (one secret, one table).
-        self.sessions = sessions or Sessions(identity, db)
+        self.sessions = sessions or Sessions(identity, db, create_key)
         self.mappings = identity.group_mappings
         self.period = identity.group_cache_seconds
         self.db = db

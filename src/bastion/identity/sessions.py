@@ -28,7 +28,7 @@ from typing import Any
 import jwt
 from sqlalchemy import Engine, select
 
-from bastion.core.errors import AuthenticationFailed
+from bastion.core.errors import AuthenticationFailed, DeploymentError
 from bastion.identity.settings import IdentitySettings
 from bastion.store.changes import next_change
 from bastion.store.schema import sessions
@@ -39,10 +39,19 @@ SESSION_KEY_ENV = "BASTION_SESSION_KEY"
 ISSUER = "bastion-session"
 
 
-def load_session_key(identity: IdentitySettings) -> bytes:
+def load_session_key(identity: IdentitySettings, create: bool = True) -> bytes:
+    """From $BASTION_SESSION_KEY, else the key file; created there only if `create` (the
+    embedded database), else a missing key stops the start: replicas must share one."""
     if text := os.environ.get(SESSION_KEY_ENV):
         return base64.b64decode(text)
     path = Path(identity.session_key_file)
+    if not path.exists() and not create:
+        raise DeploymentError(
+            f"no session key: set {SESSION_KEY_ENV} or put it at identity.session_key_file "
+            f"({path}); it is created on first start only with the embedded SQLite database, "
+            "since every replica sharing a database must sign sessions with the same key "
+            "(`bastion secrets init --dir DIR` makes one; see docs/deploy.md)"
+        )
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -74,8 +83,8 @@ class SessionRevocations:
 
 
 class Sessions:
-    def __init__(self, identity: IdentitySettings, db: Engine):
-        self._key = load_session_key(identity)
+    def __init__(self, identity: IdentitySettings, db: Engine, create_key: bool = True):
+        self._key = load_session_key(identity, create_key)
         if len(self._key) < 32:
             raise ValueError("the session key must be at least 32 bytes (base64)")
         self.ttl = identity.session_ttl_seconds

@@ -227,8 +227,9 @@ class IdentitySettings(Strict):
     )
     session_key_file: str = Field(
         "var/session.key",
-        description="Secret that signs session tokens (created on first start; env "
-        "BASTION_SESSION_KEY takes precedence). The same on every replica.",
+        description="Secret that signs session tokens (created on first start with the "
+        "embedded SQLite database only; with PostgreSQL it must be given, or directory sign-in "
+        "stops the start; env BASTION_SESSION_KEY takes precedence). The same on every replica.",
     )
     group_mappings: list[GroupMapping] = Field(
         default_factory=list,

@@ -56,10 +56,13 @@ def sync_config(engine: Engine, settings: Settings) -> None:
                 conn.execute(teams.insert(), {"name": name, "created_at": now, **values})
 
 
-def open_store(settings: Settings) -> Engine:
-    """The configured database, migrated, with the config's teams and cost centers written in."""
-    engine = open_database(settings.database.url)
-    sync_config(engine, settings)
+def open_store(settings: Settings, write: bool = True) -> Engine:
+    """The configured database (migrated if `database.auto_migrate`, else checked to be at the
+    newest schema), with the config's teams and cost centers written in unless `write` is False
+    (read-only commands, which may run with an account that can only read)."""
+    engine = open_database(settings.database.url, migrate=settings.database.migrates)
+    if write:
+        sync_config(engine, settings)
     return engine
 
 

@@ -1,4 +1,10 @@
-"""Counters in Redis: one Lua script per admission (one round trip), exact across replicas."""
+"""Counters in Redis: one Lua script per admission (one round trip), exact across replicas.
+
+Every key is stored under the hash tag `{bastion}`, so all of them hash to one slot: a Lua
+script may only touch keys of one slot on Redis Cluster, and one request's checks (key, user,
+team, cost center, model, team-on-model) share counters with other requests through every
+level, so no finer tag keeps each admission's keys together. The counters are small and an
+admission is one script call, so one primary carries them easily (docs/deploy.md)."""
 
 from __future__ import annotations
 
@@ -137,6 +143,13 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], 
 return 0
 """
 _OPS = {"window": 1, "budget": 2, "slots": 3}
+#: Prefixed to every key (the window's `|a` hash derives from its key, so it follows).
+HASH_TAG = "{bastion}"
+
+
+def redis_key(key: str) -> str:
+    """The Redis key of a counter: in the one hash slot all counters share."""
+    return HASH_TAG + key
 
 
 class RedisCounters:
@@ -166,7 +179,7 @@ class RedisCounters:
 
     async def admit(self, checks: list[Check], request_id: str) -> Verdict:
         args: list[object] = ["EVALSHA", self._admit.sha, len(checks)]
-        args += [c.key for c in checks]
+        args += [redis_key(c.key) for c in checks]
         args += ["" if self._clock is None else self._clock(), request_id]
         for c in checks:
             args += [_OPS[c.op], c.limit, c.amount, c.ttl]
@@ -246,27 +259,29 @@ class RedisCounters:
         commands: list[list[object]] = []
         for c, delta, request_id in items:
             if c.op == "slots":
-                commands.append(["ZREM", c.key, request_id])
+                commands.append(["ZREM", redis_key(c.key), request_id])
             elif c.op == "window" and delta:
-                commands.append(["EVALSHA", self._settle_window.sha, 1, c.key, request_id, delta])
+                key = redis_key(c.key)
+                commands.append(["EVALSHA", self._settle_window.sha, 1, key, request_id, delta])
             elif delta:
-                commands.append(["EVALSHA", self._incr_existing.sha, 1, c.key, delta])
+                commands.append(["EVALSHA", self._incr_existing.sha, 1, redis_key(c.key), delta])
         await asyncio.gather(*(self._call(cmd) for cmd in commands))
 
     async def seed(self, key: str, value: int, ttl: int) -> None:
-        await self._redis.set(key, value, ex=ttl, nx=True)
+        await self._redis.set(redis_key(key), value, ex=ttl, nx=True)
 
     async def peek(self, checks: list[Check]) -> list[int]:
         now = time.time() if self._clock is None else self._clock()
         at = "" if self._clock is None else now
         async with self._redis.pipeline(transaction=False) as pipe:
             for c in checks:
+                key = redis_key(c.key)
                 if c.op == "slots":
-                    pipe.zcount(c.key, now, "+inf")
+                    pipe.zcount(key, now, "+inf")
                 elif c.op == "window":
-                    await self._peek_window(keys=[c.key], args=[at, c.ttl], client=pipe)
+                    await self._peek_window(keys=[key], args=[at, c.ttl], client=pipe)
                 else:
-                    pipe.get(c.key)
+                    pipe.get(key)
             values = await pipe.execute()
         return [int(v or 0) for v in values]
 

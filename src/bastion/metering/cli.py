@@ -44,7 +44,7 @@ def _open(args: argparse.Namespace) -> tuple[Any, Any]:
     from bastion.store.db import open_database
 
     settings = load_settings(args.config)
-    return settings, open_database(settings.database.url)
+    return settings, open_database(settings.database.url, migrate=settings.database.migrates)
 
 
 def _fail(msg: str) -> int:
