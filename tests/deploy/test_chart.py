@@ -327,3 +327,21 @@ def test_readiness_probe_can_follow_liveness() -> None:
     assert probe["httpGet"]["path"] == "/healthz"
     vals["gateway"]["readinessPath"] = "/ready"
     assert "readinessPath" in _render_error(vals)
+
+
+def test_migrations_run_as_their_own_step_before_the_gateway(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The gateway only checks the schema (on PostgreSQL it never migrates at start): an init
+    container runs `bastion db upgrade`, with the gateway's own environment, hardened alike."""
+    for shape in SHAPES:
+        pod = one(rendered[shape], "Deployment", "bastion-gateway")["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        gateway = pod["containers"][0]
+        assert init["args"][:2] == ["db", "upgrade"] and init["image"] == gateway["image"]
+        assert init["env"] == gateway["env"]
+        assert init["securityContext"] == gateway["securityContext"]
+    vals = values("external")
+    vals["gateway"]["migrate"] = False
+    pod = one(render(vals), "Deployment", "bastion-gateway")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod

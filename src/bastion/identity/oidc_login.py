@@ -14,7 +14,8 @@ Why it is built this way:
   `SsoAuthenticator.map`, exactly as an API caller's token: same team and role, same 403 for a
   user in no mapped group, and SSO-minted keys follow the result.
 - **The IdP's endpoints from discovery** (`/.well-known/openid-configuration`), whose `issuer`
-  must be the configured one (RFC 8414 mix-up defence), fetched with httpx and cached.
+  must be the configured one (RFC 8414 mix-up defence), fetched with aiohttp (the
+  gateway's own HTTP client) and cached.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
-import httpx
+import aiohttp
 import jwt
+import orjson
 
 from bastion.core.errors import AuthenticationFailed, DirectoryDown, InvalidRequest
 from bastion.identity.oidc import Identity, InvalidToken
@@ -99,22 +101,30 @@ class IdpLogin:
             raise InvalidRequest("No such identity provider.", code="unknown_idp")
         return found, found.console
 
-    async def _fetch(self, method: str, url: str, **kwargs: Any) -> Any:
+    async def _fetch(
+        self, method: str, url: str, auth: aiohttp.BasicAuth | None = None, **kwargs: Any
+    ) -> Any:
         """JSON from the IdP; 503 if it cannot be reached or answers nonsense."""
         try:
-            async with httpx.AsyncClient(timeout=5.0, follow_redirects=False) as http:
-                resp = await http.request(method, url, **kwargs)
-            if len(resp.content) > MAX_RESPONSE:
-                raise ValueError("response too large")
-            body = resp.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            timeout = aiohttp.ClientTimeout(total=5.0)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as http,
+                http.request(method, url, auth=auth, allow_redirects=False, **kwargs) as resp,
+            ):
+                status, raw = resp.status, bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    raw += chunk
+                    if len(raw) > MAX_RESPONSE:
+                        raise ValueError("response too large")
+            body = orjson.loads(raw)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise DirectoryDown(
                 f"The identity provider cannot be reached ({type(exc).__name__}); try again.",
                 code="idp_unavailable",
             ) from None
-        if resp.status_code >= 400:
+        if status >= 400:
             error = body.get("error") if isinstance(body, dict) else None
-            error = str(error or resp.status_code)[:100]
+            error = str(error or status)[:100]
             raise SignInFailed(
                 f"The identity provider refused the sign-in: {error}.",
                 code="idp_refused",
@@ -229,7 +239,7 @@ class IdpLogin:
                 "redirect_uri": flow.redirect_uri, "code_verifier": flow.verifier}  # fmt: skip
         auth = None
         if console.client_secret is not None:
-            auth = httpx.BasicAuth(console.client_id, console.client_secret)
+            auth = aiohttp.BasicAuth(console.client_id, console.client_secret)
         else:
             form["client_id"] = console.client_id
         tokens = await self._fetch("POST", str(meta["token_endpoint"]), data=form, auth=auth)

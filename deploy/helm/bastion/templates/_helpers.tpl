@@ -89,3 +89,45 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "bastion.engineLws" -}}
 {{- printf "%s-lws" (include "bastion.engineService" .) -}}
 {{- end -}}
+
+{{/* The gateway's environment: its config, keys and database URLs (the gateway and the
+migration step alike). */}}
+{{- define "bastion.gatewayEnv" -}}
+{{- $full := include "bastion.fullname" . -}}
+{{- $secret := include "bastion.secretName" . -}}
+- name: BASTION_CONFIG
+  value: /etc/bastion/bastion.yaml
+- name: BASTION_ADMIN_KEY
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: admin-key}}
+- name: BASTION_SESSION_KEY
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: session-key}}
+- name: BASTION_AUDIT_MASTER_KEY
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: audit-master-key}}
+- name: BASTION_AUDIT_SIGNING_KEY
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: audit-signing-key}}
+{{- if .Values.secrets.engineApiKey }}
+- name: BASTION_ENGINE_API_KEY
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: engine-api-key}}
+{{- end }}
+{{- if .Values.postgresql.bundled }}
+- name: BASTION_PG_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ $full }}-trial-db, key: postgres-password}}
+- name: BASTION_DATABASE_URL
+  value: "postgresql+psycopg://bastion:$(BASTION_PG_PASSWORD)@{{ $full }}-postgresql:5432/bastion"
+{{- else }}
+- name: BASTION_DATABASE_URL
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: database-url}}
+{{- end }}
+{{- if .Values.redis.bundled }}
+- name: BASTION_REDIS_PASSWORD
+  valueFrom: {secretKeyRef: {name: {{ $full }}-trial-db, key: redis-password}}
+- name: BASTION_REDIS_URL
+  value: "redis://:$(BASTION_REDIS_PASSWORD)@{{ $full }}-redis:6379/0"
+{{- else }}
+- name: BASTION_REDIS_URL
+  valueFrom: {secretKeyRef: {name: {{ $secret }}, key: redis-url}}
+{{- end }}
+{{- with .Values.gateway.extraEnv }}
+{{- toYaml . | nindent 0 }}
+{{- end }}
+{{- end }}
