@@ -44,6 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "test-admin-" + secrets.token_hex(16)
 #: One audit master key for every gateway of the session, as replicas share it in production.
 AUDIT_MASTER_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
+#: Shared by every test gateway, as by a production fleet's replicas: on PostgreSQL a session
+#: key is never invented (docs/deploy.md).
+SESSION_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 #: ... and one checkpoint-signing key, whose public key their configs trust.
 AUDIT_SIGNING_SEED = secrets.token_bytes(32)
 AUDIT_PUBLIC_KEY = (
@@ -132,11 +135,11 @@ def embed_engine(engines: dict[str, VllmProcess]) -> VllmProcess:
     return engines["embed"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def rerank_engine(engine_logs: Path) -> Iterator[VllmProcess]:
     """A tiny cross-encoder (src/bastion/local/tiny_reranker.py) serving /v1/rerank and
-    /v1/score; started only by the tests that ask for it, so the rest of the suite does not
-    pay for it."""
+    /v1/score; started only by the module that asks for it and stopped after it, so the rest
+    of the suite does not pay for it (an idle vLLM CPU engine keeps threads spinning)."""
     from bastion.local.tiny_reranker import ensure_tiny_reranker
 
     if not engine_installed():
@@ -242,6 +245,7 @@ class Gateway:
             **os.environ,
             "BASTION_ADMIN_KEY": ADMIN_KEY,
             "BASTION_AUDIT_MASTER_KEY": AUDIT_MASTER_KEY,
+            "BASTION_SESSION_KEY": SESSION_KEY,
             "BASTION_AUDIT_SIGNING_KEY": base64.b64encode(AUDIT_SIGNING_SEED).decode(),
             "BASTION_LOG_LEVEL": "WARNING",
         }
@@ -327,8 +331,8 @@ class Gateway:
         raise AssertionError("gateway never became ready")
 
 
-@pytest.fixture(scope="session")
-def make_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
+@contextlib.contextmanager
+def _gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
     def make(config: dict[str, Any], start: bool = True) -> Gateway:
@@ -336,9 +340,25 @@ def make_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         started.append(gw)
         return gw.start() if start else gw
 
-    yield make
-    for gw in started:
-        gw.stop()
+    try:
+        yield make
+    finally:
+        for gw in started:
+            gw.stop()
+
+
+@pytest.fixture(scope="module")
+def make_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
+    """Gateways stopped once the module that made them is done: kept for the whole session,
+    dozens of idle gateways polling their engines slowed every later test."""
+    with _gateways(tmp_path_factory) as make:
+        yield make
+
+
+@pytest.fixture(scope="session")
+def _session_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
+    with _gateways(tmp_path_factory) as make:
+        yield make
 
 
 def engine_models(chat: VllmProcess, embed: VllmProcess) -> dict[str, Any]:
@@ -350,7 +370,7 @@ def engine_models(chat: VllmProcess, embed: VllmProcess) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def gateway(
-    make_gateway: Callable[..., Gateway],
+    _session_gateways: Callable[..., Gateway],
     chat_engine: VllmProcess,
     embed_engine: VllmProcess,
     tmp_path_factory: pytest.TempPathFactory,
@@ -362,7 +382,7 @@ def gateway(
         engine_models(chat_engine, embed_engine),
         prices={"tiny": {"prompt": 1.0, "cached_prompt": 0.5, "completion": 2.0}},
     )
-    gw = make_gateway(cfg)
+    gw = _session_gateways(cfg)
     gw.wait_ready()
     return gw
 

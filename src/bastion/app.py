@@ -101,7 +101,7 @@ def build_app(
             settings.identity, db, audit, _login_throttle(settings, counters), keys.sessions
         )
     usage = UsageWriter(db, settings.database.usage_flush_seconds)
-    metrics.usage_pending.set_function(usage.pending)
+    metrics.follow(metrics.usage_pending, usage.pending)
     admission = Admission(settings, counters, db, metrics)
     responses = _response_store(settings, db, audit)
     adapters = AdapterServing(db, client, routes, interval=settings.registry.adapter_refresh_s)

@@ -25,9 +25,11 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from typing import Any
 import uvicorn
 
 from bastion.config import Settings
+from bastion.observability.metrics import MULTIPROC_ENV, mark_process_dead
 
 log = logging.getLogger("bastion.workers")
 _ctx = multiprocessing.get_context("spawn")
@@ -179,6 +182,16 @@ class Supervisor:
         self.sock: socket.socket | None = None
 
     def run(self) -> int:
+        # Every worker's metrics in files here, summed by whichever worker a scrape reaches
+        # (prometheus_client's multiprocess mode; observability.metrics). Fresh per start.
+        metrics_dir = tempfile.mkdtemp(prefix="bastion-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         config = uvicorn.Config("bastion.app:build_app", **self.options)
         self.sock = config.bind_socket()  # logs the address, like a single uvicorn
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -260,6 +273,7 @@ class Supervisor:
         if self.stopping:
             return  # how it ended is judged by the stop
         code = slot.proc.exitcode
+        mark_process_dead(slot.proc.pid)  # its gauges leave the sums; its counters stay
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         slot.proc.close()
         slot.proc = None

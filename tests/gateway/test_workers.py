@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.store.schema import audit_entries, usage
 from tests.conftest import REDIS_URL, TINY, Gateway, base_config, free_port, pg_database
@@ -120,6 +121,28 @@ def test_rpm_exact_across_workers(served: Served) -> None:
     assert chains == CHAINS
 
 
+def _requests_by_status(url: str) -> dict[str, float]:
+    """bastion_requests_total for the tiny model by status, as one scrape (one worker) says."""
+    with httpx.Client(timeout=10) as c:  # a connection of its own: either worker answers
+        text = c.get(url + "/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "bastion_requests_total" and sample.labels["model"] == "tiny":
+                status = sample.labels["status"]
+                out[status] = out.get(status, 0) + sample.value
+    return out
+
+
+def test_metrics_count_every_worker(served: Served) -> None:
+    """Whichever worker a scrape reaches, it counts the requests all of them served (the rpm
+    test spread them over both): 200s as recorded, and three 429s per round of eight."""
+    rounds = len(served.ok) // 5
+    want = {"200": float(len(served.ok)), "429": float(3 * rounds)}
+    for _ in range(8):
+        assert _requests_by_status(served.gw.url) == want
+
+
 def test_killed_worker_is_restarted_on_its_own_chain(served: Served) -> None:
     sup = served.gw.proc.pid  # type: ignore[union-attr]
     before = _workers(sup)
@@ -149,6 +172,11 @@ def test_killed_worker_is_restarted_on_its_own_chain(served: Served) -> None:
         if seen == CHAINS:
             break
     assert seen == CHAINS
+    # The dead worker's counts stay in the sums, next to its successor's.
+    deadline = time.monotonic() + 10
+    while _requests_by_status(served.gw.url).get("200") != len(served.ok):
+        assert time.monotonic() < deadline, (_requests_by_status(served.gw.url), len(served.ok))
+        time.sleep(0.2)
 
 
 def test_sigterm_drains_a_stream_and_loses_no_record(served: Served) -> None:

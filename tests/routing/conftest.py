@@ -59,7 +59,9 @@ def _replica(i: int, tiny_model: Path, engine_logs: Path) -> Replica:
     )
 
 
-@pytest.fixture(scope="session")
+# Package scope: stopped once the routing tests are done (an idle vLLM CPU engine keeps
+# its threads spinning, which slowed every later test).
+@pytest.fixture(scope="package")
 def _replica_pair(tiny_model: Path, engine_logs: Path) -> Iterator[list[Replica]]:
     out = [_replica(i, tiny_model, engine_logs) for i in range(2)]
     try:

@@ -166,8 +166,8 @@ class AuditTrail:
         self.shipper.position.set(*self.wal.durable)
         self.wal.on_durable = self.shipper.position.set
         shipped, errors = self.shipper.shipped, self.shipper.errors
-        self.metrics.audit_shipped.set_function(lambda: shipped.value)
-        self.metrics.audit_ship_errors.set_function(lambda: errors.value)
+        self.metrics.follow(self.metrics.audit_shipped, lambda: shipped.value)
+        self.metrics.follow(self.metrics.audit_ship_errors, lambda: errors.value)
         await asyncio.to_thread(self.shipper.start)
         self._refresher = asyncio.create_task(self._refresh_keys())
         if a.anchor_dir is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -120,6 +120,14 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
 
     metrics_key = gateway.settings.server.metrics_key
 
+    def engines_now() -> None:
+        for d in deployments:
+            metrics.deployment_up.labels(d.name).set(1 if d.healthy else 0)
+        for alias, queue in gateway.queues.items():
+            metrics.queued.labels(alias).set(queue.queued)
+
+    metrics.every_second(engines_now)
+
     async def prometheus(request: Request) -> Response:
         if metrics_key is not None and not bearer_is(
             request.headers.get("authorization"), metrics_key
@@ -127,11 +135,7 @@ def gateway_routes(gateway: Gateway) -> list[Route]:
             return error_response(
                 AuthenticationFailed("/metrics needs its bearer key.", code="invalid_metrics_key")
             )
-        for d in deployments:
-            metrics.deployment_up.labels(d.name).set(1 if d.healthy else 0)
-        for alias, queue in gateway.queues.items():
-            metrics.queued.labels(alias).set(queue.queued)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     table = [
         *(Route(wire.path, endpoint(wire), methods=["POST"]) for wire in ADAPTERS),

@@ -1,8 +1,41 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one test process)."""
+"""Prometheus metrics, one registry per app (so several apps can live in one test process).
+
+Under `bastion serve --workers N` a scrape reaches one worker, yet must count them all: the
+supervisor sets PROMETHEUS_MULTIPROC_DIR before it starts them, and prometheus_client's
+multiprocess mode then keeps every worker's values in files there, which `exposition()` sums.
+Counters and histograms add up (a dead worker's stay counted); each gauge says how its workers'
+values combine (`multiprocess_mode`); gauges read from a function (`track`) are written to the
+files every second instead, as multiprocess mode cannot call another process's function.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+log = logging.getLogger("bastion.metrics")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: How often a worker writes its tracked gauges for the others' scrapes.
+TRACK_SECONDS = 1.0
+
+
+def mark_process_dead(pid: int) -> None:
+    """A worker is gone: its live gauges leave the sums (its counters stay)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -10,6 +43,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: One of several worker processes (see the module's docstring).
+        self.shared = bool(os.environ.get(MULTIPROC_ENV))
+        self._updates: list[Callable[[], None]] = []
+        self._ticker: threading.Thread | None = None
         r = self.registry
         self.requests = Counter(
             "bastion_requests",
@@ -38,7 +75,11 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "bastion_in_flight_requests", "Requests being served now.", ["model"], registry=r
+            "bastion_in_flight_requests",
+            "Requests being served now.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream_errors = Counter(
             "bastion_upstream_errors",
@@ -63,12 +104,15 @@ class Metrics:
             "Requests waiting for an engine slot (fair-share queue).",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.deployment_up = Gauge(
             "bastion_deployment_up",
-            "1 if the deployment passed its last health check.",
+            "1 if the deployment passed its last health check (with several workers: every "
+            "worker's last check).",
             ["deployment"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.routing = Counter(
             "bastion_routing_decisions",
@@ -117,15 +161,54 @@ class Metrics:
             "bastion_audit_shipped_entries",
             "Audit entries moved from the local log into the store since the gateway started.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.usage_pending = Gauge(
             "bastion_usage_pending_records",
             "Usage records queued for the database, not yet written (grows while it is slow or "
             "down; drained at shutdown).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.audit_ship_errors = Gauge(
             "bastion_audit_ship_errors",
             "Failed attempts to move audit entries into the store since start (retried).",
             registry=r,
+            multiprocess_mode="livesum",
         )
+
+    def follow(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """`gauge` shows `read()`: asked at each scrape in one process; in several, written
+        every second, where the other workers' scrapes read it."""
+        if self.shared:
+            self.every_second(lambda: gauge.set(read()))
+        else:
+            gauge.set_function(read)
+
+    def every_second(self, update: Callable[[], None]) -> None:
+        """`update` sets gauges: before each scrape, and, in several processes, every second."""
+        self._updates.append(update)
+        if self.shared and self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, name="bastion-metrics", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(TRACK_SECONDS)
+            try:
+                self._update()
+            except Exception:  # a gauge is stale until the next second; the ticker goes on
+                log.exception("updating the shared metrics failed")
+
+    def _update(self) -> None:
+        for update in list(self._updates):
+            update()
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or every worker's, summed."""
+        self._update()
+        if not self.shared:
+            return generate_latest(self.registry)
+        summed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(summed)
+        return generate_latest(summed)
