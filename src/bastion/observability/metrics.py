@@ -4,7 +4,7 @@ Under `bastion serve --workers N` a scrape reaches one worker, yet must count th
 supervisor sets PROMETHEUS_MULTIPROC_DIR before it starts them, and prometheus_client's
 multiprocess mode then keeps every worker's values in files there, which `exposition()` sums.
 Counters and histograms add up (a dead worker's stay counted); each gauge says how its workers'
-values combine (`multiprocess_mode`); gauges read from a function (`track`) are written to the
+values combine (`multiprocess_mode`); gauges read from a function (`follow`) are written to the
 files every second instead, as multiprocess mode cannot call another process's function.
 """
 
