@@ -17,7 +17,6 @@ median and max in ms.
 from __future__ import annotations
 
 import argparse
-import secrets
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ import sqlalchemy as sa
 from bastion.metering.hourly import rebuild
 from bastion.store.db import make_engine, upgrade
 from bastion.store.schema import usage, usage_hourly
-from bench.rollups import traffic
+from bench.rollups import scratch_database, traffic
 from tests.conftest import Gateway, base_config
 from tests.identity.slapd import PASSWORDS, Slapd
 from tests.metering.test_tco import OWNED, VENDOR
@@ -178,16 +177,8 @@ def main() -> None:
         help="a PostgreSQL server URL (a scratch database is made there and dropped)",
     )  # fmt: skip
     args = ap.parse_args()
-    name = "bastion_console_bench_" + secrets.token_hex(4)
-    admin = sa.create_engine(args.db, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        run(args.db.rsplit("/", 1)[0] + "/" + name, args.rows, args.repeat)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with scratch_database(args.db, "bastion_console_bench_") as url:
+        run(url, args.rows, args.repeat)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ database is a new one (a temporary SQLite file, or a scratch PostgreSQL database
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -172,12 +173,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             run(f"sqlite:///{Path(d) / 'bench.db'}", args.rows, args.batch, args.repeat)
         return
-    name = "bastion_bench_" + secrets.token_hex(4)
-    admin = sa.create_engine(args.db, isolation_level="AUTOCOMMIT")
+    with scratch_database(args.db, "bastion_bench_") as url:
+        run(url, args.rows, args.batch, args.repeat)
+
+
+@contextlib.contextmanager
+def scratch_database(server: str, prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL database on `server` (a URL naming any database there), dropped
+    after, even with connections still open."""
+    name = prefix + secrets.token_hex(4)
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
-        run(args.db.rsplit("/", 1)[0] + "/" + name, args.rows, args.batch, args.repeat)
+        yield server.rsplit("/", 1)[0] + "/" + name
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -8,6 +8,7 @@ it from reaching for Google's services on a closed network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -112,19 +113,33 @@ class Visitor:
         return self.page
 
 
-@pytest.fixture
-def visit(browser: Browser, console_gateway: Gateway) -> Iterator[Callable[[], Visitor]]:
+@contextlib.contextmanager
+def visitors(
+    browser: Browser, url: str, console_errors: bool = True, **context: Any
+) -> Iterator[Callable[[], Visitor]]:
+    """Makes browser visitors of the gateway at `url`, each in a context of its own, closed at
+    the end. Script errors are collected in `errors` (console messages too, unless a page of
+    another site, such as an IdP's, is visited)."""
     made: list[Visitor] = []
 
     def make() -> Visitor:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        v = Visitor(context, page, console_gateway.url)
-        page.on("console", lambda m: v.errors.append(m.text) if m.type == "error" else None)
+        ctx = browser.new_context(viewport={"width": 1280, "height": 900}, **context)
+        page = ctx.new_page()
+        v = Visitor(ctx, page, url)
+        if console_errors:
+            page.on("console", lambda m: v.errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: v.errors.append(str(e)))
         made.append(v)
         return v
 
-    yield make
-    for v in made:
-        v.context.close()
+    try:
+        yield make
+    finally:
+        for v in made:
+            v.context.close()
+
+
+@pytest.fixture
+def visit(browser: Browser, console_gateway: Gateway) -> Iterator[Callable[[], Visitor]]:
+    with visitors(browser, console_gateway.url) as make:
+        yield make

@@ -26,7 +26,7 @@ from bastion.metering.settings import PriceSettings
 from bastion.metering.usage import UsageRecord, write_batch
 from bastion.store.db import make_engine
 from tests.conftest import Gateway, base_config
-from tests.console.conftest import SHOTS, Visitor
+from tests.console.conftest import SHOTS, Visitor, visitors
 from tests.metering.test_tco import OWNED, VENDOR
 
 MONTH = "2026-10"
@@ -94,22 +94,8 @@ def finance_gateway(
 
 @pytest.fixture
 def visit(browser: Browser, finance_gateway: Gateway) -> Iterator[Callable[[], Visitor]]:
-    made: list[Visitor] = []
-
-    def make() -> Visitor:
-        context = browser.new_context(
-            viewport={"width": 1280, "height": 900}, accept_downloads=True
-        )
-        page = context.new_page()
-        v = Visitor(context, page, finance_gateway.url)
-        page.on("console", lambda m: v.errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: v.errors.append(str(e)))
-        made.append(v)
-        return v
-
-    yield make
-    for v in made:
-        v.context.close()
+    with visitors(browser, finance_gateway.url, accept_downloads=True) as make:
+        yield make
 
 
 def _download(v: Visitor, selector: str, tmp_path: Path) -> bytes:

@@ -27,7 +27,7 @@ from playwright.sync_api import Browser
 
 from bastion.store.schema import audit_entries, sessions
 from tests.conftest import Gateway, base_config
-from tests.console.conftest import Visitor
+from tests.console.conftest import Visitor, visitors
 from tests.identity.oidc_provider import DEFAULT_RESOURCE, OidcProvider
 
 CLIENT = "bastion-console"
@@ -107,19 +107,9 @@ def idp_gateway(
 
 @pytest.fixture
 def visit(browser: Browser, idp_gateway: tuple[Gateway, OidcProvider]) -> Iterator[Visit]:
-    made: list[Visitor] = []
-
-    def make() -> Visitor:
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        v = Visitor(context, page, idp_gateway[0].url)
-        page.on("pageerror", lambda e: v.errors.append(str(e)))
-        made.append(v)
-        return v
-
-    yield make
-    for v in made:
-        v.context.close()
+    # Uncaught script errors only: the IdP's pages are not ours to hold to the console's rules.
+    with visitors(browser, idp_gateway[0].url, console_errors=False) as make:
+        yield make
 
 
 def _at_idp(v: Visitor, login: str) -> None:
