@@ -60,6 +60,7 @@ from bench.targets import (
     LITELLM_VERSION,
     ROOT,
     Bastion,
+    drop_databases,
     install_baseline,
     start_gateway,
     start_litellm,
@@ -109,6 +110,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="none",
         help="turn on limits at the key, team and cost-center levels (never refusing), with "
         "in-memory counters or the machine's Redis (127.0.0.1:6379)",
+    )
+    p.add_argument(
+        "--pg",
+        metavar="HOST",
+        help="store in PostgreSQL on HOST (user postgres, trust auth): a fresh database per "
+        "gateway, dropped after, and a shared key set from `bastion secrets init`",
     )
     p.add_argument(
         "--audit",
@@ -214,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = 130
         finally:
             procs.stop_all()
+            drop_databases()
             if args.keep_tmp or rc:
                 print(f"# temp dir kept: {work}", file=sys.stderr)
             else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import string
@@ -155,9 +156,32 @@ AUDIT_CONFIG = """\
 audit:
   enabled: $enabled
   wal_dir: "$wal_dir"
-  signing_key: "$work/audit-signing.pem"
-  master_key_file: "$work/audit-master.key"
+  signing_key: "$keys/audit-signing.$signing_ext"
+  master_key_file: "$keys/audit-master.key"
 """
+
+#: `--pg HOST`: PostgreSQL never invents keys (docs/deploy.md), so the run makes a shared set.
+SESSION_CONFIG = """\
+identity:
+  session_key_file: "$keys/session.key"
+"""
+
+#: Databases made by `--pg` for this run, dropped when it ends (`drop_databases`).
+CREATED_DATABASES: list[tuple[str, str]] = []
+
+
+def pg_database(host: str, label: str) -> str:
+    """A fresh database on ``host`` (user postgres, trust auth) for one gateway; its URL."""
+    name = f"bastion_bench_{re.sub(r'[^a-z0-9]', '_', label.lower())}_{os.urandom(3).hex()}"
+    run_cmd(["createdb", "-h", host, "-U", "postgres", name], "createdb", dict(os.environ), ROOT)
+    CREATED_DATABASES.append((host, name))
+    return f"postgresql+psycopg://postgres@{host}:5432/{name}"
+
+
+def drop_databases() -> None:
+    while CREATED_DATABASES:
+        host, name = CREATED_DATABASES.pop()
+        subprocess.run(["dropdb", "-h", host, "-U", "postgres", "--force", name], check=False)
 
 
 @dataclass
@@ -178,15 +202,26 @@ class Bastion:
         return python if python.exists() else Path(sys.executable)
 
 
-def write_gateway_config(work: Path, stub: Stub, port: int, args: Any) -> Path:
+def write_gateway_config(
+    work: Path, stub: Stub, port: int, args: Any, bastion: Bastion | None = None
+) -> Path:
     """The gateway config in ``work`` (``--config-template`` or the default, plus the
-    ``--limits`` and ``--audit`` sections)."""
+    ``--limits`` and ``--audit`` sections; with ``--pg``, a fresh database and a key set)."""
     text = args.config_template.read_text() if args.config_template else GATEWAY_CONFIG
+    db_url = f"sqlite:///{work / 'bastion.db'}"
+    keys, signing_ext = work, "pem"
+    if getattr(args, "pg", None):
+        db_url = pg_database(args.pg, work.name)
+        keys, signing_ext = work / "keys", "key"
+        cli = str(bastion.cli) if bastion else "bastion"
+        run_cmd([cli, "secrets", "init", "--dir", keys], "bastion secrets init", None, ROOT)
+        text += string.Template(SESSION_CONFIG).substitute(keys=keys)
     if args.limits != "none":
         text += string.Template(LIMITS_CONFIG).substitute(backend=args.limits)
     text += string.Template(AUDIT_CONFIG).substitute(
         enabled="true" if args.audit == "on" else "false",
-        work=work,
+        keys=keys,
+        signing_ext=signing_ext,
         wal_dir=args.audit_dir / work.name if args.audit_dir else work / "audit",
     )
     cfg = work / "bastion.yaml"
@@ -194,7 +229,7 @@ def write_gateway_config(work: Path, stub: Stub, port: int, args: Any) -> Path:
         string.Template(text).substitute(
             host=HOST,
             port=port,
-            db_url=f"sqlite:///{work / 'bastion.db'}",
+            db_url=db_url,
             admin_key="bench-admin-" + os.urandom(16).hex(),
             team=TEAM,
             model_json=MODEL_JSON,
@@ -233,7 +268,7 @@ def start_gateway(
     gw_work = work / bastion.label.replace("@", "-at-").replace("/", "_")
     gw_work.mkdir()
     port = free_port()
-    cfg = write_gateway_config(gw_work, stub, port, args)
+    cfg = write_gateway_config(gw_work, stub, port, args, bastion)
     env = dict(os.environ, BASTION_CONFIG=str(cfg))
     key = api_key or create_key(bastion, cfg, env)
     if args.gateway_cmd:

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.stub import GATEWAY
-from bench.targets import GATEWAY_CONFIG
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -60,18 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_one(args: argparse.Namespace, workers: int, first: bool, out: Path) -> list[dict]:
     """One bench.overhead run with `workers` gateway processes; its points, the gateway's
     relabelled `bastion wN`."""
-    if not args.pg:
-        return _run_one(args, workers, first, out, [])
-    name = f"bastion_bench_w{workers}_{os.urandom(3).hex()}"
-    pg = ["-h", args.pg, "-U", "postgres"]
-    subprocess.run(["createdb", *pg, name], check=True)
-    template = out.with_suffix(".yaml")
-    url = f"postgresql+psycopg://postgres@{args.pg}:5432/{name}"
-    template.write_text(GATEWAY_CONFIG.replace("$db_url", url))
-    try:
-        return _run_one(args, workers, first, out, ["--config-template", str(template)])
-    finally:
-        subprocess.run(["dropdb", *pg, "--force", name], check=False)
+    return _run_one(args, workers, first, out, ["--pg", args.pg] if args.pg else [])
 
 
 def _run_one(

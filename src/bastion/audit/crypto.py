@@ -20,6 +20,8 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bastion.core.randomness import random_bytes
+
 NONCE = 12
 
 
@@ -75,7 +77,8 @@ def commitment(data_key: bytes, context: bytes, canonical_plaintext: bytes) -> t
     """A hiding commitment to a plaintext: SHA-256(salt || plaintext), where the salt is
     derived from the team's data key. It binds an export's plaintext to the hashed entry, and
     once the key is shredded the salt is gone too, so the commitment cannot confirm guesses."""
-    salt = hmac.digest(data_key, b"bastion-commit:" + context, "sha256")
+    # (hmac.new, not hmac.digest: the one-shot form lets go of the interpreter lock.)
+    salt = hmac.new(data_key, b"bastion-commit:" + context, hashlib.sha256).digest()
     return hashlib.sha256(salt + canonical_plaintext).hexdigest(), salt
 
 
@@ -85,7 +88,7 @@ def new_data_key() -> bytes:
 
 def seal(data_key: bytes, plaintext: bytes, context: bytes) -> bytes:
     """AES-256-GCM; `context` (e.g. replica and sequence number) is authenticated too."""
-    nonce = os.urandom(NONCE)
+    nonce = random_bytes(NONCE)
     return nonce + AESGCM(data_key).encrypt(nonce, plaintext, context)
 
 

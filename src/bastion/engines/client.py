@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 
 from bastion.core.errors import (
     EngineConnectError,
@@ -154,6 +155,7 @@ class EngineResponse:
 class EngineClient:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._targets: dict[tuple[int, str], tuple[Any, ...]] = {}
 
     async def start(self) -> None:
         # No connection cap of our own: admission control belongs to the limits layer.
@@ -173,6 +175,21 @@ class EngineClient:
         if self._session is not None:
             await self._session.close()
 
+    def _target(
+        self, dep: DeploymentSettings, path: str
+    ) -> tuple[yarl.URL, aiohttp.ClientTimeout, dict[str, str]]:
+        """What every request to one engine path shares, built once: the parsed URL, the
+        timeouts and the fixed headers (parsing a URL per request was a visible cost)."""
+        key = (id(dep), path)  # (a settings model's own hash reads every field)
+        target = self._targets.get(key)
+        if target is None or target[0] is not dep:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=dep.connect_timeout, sock_read=dep.read_timeout
+            )
+            fixed = {"Content-Type": "application/json", **auth_headers(dep)}
+            target = self._targets[key] = (dep, yarl.URL(dep.url + path), timeout, fixed)
+        return target[1:]
+
     @property
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "EngineClient.start() was not awaited"
@@ -186,15 +203,11 @@ class EngineClient:
         extra_headers: dict[str, str] | None = None,
     ) -> EngineResponse:
         """Sends the request; returns once the engine's response headers are in and say OK."""
-        headers = {**(extra_headers or {}), "Content-Type": "application/json", **auth_headers(dep)}
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=dep.connect_timeout, sock_read=dep.read_timeout
-        )
+        url, timeout, fixed = self._target(dep, path)
+        headers = {**extra_headers, **fixed} if extra_headers else fixed
         try:
             async with asyncio.timeout(dep.first_byte_timeout):
-                resp = await self.session.post(
-                    dep.url + path, data=body, headers=headers, timeout=timeout
-                )
+                resp = await self.session.post(url, data=body, headers=headers, timeout=timeout)
         except aiohttp.ClientConnectorError as exc:
             raise EngineConnectError(
                 f"engine at {dep.display_url} is unreachable: {exc.os_error}"

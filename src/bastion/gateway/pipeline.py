@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +32,7 @@ from bastion.core.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from bastion.core.randomness import token_hex
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
 from bastion.gateway.access import adapter_gone, authorize, may_call, may_call_adapter
@@ -138,7 +138,7 @@ class Gateway:
     # -- stages -----------------------------------------------------------------------------
     async def handle(self, wire: WireAdapter, request: Request) -> Response | SSERelay:
         call = Call(
-            UsageRecord(request_id="req_" + secrets.token_hex(12), endpoint=wire.name),
+            UsageRecord(request_id="req_" + token_hex(12), endpoint=wire.name),
             time.perf_counter(),
             request.client.host if request.client else None,
         )
@@ -303,7 +303,7 @@ class Gateway:
         """Tries deployments in the balancer's order; moves on only if nothing was sent. Each
         deployment is spoken to in the API it serves (`wire.via`): natively, or translated."""
         last: BastionError | None = None
-        gauge = self.metrics.in_flight.labels(route.alias)
+        gauge = self.metrics.of(self.metrics.in_flight, route.alias)
         plan = route.plan(req)
         call.rec.served_model = route.alias
         if req.adapter is not None and self.adapters is not None:
@@ -313,7 +313,7 @@ class Gateway:
         for attempt, (dep, reason) in enumerate(plan.choices):
             if attempt and not route.retries.try_retry():
                 # The alias's own fleet is spared; another alias of its chain may still serve.
-                self.metrics.retries.labels(route.alias, "budget-spent").inc()
+                self.metrics.of(self.metrics.retries, route.alias, "budget-spent").inc()
                 spent = UpstreamUnavailable(
                     f"No engine for model '{route.alias}' is reachable right now"
                     + (f" ({last.message})" if last else "")
@@ -321,7 +321,7 @@ class Gateway:
                 )
                 raise NotServed(spent, "unavailable")
             if attempt:
-                self.metrics.retries.labels(route.alias, "retried").inc()
+                self.metrics.of(self.metrics.retries, route.alias, "retried").inc()
             call.rec.deployment = dep.name
             lease = dep.lease(gauge)
             try:
@@ -331,12 +331,12 @@ class Gateway:
                 route.served(plan, dep, reason)
                 call.deployment = dep
                 call.routing_headers["x-bastion-routed-to"] = dep.name
-                self.metrics.routing.labels(dep.name, reason).inc()
+                self.metrics.of(self.metrics.routing, dep.name, reason).inc()
                 return lease, upstream, spoken
             except EngineConnectError as exc:
                 lease.release()
                 dep.eject()
-                self.metrics.upstream_errors.labels(dep.name, "connect").inc()
+                self.metrics.of(self.metrics.upstream_errors, dep.name, "connect").inc()
                 log.warning("%s: %s; trying the next deployment", dep.name, exc.message)
                 last = exc
             except UpstreamError as exc:
@@ -345,7 +345,9 @@ class Gateway:
                     # Nothing was generated: find (or reload) it elsewhere, once.
                     dep.adapters.discard(req.adapter)
                     return await self._connect(call, route, req, wire, again=False)
-                self.metrics.upstream_errors.labels(dep.name, exc.default_code or "error").inc()
+                self.metrics.of(
+                    self.metrics.upstream_errors, dep.name, exc.default_code or "error"
+                ).inc()
                 if (moving := not_served(exc)) is exc:
                     raise
                 raise moving from exc  # nothing reached the client: the next alias may serve
@@ -434,7 +436,9 @@ class Gateway:
         self._count_stream(call, tr)
         if state.first_token_at is not None:
             rec.ttft_ms = (state.first_token_at - call.started) * 1000
-            self.metrics.ttft.labels(rec.model).observe(state.first_token_at - call.started)
+            self.metrics.of(self.metrics.ttft, rec.model).observe(
+                state.first_token_at - call.started
+            )
         partial = tr.assembled() if tr.collecting else None
         if cancelled:
             self._finish(call, 499, "cancelled", "client_disconnected", content=partial)
@@ -463,20 +467,20 @@ class Gateway:
         known = rec.model in self.routes or rec.model in self.settings.routers
         model = rec.model if known else "(unknown)"
         m = self.metrics
-        m.requests.labels(model, rec.endpoint, str(status)).inc()
-        m.latency.labels(model, rec.endpoint).observe(elapsed)
+        m.of(m.requests, model, rec.endpoint, str(status)).inc()
+        m.of(m.latency, model, rec.endpoint).observe(elapsed)
         if rec.prompt_tokens:
-            m.tokens.labels(model, "prompt").inc(rec.prompt_tokens)
+            m.of(m.tokens, model, "prompt").inc(rec.prompt_tokens)
         if rec.cached_tokens:
-            m.tokens.labels(model, "cached").inc(rec.cached_tokens)
+            m.of(m.tokens, model, "cached").inc(rec.cached_tokens)
         if rec.completion_tokens:
-            m.tokens.labels(model, "completion").inc(rec.completion_tokens)
+            m.of(m.tokens, model, "completion").inc(rec.completion_tokens)
         if call.deployment is not None and rec.prompt_tokens and not rec.tokens_estimated:
             dep = call.deployment
             dep.prompt_tokens += rec.prompt_tokens
             dep.cached_tokens += rec.cached_tokens or 0
-            m.deployment_tokens.labels(dep.name, "prompt").inc(rec.prompt_tokens)
-            m.deployment_tokens.labels(dep.name, "cached").inc(rec.cached_tokens or 0)
+            m.of(m.deployment_tokens, dep.name, "prompt").inc(rec.prompt_tokens)
+            m.of(m.deployment_tokens, dep.name, "cached").inc(rec.cached_tokens or 0)
         if call.queue is not None:
             call.queue.release()
             call.queue = None

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +27,7 @@ from prometheus_client import (
 )
 
 log = logging.getLogger("bastion.metrics")
+M = TypeVar("M", Counter, Gauge, Histogram)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: How often a worker writes its tracked gauges for the others' scrapes.
 TRACK_SECONDS = 1.0
@@ -46,6 +48,7 @@ class Metrics:
         #: One of several worker processes (see the module's docstring).
         self.shared = bool(os.environ.get(MULTIPROC_ENV))
         self._updates: list[Callable[[], None]] = []
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._ticker: threading.Thread | None = None
         r = self.registry
         self.requests = Counter(
@@ -176,6 +179,15 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+
+    def of(self, metric: M, *values: str) -> M:
+        """`metric.labels(*values)`, looked up once per label set: the request path asks for
+        about ten children a request, and prometheus_client validates and locks on each."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[no-any-return]
 
     def follow(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """`gauge` shows `read()`: asked at each scrape in one process; in several, written
