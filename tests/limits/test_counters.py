@@ -127,3 +127,29 @@ def test_sliding_window_refuses_the_boundary_burst(kind: str) -> None:
         await backend.close()
 
     asyncio.run(scenario())
+
+
+def test_one_settlement_of_many_requests(kind: str) -> None:
+    """Settlements of many requests at once (split into several script calls in Redis): each
+    request's own window entry, slot and budget are corrected, and nothing else."""
+    p = "test:" + secrets.token_hex(4)
+
+    async def scenario() -> None:
+        backend = make(kind)
+        n = 700  # > RedisCounters.SETTLE_CHUNK / 3 requests' worth of counters
+        tpm = _check("tpm", f"{p}:tpm", 10**9, 10)
+        slots = _check("concurrent", f"{p}:inflight", 10**6, 1, "slots")
+        budget = _check("budget_day", f"{p}:budget", 10**9, 5, "budget")
+        await backend.seed(budget.key, 0, 60)
+        for i in range(n):
+            assert (await backend.admit([tpm, slots, budget], f"r{i}")).ok
+        assert await backend.peek([tpm, slots, budget]) == [10 * n, n, 5 * n]
+        items = []
+        for i in range(n - 1):  # the last request is still in flight
+            items += [(tpm, -3, f"r{i}"), (slots, -1, f"r{i}"), (budget, 2, f"r{i}")]
+        items.append((tpm, 4, "gone"))  # a request no longer in the window: nothing to correct
+        await backend.adjust(items)
+        assert await backend.peek([tpm, slots, budget]) == [7 * (n - 1) + 10, 1, 7 * (n - 1) + 5]
+        await backend.close()
+
+    asyncio.run(scenario())

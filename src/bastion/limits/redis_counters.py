@@ -128,21 +128,31 @@ end
 return out
 """
 )
-# A settlement corrects the request's own entry, if it is still in the window.
-_SETTLE_WINDOW = """
-local hkey = KEYS[1] .. '|a'
-if redis.call('HEXISTS', hkey, ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', hkey, ARGV[1], ARGV[2])
-return redis.call('HINCRBY', hkey, '#sum', ARGV[2])
+# Settlements, many requests' at once (one reply instead of one per counter). KEYS: the
+# counters; ARGV: per key op ('w' window, 'z' slots, 'i' budget), request id, delta. A window
+# corrects the request's own entry if it is still there; a budget only where it still exists
+# (never resurrect an expired one); slots free the request's.
+_SETTLE = """
+for i = 1, #KEYS do
+  local b = (i - 1) * 3
+  local op, rid, delta = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
+  if op == 'z' then
+    redis.call('ZREM', KEYS[i], rid)
+  elseif op == 'w' then
+    local hkey = KEYS[i] .. '|a'
+    if redis.call('HEXISTS', hkey, rid) == 1 then
+      redis.call('HINCRBY', hkey, rid, delta)
+      redis.call('HINCRBY', hkey, '#sum', delta)
+    end
+  elseif redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('INCRBY', KEYS[i], delta)
+  end
+end
+return #KEYS
 """
 # What `limits status` shows: the window's total now (dropping what has left it changes no
 # outcome, so the read may prune).
 _PEEK_WINDOW = _WINDOW + "return prune(KEYS[1], clock() - tonumber(ARGV[2]))"
-# Corrections apply only where the window still exists: never resurrect an expired one.
-_INCR_EXISTING = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
-return 0
-"""
 _OPS = {"window": 1, "budget": 2, "slots": 3}
 #: Prefixed to every key (the window's `|a` hash derives from its key, so it follows).
 HASH_TAG = "{bastion}"
@@ -167,8 +177,7 @@ class RedisCounters:
             health_check_interval=30,
         )
         self._admit = self._redis.register_script(_ADMIT)
-        self._incr_existing = self._redis.register_script(_INCR_EXISTING)
-        self._settle_window = self._redis.register_script(_SETTLE_WINDOW)
+        self._settle = self._redis.register_script(_SETTLE)
         self._peek_window = self._redis.register_script(_PEEK_WINDOW)
         # Admissions (and settlements) that arrive in the same event-loop turn go out as one
         # pipeline on a dedicated connection: one round trip for all of them, each script
@@ -213,7 +222,7 @@ class RedisCounters:
         if self._conn is None:
             conn = self._redis.connection_pool.make_connection()
             await conn.connect()
-            for script in (_ADMIT, _INCR_EXISTING, _SETTLE_WINDOW):
+            for script in (_ADMIT, _SETTLE):
                 await conn.send_command("SCRIPT", "LOAD", script)
                 await conn.read_response()
             self._conn = conn
@@ -258,17 +267,22 @@ class RedisCounters:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
 
+    #: Counters per settlement script call: each call is one short stretch of Redis's time.
+    SETTLE_CHUNK = 600
+
     async def adjust(self, items: list[tuple[Check, int, str]]) -> None:
-        commands: list[list[object]] = []
-        for c, delta, request_id in items:
-            if c.op == "slots":
-                commands.append(["ZREM", redis_key(c.key), request_id])
-            elif c.op == "window" and delta:
-                key = redis_key(c.key)
-                commands.append(["EVALSHA", self._settle_window.sha, 1, key, request_id, delta])
-            elif delta:
-                commands.append(["EVALSHA", self._incr_existing.sha, 1, redis_key(c.key), delta])
-        await asyncio.gather(*(self._call(cmd) for cmd in commands))
+        todo = [
+            (redis_key(c.key), "z" if c.op == "slots" else "w" if c.op == "window" else "i", rid, d)
+            for c, d, rid in items
+            if d or c.op == "slots"
+        ]
+        calls = []
+        for i in range(0, len(todo), self.SETTLE_CHUNK):
+            chunk = todo[i : i + self.SETTLE_CHUNK]
+            args = [a for _key, *triple in chunk for a in triple]
+            keys = [key for key, *_triple in chunk]
+            calls.append(self._call(["EVALSHA", self._settle.sha, len(keys), *keys, *args]))
+        await asyncio.gather(*calls)
 
     async def seed(self, key: str, value: int, ttl: int) -> None:
         await self._redis.set(redis_key(key), value, ex=ttl, nx=True)
