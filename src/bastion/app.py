@@ -34,7 +34,7 @@ from bastion.console.app import console_app
 from bastion.core.lifecycle import Component, running
 from bastion.engines.client import EngineClient
 from bastion.gateway.pipeline import Gateway
-from bastion.gateway.routes import gateway_routes
+from bastion.gateway.routes import GatewayApp, gateway_routes
 from bastion.gateway.stored_responses import ResponseStore, TeamSealer
 from bastion.identity import api as identity_api
 from bastion.identity.keystore import KeyStore
@@ -157,7 +157,7 @@ def build_app(
         openapi_public=settings.admin.openapi_public,
     )
     console = console_app()
-    app = Starlette(
+    app = GatewayApp(
         lifespan=lifespan,
         routes=[
             *gateway_routes(gateway),
@@ -176,6 +176,7 @@ def build_app(
         state.routes = routes
         state.routing_extras = [c.row for c in (engine_load, kv_events) if c is not None]
     app.state.gateway = gateway
+    app.serve_directly(gateway)
     app.state.health = health
     return app
 
