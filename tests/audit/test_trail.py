@@ -19,6 +19,7 @@ from bastion.audit import store
 from bastion.audit.chain import entry_hash
 from bastion.audit.verify import trusted_keys, verify_store
 from bastion.config import Settings, parse_settings
+from bastion.core.settings import LimitSettings
 from bastion.identity.keys import create_key
 from bastion.store.schema import audit_entries
 from tests.conftest import audit_config
@@ -148,6 +149,27 @@ def test_rejected_requests_are_recorded(env) -> None:  # type: ignore[no-untyped
     assert r.status_code == 404
     (row,) = entries(c, request_id=r.headers["x-request-id"])
     assert orjson.loads(row.doc)["kind"] == "rejected" and row.content is not None
+
+
+def test_a_request_refused_by_its_limits_is_recorded_and_not_forwarded(env, stub) -> None:  # type: ignore[no-untyped-def]
+    """Its request entry is made durable while the limits are asked (two waits at once), so a
+    refusal closes it with a completion entry: 429, nothing forwarded."""
+    c, _keys, _ = env
+    db = c.app.state.db  # type: ignore[attr-defined]
+    key = create_key(db, team="t", user="dave", known_models={"stub"}, limits=LimitSettings(rpm=1))[
+        1
+    ]
+    assert c.post("/v1/chat/completions", json=CHAT, headers=_auth(key)).status_code == 200
+    served = len(stub.requests)
+    r = c.post("/v1/chat/completions", json=CHAT, headers=_auth(key))
+    assert r.status_code == 429 and len(stub.requests) == served  # the engine never saw it
+    rid = r.headers["x-request-id"]
+    rows = _until(lambda: entries(c, request_id=rid) if len(entries(c, request_id=rid)) > 1 else [])
+    docs = [orjson.loads(row.doc) for row in rows]
+    assert [d["kind"] for d in docs] == ["request", "completion"]
+    done = docs[1]
+    assert (done["status"], done["error_code"], done["aborted"]) == (429, "rate_limit_exceeded", False)
+    assert done["deployment"] is None and rows[1].content is not None  # the refusal, sealed
 
 
 def test_only_auditors_read_and_every_read_is_recorded(env) -> None:  # type: ignore[no-untyped-def]

@@ -13,10 +13,10 @@ entry when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -36,12 +36,13 @@ from bastion.core.randomness import token_hex
 from bastion.core.request import ParsedRequest
 from bastion.engines.client import EngineClient, EngineResponse, Usage
 from bastion.gateway.access import adapter_gone, authorize, may_call, may_call_adapter
+from bastion.gateway.call import AnswerHook, Call
 from bastion.gateway.relay import Receive, SSERelay, wait_disconnect
 from bastion.gateway.tiers import pick, serve
-from bastion.gateway.wire import Answer, StreamTranslator, WireAdapter
+from bastion.gateway.wire import StreamTranslator, WireAdapter
 from bastion.identity.keystore import KeyStore
 from bastion.identity.principal import Principal
-from bastion.limits.admission import Admission, Ticket
+from bastion.limits.admission import Admission
 from bastion.limits.caps import check_caps
 from bastion.limits.fairshare import FairQueue
 from bastion.limits.tokens import prompt_upper_bound
@@ -55,48 +56,6 @@ from bastion.routing.balancer import Deployment, Lease, ModelRoute
 from bastion.routing.tiers import NotServed, not_served
 
 log = logging.getLogger("bastion.gateway")
-
-
-class AnswerHook(Protocol):
-    """What a stateful wire API adds to the path (the Responses API's stored conversations):
-    `prepare` after authorization, before anything is counted; `complete` rewrites a whole
-    answer; `keep` runs once the answer is recorded, before the client has all of it."""
-
-    async def prepare(self, principal: Principal, req: ParsedRequest) -> None: ...
-
-    def complete(self, req: ParsedRequest, answer: Answer) -> Answer: ...
-
-    async def keep(self, rec: UsageRecord, req: ParsedRequest, content: Any) -> None: ...
-
-
-@dataclass(slots=True)
-class Call:
-    rec: UsageRecord
-    started: float
-    source: str | None = None
-    ticket: Ticket | None = None
-    queue: FairQueue | None = None
-    req: ParsedRequest | None = None
-    #: The request entry is durable: the call ends with a completion entry, not a rejection.
-    audited: bool = False
-    #: The closing audit entry is written (or on its way).
-    audit_closed: bool = False
-    #: The deployment the request was sent to (its cache-hit tally).
-    deployment: Deployment | None = None
-    #: Reservations of the model limits of an alias serving a request called for another.
-    serving_tickets: list[Ticket] = field(default_factory=list)
-    #: How the request got where it went (response headers): a router's rule, a fallback.
-    routing_headers: dict[str, str] = field(default_factory=dict)
-    trace: traces.RequestSpan | None = None  # the request's span (None: not traced)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        headers = {"x-request-id": self.rec.request_id, **self.routing_headers}
-        if self.ticket is not None:
-            headers.update(self.ticket.headers)
-        if self.req is not None:
-            headers.update(self.req.response_headers)
-        return headers
 
 
 class Gateway:
@@ -170,14 +129,20 @@ class Gateway:
             if (hook := self.hooks.get(wire.name)) is not None:
                 await hook.prepare(principal, req)
             check_caps(self.settings, req)
+            if self.audit is not None:  # two waits at once: the disk flush and the counters
+                call.recording = asyncio.ensure_future(
+                    self.audit.request(call.rec, principal, req.body, call.source)
+                )
             with traces.child(call.trace, "bastion.admission"):
                 call.ticket = await self.admission.admit(principal, req, call.rec.request_id)
             return await serve(self, call, principal, route, req, wire, request.receive)
         except BastionError as exc:
+            await self._entry_settled(call)
             self._finish(call, exc.status, exc.outcome, exc.code, error=exc.message)
             exc.headers = {**call.headers, **exc.headers}
             return wire.error_response(exc, call.rec.request_id)
         except ClientDisconnect:
+            await self._entry_settled(call)
             if call.rec.deployment is not None:  # the engine had the prompt: it is charged
                 self._estimate_prompt(call)
             self._finish(call, 499, "cancelled", "client_disconnected")
@@ -187,9 +152,26 @@ class Gateway:
             raise
         except Exception:
             log.exception("unexpected error on %s", call.rec.request_id)
+            await self._entry_settled(call)
             exc = InternalError("Bastion failed to handle this request; it has been logged.")
             self._finish(call, exc.status, exc.outcome, exc.code)
             return wire.error_response(exc, call.rec.request_id)
+
+    async def request_entry(self, call: Call, req: ParsedRequest) -> None:
+        """Waits for the request entry begun in `handle` to be durable (raises what refuses
+        the request); `req.body` becomes what the engine is sent (`audit.redact_upstream`)."""
+        if call.recording is not None and not call.audited:
+            req.body = await call.recording
+            call.audited = True
+
+    @staticmethod
+    async def _entry_settled(call: Call) -> None:
+        """A call that ends before forwarding: whether its request entry was written decides
+        how it closes (a completion entry, or a rejection)."""
+        if call.recording is not None and not call.audited:
+            with contextlib.suppress(Exception):
+                await call.recording
+                call.audited = True
 
     def _weight(self, team: str) -> float:
         t = self.settings.teams.get(team)
@@ -492,8 +474,9 @@ class Gateway:
         call.trace = traces.ended(call.trace, rec, call.req, status)
         if self.audit is not None and not call.audit_closed:
             call.audit_closed = True
-            if call.audited:  # forwarded, and did not end well: what was sent so far
-                self.audit.completion_later(rec, content=content, aborted=True, error=error)
+            if call.audited:  # recorded, and did not end well: what was sent so far, if any
+                forwarded = rec.deployment is not None
+                self.audit.completion_later(rec, content=content, aborted=forwarded, error=error)
             else:
                 self.audit.completion_later(
                     rec,

@@ -27,7 +27,8 @@ from bastion.routing.tiers import Decision, Facts, NotServed, decide, needs_prom
 if TYPE_CHECKING:
     from starlette.responses import Response
 
-    from bastion.gateway.pipeline import Call, Gateway
+    from bastion.gateway.call import Call
+    from bastion.gateway.pipeline import Gateway
 
 log = logging.getLogger("bastion.gateway")
 
@@ -106,9 +107,7 @@ async def serve(
             if (queue := gw.queues.get(target.alias)) is not None:
                 await queue.acquire(principal.team, gw._weight(principal.team))
                 call.queue = queue
-            if gw.audit is not None and not call.audited:
-                req.body = await gw.audit.request(call.rec, principal, req.body, call.source)
-                call.audited = True
+            await gw.request_entry(call, req)
             return await gw._relay(call, target, req, wire, receive)
         except QueueTimeout as exc:
             failure, moved = exc, (target.alias, "queue_timeout")
