@@ -136,6 +136,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "installed into a venv cached under CACHE_DIR/bench-baseline/<commit>, same config",
     )
     p.add_argument(
+        "--baseline-same-venv",
+        action="store_true",
+        help="run the baseline from this tree's venv, importing its exported source "
+        "(PYTHONPATH): the same dependencies exactly, and no install",
+    )
+    p.add_argument(
         "--litellm",
         action="store_true",
         help=f"also bench the LiteLLM {LITELLM_VERSION} proxy (1 worker, no database, no "
@@ -255,7 +261,8 @@ def bench(args: argparse.Namespace, procs: Processes, work: Path, report: Report
     # Installs first (minutes on first use), so that no server idles meanwhile.
     baseline: Bastion | None = None
     if args.baseline_ref:
-        baseline, sha = install_baseline(args.baseline_ref, args.cache_dir)
+        this = Bastion(GATEWAY, args.bastion, ROOT) if args.baseline_same_venv else None
+        baseline, sha = install_baseline(args.baseline_ref, args.cache_dir, this)
         report.env["baseline_commit"] = sha
         print(f"# {baseline.label}: commit {sha}, {baseline.cli}", flush=True)
 

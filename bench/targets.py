@@ -191,6 +191,15 @@ class Bastion:
     label: str  # the target's name: "bastion" or "bastion@REF"
     cli: Path
     root: Path
+    #: Source tree to import instead of the venv's own (`--baseline-same-venv`): another
+    #: version on exactly the same dependencies.
+    src: Path | None = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, **extra)
+        if self.src is not None:
+            env["PYTHONPATH"] = str(self.src)
+        return env
 
     @property
     def venv(self) -> Path:
@@ -214,7 +223,8 @@ def write_gateway_config(
         db_url = pg_database(args.pg, work.name)
         keys, signing_ext = work / "keys", "key"
         cli = str(bastion.cli) if bastion else "bastion"
-        run_cmd([cli, "secrets", "init", "--dir", keys], "bastion secrets init", None, ROOT)
+        env = bastion.env() if bastion else None
+        run_cmd([cli, "secrets", "init", "--dir", keys], "bastion secrets init", env, ROOT)
         text += string.Template(SESSION_CONFIG).substitute(keys=keys)
     if args.limits != "none":
         text += string.Template(LIMITS_CONFIG).substitute(backend=args.limits)
@@ -269,7 +279,7 @@ def start_gateway(
     gw_work.mkdir()
     port = free_port()
     cfg = write_gateway_config(gw_work, stub, port, args, bastion)
-    env = dict(os.environ, BASTION_CONFIG=str(cfg))
+    env = bastion.env(BASTION_CONFIG=str(cfg))
     key = api_key or create_key(bastion, cfg, env)
     if args.gateway_cmd:
         placeholders = {
@@ -291,10 +301,13 @@ def start_gateway(
     return Target(bastion.label, url + CHAT_PATH, key, log, {"argv": shlex.join(argv)}, proc.pid)
 
 
-def install_baseline(ref: str, cache: Path) -> tuple[Bastion, str]:
+def install_baseline(
+    ref: str, cache: Path, same_venv: Bastion | None = None
+) -> tuple[Bastion, str]:
     """``ref`` of this repository, exported with ``git archive`` and installed (``pip install
     -e``) into its own venv, both under ``cache/bench-baseline/<commit>``, made on first use;
-    returns it and the commit."""
+    returns it and the commit. With ``same_venv``: run from that install's venv, importing the
+    exported tree (PYTHONPATH), so both versions run on the very same dependencies."""
     sha = run_cmd(
         ["git", "-C", ROOT, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}"],
         f"git rev-parse {ref}",
@@ -317,6 +330,8 @@ def install_baseline(ref: str, cache: Path) -> tuple[Bastion, str]:
                 tar.extractall(src)
         if archive.wait() != 0:
             raise BenchError(f"git archive {sha} failed")
+    if same_venv is not None:
+        return Bastion(label, same_venv.cli, src, src / "src"), sha
     ensure_venv(venv, ["-e", str(src)], label)
     return Bastion(label, venv / "bin" / "bastion", src), sha
 
