@@ -168,7 +168,11 @@ def test_a_request_refused_by_its_limits_is_recorded_and_not_forwarded(env, stub
     docs = [orjson.loads(row.doc) for row in rows]
     assert [d["kind"] for d in docs] == ["request", "completion"]
     done = docs[1]
-    assert (done["status"], done["error_code"], done["aborted"]) == (429, "rate_limit_exceeded", False)
+    assert (done["status"], done["error_code"], done["aborted"]) == (
+        429,
+        "rate_limit_exceeded",
+        False,
+    )
     assert done["deployment"] is None and rows[1].content is not None  # the refusal, sealed
 
 
