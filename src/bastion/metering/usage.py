@@ -115,11 +115,14 @@ class UsageWriter:
         self.written = 0
 
     def open(self) -> None:
-        """Starts the writer thread (synchronous callers: the lifecycle uses `start`)."""
+        """Starts the writer process and thread (synchronous callers: the lifecycle uses
+        `start`)."""
+        if self._process is not None:
+            self._process.start()
         self._thread.start()
 
     async def start(self) -> None:
-        self.open()
+        await asyncio.to_thread(self.open)
 
     async def stop(self) -> None:
         """Drains every queued record into the database (in a worker thread, off the loop)."""

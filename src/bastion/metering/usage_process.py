@@ -23,6 +23,7 @@ import orjson
 log = logging.getLogger("bastion.metering")
 _ctx = multiprocessing.get_context("spawn")  # never fork a threaded server
 OK = b"ok"
+READY = b"ready"
 
 
 class UsageWriteFailed(Exception):
@@ -42,8 +43,9 @@ class UsageProcess:
         payload = orjson.dumps(rows)
         for attempt in (1, 2):
             if self._conn is None:
-                self._start()
-            assert self._conn is not None
+                self.start()
+            if self._conn is None:
+                raise UsageWriteFailed("the usage writer process could not start")
             try:
                 self._conn.send_bytes(payload)
                 reply = self._reply(self._conn)
@@ -63,7 +65,9 @@ class UsageProcess:
                 raise EOFError(f"exit code {self._proc.exitcode}")
         return conn.recv_bytes()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Starts the process and returns once it is ready for batches (a second or so: it
+        imports the database layer), so that records are stored from the first request on."""
         ours, theirs = _ctx.Pipe()
         self._proc = _ctx.Process(
             target=_main, args=(*self._args, theirs), name="bastion-usage-writer", daemon=True
@@ -71,6 +75,12 @@ class UsageProcess:
         self._proc.start()
         theirs.close()  # the process sees EOF when the gateway is gone, however it went
         self._conn = ours
+        try:
+            if self._reply(ours) != READY:
+                raise EOFError("it did not say it was ready")
+        except (EOFError, OSError) as exc:
+            log.error("the usage writer process did not start (%s)", exc)
+            self.close()
 
     def close(self, timeout: float = 10.0) -> None:
         """Ends the process (it finishes the batch in hand: nothing is sent without a reply)."""
@@ -97,6 +107,7 @@ def _main(db_url: str, fields: tuple[str, ...], conn: Connection) -> None:
     configure_child_logging()
     db = make_engine(db_url)
     ts = fields.index("ts")
+    conn.send_bytes(READY)
     try:
         while True:
             try:
