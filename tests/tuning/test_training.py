@@ -135,6 +135,8 @@ def test_cancel_kill_and_resume(tiny_model: Path, lora_dataset: Path, tmp_path: 
     while (st := jobs.status(job_id, jobs_dir))["state"] != "failed":
         assert time.monotonic() < deadline, st
         time.sleep(0.1)
+    # What the kill left (the status file trails the worker by a few steps on a busy machine).
+    left = {int(d.name.removeprefix("step-")) for d in (jdir / "checkpoints").glob("step-*")}
     assert st["error"] == "the training process is gone (killed or crashed)"
     tune(jobs_dir, "run", "--resume", job_id)
     st = jobs.wait(job_id, jobs_dir, timeout=300)
@@ -142,7 +144,7 @@ def test_cancel_kill_and_resume(tiny_model: Path, lora_dataset: Path, tmp_path: 
     assert st["launches"] == 3
     events = [p for p in jobs.progress(job_id, jobs_dir) if "event" in p]
     resumed = [e["step"] for e in events if e["event"] == "resumed"]
-    assert resumed[0] == stopped and stopped < resumed[1] <= stopped + 30
+    assert resumed[0] == stopped and stopped < resumed[1] and resumed[1] in left
     card = json.loads((jdir / "adapter" / CARD).read_text())
     # The stored curve is whole: each step once, from the checkpoints it resumed from.
     assert [s for s, _ in card["curves"]["train"]] == list(range(1, 201))
