@@ -67,6 +67,7 @@ def uvicorn_options(settings: Settings, host: str, port: int, log_level: str) ->
         "loop": "uvloop",
         "http": "httptools",
         "access_log": settings.logging.access_log,
+        "server_header": False,  # no `server: uvicorn`: nothing to fingerprint, one header less
         "log_config": None,  # the gateway's own format (observability.logs) for uvicorn too
         # X-Forwarded-For is believed only from the configured load balancers (uvicorn would
         # otherwise trust it from 127.0.0.1, or from $FORWARDED_ALLOW_IPS).

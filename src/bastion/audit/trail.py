@@ -337,7 +337,8 @@ class AuditTrail:
         """Seals the (redacted) payload into the entry; returns what was sealed. Large bodies
         are redacted and sealed in a worker thread, so the event loop never stalls on them."""
         key = await self.keys.get(str(entry["team"]))
-        raw = orjson.dumps(payload)
+        # Sealed in canonical form: the same bytes serve the seal and the commitment.
+        raw = canonical(payload)
         if len(raw) > OFFLOAD_BYTES:
             return await asyncio.to_thread(self._seal_with, key, entry, payload, raw)
         return self._seal_with(key, entry, payload, raw)
@@ -349,13 +350,13 @@ class AuditTrail:
         if self.settings.redact:
             payload, counts = self.redactor.json(payload)
             if counts:
-                raw = orjson.dumps(payload)
+                raw = canonical(payload)
         context = seal_context(entry)
         sealed = seal(key.key, raw, context)
         entry["content"] = base64.b64encode(sealed).decode()
         entry["content_sha256"] = content_digest(sealed)
         # Binds the plaintext an export shows to this hashed entry (docs/audit.md).
-        entry["content_commit"], _salt = commitment(key.key, context, canonical(payload))
+        entry["content_commit"], _salt = commitment(key.key, context, raw)
         entry["content_key"] = key.id
         if counts:
             entry["redactions"] = counts

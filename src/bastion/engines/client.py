@@ -167,8 +167,11 @@ class EngineClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             json_serialize=lambda o: orjson.dumps(o).decode(),
+            # Bodies are relayed as they come: never ask for a compression nobody decodes.
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # Engines set no cookies worth keeping; a jar would be read and written per request.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def stop(self) -> None:
