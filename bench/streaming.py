@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,12 +88,10 @@ def request(model: str, max_tokens: int) -> bytes:
     ).encode()
 
 
-def pct(values: list[float], q: float) -> float:
-    return (
-        statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-        if len(values) > 1
-        else values[0]
-    )
+def pct(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -171,8 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs.stop_all()
         drop_databases()
         if not args.keep_tmp:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -219,7 +219,7 @@ def write_gateway_config(
     text = args.config_template.read_text() if args.config_template else GATEWAY_CONFIG
     db_url = f"sqlite:///{work / 'bastion.db'}"
     keys, signing_ext = work, "pem"
-    if getattr(args, "pg", None):
+    if args.pg:
         db_url = pg_database(args.pg, work.name)
         keys, signing_ext = work / "keys", "key"
         cli = str(bastion.cli) if bastion else "bastion"

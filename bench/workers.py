@@ -59,12 +59,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_one(args: argparse.Namespace, workers: int, first: bool, out: Path) -> list[dict]:
     """One bench.overhead run with `workers` gateway processes; its points, the gateway's
     relabelled `bastion wN`."""
-    return _run_one(args, workers, first, out, ["--pg", args.pg] if args.pg else [])
-
-
-def _run_one(
-    args: argparse.Namespace, workers: int, first: bool, out: Path, extra: list[str]
-) -> list[dict]:
     cmd = [
         sys.executable,
         "-m",
@@ -86,7 +80,7 @@ def _run_one(
         "--warmup",
         str(args.warmup),
         "--keep-going",  # a point that fails (LiteLLM timing out at high concurrency) is shown
-        *extra,
+        *(["--pg", args.pg] if args.pg else []),
     ]
     if args.bastion:
         cmd += ["--bastion", args.bastion]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import signal
 from datetime import datetime
 from multiprocessing.connection import Connection
@@ -127,4 +126,3 @@ def _main(db_url: str, fields: tuple[str, ...], conn: Connection) -> None:
             conn.send_bytes(OK)
     finally:
         db.dispose()
-        log.debug("usage writer process %d done", os.getpid())
