@@ -422,6 +422,34 @@ def usage_rows(db_url: str, timeout: float = 5.0, **where: Any) -> list[Any]:
         engine.dispose()
 
 
+def audit_docs(
+    db_url: str,
+    until: Callable[[list[dict[str, Any]]], bool] = bool,
+    timeout: float = 15.0,
+    **where: Any,
+) -> list[dict[str, Any]]:
+    """Audit entries matching `where`, waiting until `until` accepts them: an entry is durable
+    in the trail's log first and reaches the database when the shipper next runs."""
+    import orjson
+
+    from bastion.store.schema import audit_entries
+
+    engine = sa.create_engine(db_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            q = sa.select(audit_entries.c.doc)
+            for k, v in where.items():
+                q = q.where(audit_entries.c[k] == v)
+            with engine.connect() as conn:
+                docs = [orjson.loads(d) for (d,) in conn.execute(q)]
+            if until(docs) or time.monotonic() > deadline:
+                return docs
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+
+
 # -- Redis ----------------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("BASTION_TEST_REDIS", "redis://127.0.0.1:6379/0")
 

@@ -345,3 +345,45 @@ def test_migrations_run_as_their_own_step_before_the_gateway(
     vals["gateway"]["migrate"] = False
     pod = one(render(vals), "Deployment", "bastion-gateway")["spec"]["template"]["spec"]
     assert "initContainers" not in pod
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_statefulset_gives_each_gateway_a_log_of_its_own(version: str) -> None:
+    """gateway.workload=StatefulSet: var/ (the audit log) on a claim per pod instead of an
+    emptyDir, and the pod's stable name as its chain id, so that a pod lost without its
+    shutdown leaves its unshipped entries to its successor of the same name."""
+    vals = values("external")
+    vals["gateway"] = {
+        **vals["gateway"],
+        "workload": "StatefulSet",
+        "varVolume": {"size": "5Gi", "storageClassName": "local-nvme"},
+    }
+    docs = render(vals)
+    problems = [p for d in docs for p in errors(d, version)]
+    assert not problems, "\n".join(problems)
+    assert not find(docs, "Deployment", "bastion-gateway")
+    sts = one(docs, "StatefulSet", "bastion-gateway")["spec"]
+    pod = sts["template"]["spec"]
+    assert "var" not in {v["name"] for v in pod["volumes"]}  # no emptyDir: the claim
+    (claim,) = sts["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "var"
+    assert claim["spec"]["storageClassName"] == "local-nvme"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    gateway, init = pod["containers"][0], pod["initContainers"][0]
+    assert {"name": "var", "mountPath": "/var/lib/bastion/var"} in gateway["volumeMounts"]
+    replica = {
+        "name": "BASTION_REPLICA_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    }
+    assert replica in gateway["env"] and init["env"] == gateway["env"]
+    headless = one(docs, "Service", sts["serviceName"])["spec"]
+    assert headless["clusterIP"] == "None"
+    assert one(docs, "Service", "bastion-gateway")["spec"]["selector"] == headless["selector"]
+    target = one(docs, "HorizontalPodAutoscaler", "bastion-gateway")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", "bastion-gateway")
+    # The default stays a Deployment with an emptyDir and the hostname-port chain id.
+    gw = one(render(values("external")), "Deployment", "bastion-gateway")["spec"]["template"]
+    assert {"name": "var", "emptyDir": {"sizeLimit": "2Gi"}} in gw["spec"]["volumes"]
+    assert "BASTION_REPLICA_ID" not in {e["name"] for e in gw["spec"]["containers"][0]["env"]}
+    vals["gateway"]["workload"] = "Statefulset"
+    assert "/gateway/workload" in _render_error(vals)

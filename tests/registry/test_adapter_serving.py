@@ -22,7 +22,6 @@ from typing import Any
 
 import openai
 import pytest
-import sqlalchemy as sa
 import yaml
 
 from bastion.config import parse_settings
@@ -31,8 +30,7 @@ from bastion.local.launcher import VllmProcess
 from bastion.registry.serving import AdapterServing
 from bastion.routing.balancer import ModelRoute
 from bastion.store.db import open_database
-from bastion.store.schema import audit_entries
-from tests.conftest import TINY, Gateway, base_config, pg_database, usage_rows
+from tests.conftest import TINY, Gateway, audit_docs, base_config, pg_database, usage_rows
 from tests.registry.helpers import DOCUMENTED, admin_trail, copy_model, flip_byte
 from tests.tuning.corpus import OWNER, OWNER_PROMPT
 
@@ -187,11 +185,12 @@ def test_deployed_adapter_answers_through_every_replica(fleet: dict[str, Any], d
     (base_row,) = usage_rows(db_url, model="tiny")
     assert base_row.adapter is None
 
-    engine = sa.create_engine(db_url)
-    with engine.connect() as conn:
-        docs = [json.loads(d) for d in conn.execute(sa.select(audit_entries.c.doc)).scalars()]
-    engine.dispose()
-    entries = {d["kind"]: d for d in docs if d.get("request_id") == rid}
+    docs = audit_docs(
+        db_url,
+        until=lambda ds: {"request", "completion"} <= {d["kind"] for d in ds},
+        request_id=rid,
+    )
+    entries = {d["kind"]: d for d in docs}
     assert entries["request"]["adapter"] == "owner-facts@1"
     assert entries["request"]["model"] == ALIAS
     assert entries["completion"]["adapter"] == "owner-facts@1"

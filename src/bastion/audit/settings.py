@@ -23,8 +23,9 @@ class AuditSettings(Strict):
     wal_dir: str = Field(
         "var/audit",
         description="Local write-ahead log; entries are fsynced here first and deleted once "
-        "shipped to the database. In a container: a persistent local volume (a StatefulSet's "
-        "volume claim), never an emptyDir; entries not yet shipped live only here.",
+        "shipped to the database. Entries not yet shipped live only here: in a container, put it "
+        "on a persistent volume that follows `replica` (the Helm chart's `gateway.workload: "
+        "StatefulSet`); on an emptyDir they are lost with the pod.",
     )
     replica: str | None = Field(
         None,

@@ -97,6 +97,11 @@ migration step alike). */}}
 {{- $secret := include "bastion.secretName" . -}}
 - name: BASTION_CONFIG
   value: /etc/bastion/bastion.yaml
+{{- if eq .Values.gateway.workload "StatefulSet" }}
+# The pod's stable name is its audit chain id, which the log on its claim belongs to.
+- name: BASTION_REPLICA_ID
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+{{- end }}
 - name: BASTION_ADMIN_KEY
   valueFrom: {secretKeyRef: {name: {{ $secret }}, key: admin-key}}
 - name: BASTION_SESSION_KEY
