@@ -112,6 +112,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "in-memory counters or the machine's Redis (127.0.0.1:6379)",
     )
     p.add_argument(
+        "--limit-levels",
+        choices=["all", "key"],
+        default="all",
+        help="with --limits: rpm, tpm, concurrency and budgets at the key, team and "
+        "cost-center levels (all, 7 counters), or the key's rpm and tpm only (key)",
+    )
+    p.add_argument(
         "--pg",
         metavar="HOST",
         help="store in PostgreSQL on HOST (user postgres, trust auth): a fresh database per "

@@ -109,6 +109,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-model", help="the engine's served model name")
     p.add_argument("--pg", metavar="HOST", help="Bastion's store in PostgreSQL on HOST")
     p.add_argument("--limits", choices=["none", "memory", "redis"], default="none")
+    p.add_argument("--limit-levels", choices=["all", "key"], default="all")
     p.add_argument("--audit", choices=["on", "off"], default="on")
     p.add_argument("--audit-dir", type=Path)
     p.add_argument("--bastion", type=Path, default=ROOT / ".venv" / "bin" / "bastion")
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gw_args = SimpleNamespace(
             config_template=None,
             limits=args.limits,
+            limit_levels=args.limit_levels,
             audit=args.audit,
             audit_dir=args.audit_dir,
             pg=args.pg,

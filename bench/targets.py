@@ -140,16 +140,24 @@ prices:
   $model_stream: {prompt: 0.10, completion: 0.40}
 """
 
-#: `--limits memory|redis`: limits at the key, team and cost-center levels that never refuse
-#: (so every request pays for every check: rpm, tpm, concurrency and budgets).
+#: `--limits memory|redis`: limits that never refuse, so every request pays for every check.
+#: `--limit-levels all` (default): the key, team and cost-center levels (rpm, tpm, concurrency
+#: and budgets, 7 counters); `key`: the key's rpm and tpm only (2 counters, issue 16's row).
 LIMITS_CONFIG = """\
 limits:
   backend: $backend
   defaults:
+$levels"""
+LIMIT_LEVELS = {
+    "all": """\
     key: {rpm: 1000000000, tpm: 1000000000000, concurrent: 100000}
     team: {rpm: 1000000000, tpm: 1000000000000, budget_day: 1000000000}
     cost_center: {budget_month: 1000000000}
-"""
+""",
+    "key": """\
+    key: {rpm: 1000000000, tpm: 1000000000000}
+""",
+}
 
 #: `--audit on|off`: the audit trail (on by default, as in the product).
 AUDIT_CONFIG = """\
@@ -227,7 +235,8 @@ def write_gateway_config(
         run_cmd([cli, "secrets", "init", "--dir", keys], "bastion secrets init", env, ROOT)
         text += string.Template(SESSION_CONFIG).substitute(keys=keys)
     if args.limits != "none":
-        text += string.Template(LIMITS_CONFIG).substitute(backend=args.limits)
+        levels = LIMIT_LEVELS[getattr(args, "limit_levels", "all")]
+        text += string.Template(LIMITS_CONFIG).substitute(backend=args.limits, levels=levels)
     text += string.Template(AUDIT_CONFIG).substitute(
         enabled="true" if args.audit == "on" else "false",
         keys=keys,

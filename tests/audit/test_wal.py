@@ -52,6 +52,63 @@ def test_write_failure_fails_closed(tmp_path: Path) -> None:
     assert [e["seq"] for e in read_entries(tmp_path)] == [1]
 
 
+def test_inline_appends_flush_on_the_loop_and_yield_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inline=True` (one request in flight): durable on return, flushed by the event loop's
+    thread; while others wait on the sync thread, it joins their group commit instead."""
+    import threading
+
+    flushers: list[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushers.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    log = AuditLog(tmp_path, "gw-a")
+
+    async def scenario() -> None:
+        for i in range(5):
+            await log.append({"n": i}, inline=True)
+            assert log._synced == log._written  # on disk when acknowledged
+        assert flushers == ["MainThread"] * 5
+        flushers.clear()
+        # Mixed with appends that wait for the sync thread: all durable, one chain.
+        await asyncio.gather(*(log.append({"n": i}, inline=i % 2 == 0) for i in range(50)))
+        assert log._synced == log._written
+        assert "bastion-audit-sync" in flushers
+
+    asyncio.run(scenario())
+    log.close()
+    entries = read_entries(tmp_path)
+    assert [e["seq"] for e in entries] == list(range(1, 56)) and verify(entries, [], PUB).ok
+
+
+def test_a_failed_inline_flush_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path, "gw-a")
+
+    def broken_disk(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def scenario() -> None:
+        await log.append({"n": 1}, inline=True)
+        monkeypatch.setattr(os, "fdatasync", broken_disk)
+        with pytest.raises(AuditLogError, match="sync failed"):
+            await log.append({"n": 2}, inline=True)
+        monkeypatch.undo()
+        # The page cache cannot be trusted after a failed flush: nothing more is acknowledged.
+        for inline in (True, False):
+            with pytest.raises(AuditLogError):
+                await log.append({"n": 3}, inline=inline)
+
+    asyncio.run(scenario())
+    log.close()
+
+
 WRITER = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
@@ -59,8 +116,9 @@ WRITER = textwrap.dedent("""
 
     async def main():
         log = AuditLog(Path(sys.argv[1]), "gw-a")
+        inline = sys.argv[2] == "inline"
         async def one(i):
-            entry = await log.append({"request_id": f"r{i}", "body": "x" * 2000})
+            entry = await log.append({"request_id": f"r{i}", "body": "x" * 2000}, inline=inline)
             print(entry["seq"], flush=True)  # acknowledged: must survive kill -9
         i = 0
         while True:
@@ -70,9 +128,10 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flush", ["thread", "inline"])
+def test_kill_9_loses_nothing_acknowledged(tmp_path: Path, flush: str) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WRITER, str(tmp_path), flush], stdout=subprocess.PIPE, text=True
     )
     acked: list[int] = []
     deadline = time.monotonic() + 30

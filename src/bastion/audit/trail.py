@@ -239,10 +239,16 @@ class AuditTrail:
 
     # -- the request path ------------------------------------------------------------------------
     async def request(
-        self, rec: UsageRecord, principal: Principal, body: dict[str, Any], source: str | None
+        self,
+        rec: UsageRecord,
+        principal: Principal,
+        body: dict[str, Any],
+        source: str | None,
+        alone: bool = False,
     ) -> dict[str, Any]:
         """Records the request, durably, before it is forwarded (raises AuditUnavailable).
-        Returns the body to forward: the redacted copy with `audit.redact_upstream`."""
+        Returns the body to forward: the redacted copy with `audit.redact_upstream`. `alone`:
+        no other request is in flight, so the disk flush may run on the event loop."""
         entry = {
             "kind": "request",
             **_who(rec),
@@ -257,7 +263,7 @@ class AuditTrail:
             entry["adapter"] = rec.adapter
         try:
             stored = await self._seal(entry, body)
-            await self.wal.append(entry)  # type: ignore[union-attr]
+            await self.wal.append(entry, inline=alone)  # type: ignore[union-attr]
         except Exception as exc:  # the log, the key store or the master key
             refusal = self.failed(rec, exc, "this request, so it was not forwarded")
             if refusal is not None:

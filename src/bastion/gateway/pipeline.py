@@ -93,6 +93,8 @@ class Gateway:
             for alias, route in routes.items()
             if (cap := route.capacity) is not None
         }
+        #: Requests this process is serving, answers and streams included (`GatewayApp`).
+        self.active = 0
 
     # -- stages -----------------------------------------------------------------------------
     async def handle(self, wire: WireAdapter, request: Request) -> Response | SSERelay:
@@ -131,7 +133,9 @@ class Gateway:
             check_caps(self.settings, req)
             if self.audit is not None:  # two waits at once: the disk flush and the counters
                 call.recording = asyncio.ensure_future(
-                    self.audit.request(call.rec, principal, req.body, call.source)
+                    self.audit.request(
+                        call.rec, principal, req.body, call.source, alone=self.active == 1
+                    )
                 )
             with traces.child(call.trace, "bastion.admission"):
                 call.ticket = await self.admission.admit(principal, req, call.rec.request_id)

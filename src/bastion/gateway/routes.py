@@ -171,8 +171,12 @@ class GatewayApp(Starlette):
             if target is not None:
                 scope["app"] = self
                 gateway, wire = target
-                response = await gateway.handle(wire, Request(scope, receive))
-                await response(scope, receive, send)
+                gateway.active += 1
+                try:
+                    response = await gateway.handle(wire, Request(scope, receive))
+                    await response(scope, receive, send)
+                finally:
+                    gateway.active -= 1
                 return
         await super().__call__(scope, receive, send)
 
