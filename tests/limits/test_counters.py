@@ -12,7 +12,7 @@ from bastion.core.settings import LimitSettings
 from bastion.limits.counters import Check, CounterBackend, MemoryCounters
 from bastion.limits.levels import Level, Plan, checks_for
 from bastion.limits.redis_counters import RedisCounters
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, RedisServer
 
 
 def _check(kind: str, key: str, limit: int, amount: int, op: str = "window") -> Check:
@@ -150,6 +150,35 @@ def test_one_settlement_of_many_requests(kind: str) -> None:
         items.append((tpm, 4, "gone"))  # a request no longer in the window: nothing to correct
         await backend.adjust(items)
         assert await backend.peek([tpm, slots, budget]) == [7 * (n - 1) + 10, 1, 7 * (n - 1) + 5]
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_redis_that_stops_answering_times_out_and_is_reconnected(
+    private_redis: RedisServer,
+) -> None:
+    """One deadline covers a whole pipeline: a Redis that hangs (not closed: SIGSTOP) fails
+    the waiting admissions within it, and the next call connects afresh."""
+    import os
+    import signal
+
+    import redis.exceptions
+
+    async def scenario() -> None:
+        backend = RedisCounters(private_redis.url, timeout=0.3)
+        rpm = _check("rpm", "test:hang:rpm", 100, 1)
+        assert (await backend.admit([rpm], "a")).ok
+        assert private_redis.proc is not None
+        os.kill(private_redis.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(redis.exceptions.TimeoutError, match=r"within 0\.3s"):
+                await asyncio.gather(backend.admit([rpm], "b"), backend.admit([rpm], "c"))
+            assert time.monotonic() - started < 2
+        finally:
+            os.kill(private_redis.proc.pid, signal.SIGCONT)
+        assert (await backend.admit([rpm], "d")).ok
         await backend.close()
 
     asyncio.run(scenario())

@@ -170,6 +170,7 @@ class RedisCounters:
         # None: windows and leases run on the Redis server's clock, the same for every
         # replica whatever their own clocks say (tests pass one to move time).
         self._clock = clock
+        self._timeout = timeout
         self._redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -220,7 +221,11 @@ class RedisCounters:
 
     async def _connection(self) -> Connection:
         if self._conn is None:
-            conn = self._redis.connection_pool.make_connection()
+            pool = self._redis.connection_pool
+            # No per-operation timeouts on this connection: redis-py puts each write in a task
+            # of its own (asyncio.wait_for) and each reply under a timer, which cost more than
+            # the round trip; one deadline covers a whole pipeline instead (`_send`).
+            conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
             await conn.connect()
             for script in (_ADMIT, _SETTLE):
                 await conn.send_command("SCRIPT", "LOAD", script)
@@ -236,14 +241,19 @@ class RedisCounters:
                     conn = await self._connection()
                     # hiredis packs in C: redis-py's Python packer was a visible cost.
                     packed = b"".join(hiredis.pack_command(tuple(a)) for a, _f in batch)
-                    await conn.send_packed_command(packed)
                     replies = []
-                    for _ in batch:
-                        try:
-                            replies.append(await conn.read_response())
-                        except redis.exceptions.ResponseError as exc:
-                            replies.append(exc)
+                    async with asyncio.timeout(self._timeout):
+                        await conn.send_packed_command(packed, check_health=False)
+                        for _ in batch:
+                            try:
+                                replies.append(await conn.read_response())
+                            except redis.exceptions.ResponseError as exc:
+                                replies.append(exc)
                 except BaseException as exc:
+                    if type(exc) is TimeoutError:  # our deadline, not a socket's
+                        exc = redis.exceptions.TimeoutError(
+                            f"Redis did not answer within {self._timeout:g}s"
+                        )
                     await self._drop_connection()
                     for _args, fut in batch:
                         if not fut.done():
