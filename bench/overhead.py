@@ -37,7 +37,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.report import Point, Report, fmt_ms, fmt_us, render_table, save_json
+from bench.report import (
+    Point,
+    Report,
+    baseline_summary,
+    fmt_ms,
+    fmt_us,
+    render_table,
+    save_json,
+)
 from bench.stub import (
     CHAT_PATH,
     CONTENT,
@@ -172,6 +180,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="record failing points (non-2xx, socket errors, wrk failure) and continue",
     )
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk before each target")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every point this many times, the gateways' order reversed each round "
+        "(a target measured right after another runs a few %% differently), with the median "
+        "ratio against --baseline-ref printed",
+    )
     p.add_argument("--wrk-timeout", type=float, default=5.0, help="wrk --timeout in seconds")
     p.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for health")
     p.add_argument(
@@ -246,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             title += f"; bastion@{args.baseline_ref} = {report.env['baseline_commit'][:12]}"
         print(title)
         print(render_table(report.points))
+        for line in baseline_summary(report.points):
+            print(line)
         if args.json:
             save_json(args.json, report)
             print(f"# results written to {args.json}")
@@ -310,12 +328,15 @@ def bench(args: argparse.Namespace, procs: Processes, work: Path, report: Report
     if args.warmup > 0:
         for t in targets:
             warm_up(args, procs, work, t, scripts[t.name])
-    # Interleaved: every target at one concurrency, then the next concurrency.
-    for conc in args.concurrency:
-        for t in targets:
-            point = Point(target=t.name, concurrency=conc, url=t.url)
-            report.points.append(point)
-            measure(point, args, procs, work, scripts[t.name], t)
+    # Interleaved: every target at one concurrency, then the next concurrency; the direct stub
+    # first, then the gateways, in reverse order every other round.
+    for r in range(args.rounds):
+        for conc in args.concurrency:
+            gateways = targets[1:] if r % 2 == 0 else targets[:0:-1]
+            for t in [targets[0], *gateways]:
+                point = Point(target=t.name, concurrency=conc, url=t.url, round=r)
+                report.points.append(point)
+                measure(point, args, procs, work, scripts[t.name], t)
 
 
 def check_tools() -> None:

@@ -7,6 +7,7 @@ Standard library only.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ class Point:
     target: str
     concurrency: int
     url: str
+    round: int = 0  # `--rounds`: the repetition this point belongs to
     stats: WrkStats | None = None
     error: str | None = None
     raw: str = ""
@@ -60,17 +62,22 @@ def render_table(points: Sequence[Point]) -> str:
     """A Markdown table. "added p50" and "req/s ratio" compare with the direct point at the
     same concurrency; "vs baseline" and "cpu vs baseline" (with a bastion@REF target) are this
     tree's req/s and cpu/req over the baseline's."""
-    direct = {p.concurrency: p for p in points if p.target == DIRECT and p.stats}
-    baseline = {p.concurrency: p for p in points if p.target.startswith(GATEWAY + "@")}
+    direct = {(p.concurrency, p.round): p for p in points if p.target == DIRECT and p.stats}
+    baseline = {(p.concurrency, p.round): p for p in points if p.target.startswith(GATEWAY + "@")}
+    rounds = len({p.round for p in points}) > 1
     header = ["target", "conc", "req/s", "p50", "p99", "added p50", "req/s ratio", "cpu/req"]
+    if rounds:
+        header.insert(2, "round")
     if baseline:
         header += ["vs baseline", "cpu vs baseline"]
     header.append("errors")
     rows = []
     for p in points:
-        row = _row(p, direct.get(p.concurrency))
+        row = _row(p, direct.get((p.concurrency, p.round)))
+        if rounds:
+            row.insert(2, str(p.round + 1))
         if baseline:
-            base = baseline.get(p.concurrency)
+            base = baseline.get((p.concurrency, p.round))
             vs = cpu_vs = "-"
             if p.target == GATEWAY and base is not None:
                 if p.stats and base.stats:
@@ -91,6 +98,32 @@ def render_table(points: Sequence[Point]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def baseline_summary(points: Sequence[Point]) -> list[str]:
+    """Per concurrency, this tree's req/s and cpu/req over the baseline's in each round, and
+    their medians: the order of two targets in a round biases a single run by several %, so
+    `--rounds` alternates it and the median is the figure to quote."""
+    base = {(p.concurrency, p.round): p for p in points if p.target.startswith(GATEWAY + "@")}
+    out = []
+    for conc in sorted({p.concurrency for p in points}):
+        rps, cpu = [], []
+        for p in points:
+            b = base.get((p.concurrency, p.round))
+            if p.target != GATEWAY or p.concurrency != conc or b is None:
+                continue
+            if p.stats and b.stats and b.stats.requests_per_sec:
+                rps.append(p.stats.requests_per_sec / b.stats.requests_per_sec)
+            if p.cpu_us_per_req and b.cpu_us_per_req:
+                cpu.append(p.cpu_us_per_req / b.cpu_us_per_req)
+        if rps:
+            out.append(
+                f"c={conc}: req/s vs baseline {', '.join(f'{r:.3f}' for r in rps)} "
+                f"(median {statistics.median(rps):.3f}); cpu/req vs baseline "
+                f"{', '.join(f'{c:.3f}' for c in cpu)} "
+                f"(median {statistics.median(cpu) if cpu else float('nan'):.3f})"
+            )
+    return out
 
 
 def _row(p: Point, direct: Point | None) -> list[str]:
