@@ -226,10 +226,15 @@ class RedisCounters:
             # of its own (asyncio.wait_for) and each reply under a timer, which cost more than
             # the round trip; one deadline covers a whole pipeline instead (`_send`).
             conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-            await conn.connect()
-            for script in (_ADMIT, _SETTLE):
-                await conn.send_command("SCRIPT", "LOAD", script)
-                await conn.read_response()
+            try:
+                await conn.connect()
+                for script in (_ADMIT, _SETTLE):
+                    await conn.send_command("SCRIPT", "LOAD", script)
+                    await conn.read_response()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+                raise
             self._conn = conn
         return self._conn
 
@@ -238,11 +243,11 @@ class RedisCounters:
             while self._batch:
                 batch, self._batch = self._batch, []
                 try:
-                    conn = await self._connection()
                     # hiredis packs in C: redis-py's Python packer was a visible cost.
                     packed = b"".join(hiredis.pack_command(tuple(a)) for a, _f in batch)
                     replies = []
-                    async with asyncio.timeout(self._timeout):
+                    async with asyncio.timeout(self._timeout):  # (re)connecting included
+                        conn = await self._connection()
                         await conn.send_packed_command(packed, check_health=False)
                         for _ in batch:
                             try:
