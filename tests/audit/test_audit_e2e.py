@@ -129,6 +129,10 @@ def _load(
                 "messages": [{"role": "user", "content": f"request {n}"}],
                 "max_tokens": 400 if stream else 8,
                 "stream": stream,
+                # vLLM's: a stream lasts its max_tokens, so some are mid-way at the kill. Without
+                # it the tiny model can end streams early, and once in CI every request the test
+                # saw in flight had been wholly sent before the kill landed.
+                "ignore_eos": stream,
             }
             try:
                 with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
