@@ -40,6 +40,7 @@ from pathlib import Path
 from bench.report import (
     Point,
     Report,
+    alternating,
     baseline_summary,
     fmt_ms,
     fmt_us,
@@ -328,12 +329,10 @@ def bench(args: argparse.Namespace, procs: Processes, work: Path, report: Report
     if args.warmup > 0:
         for t in targets:
             warm_up(args, procs, work, t, scripts[t.name])
-    # Interleaved: every target at one concurrency, then the next concurrency; the direct stub
-    # first, then the gateways, in reverse order every other round.
+    # Interleaved: every target at one concurrency, then the next concurrency.
     for r in range(args.rounds):
         for conc in args.concurrency:
-            gateways = targets[1:] if r % 2 == 0 else targets[:0:-1]
-            for t in [targets[0], *gateways]:
+            for t in alternating(targets, r):
                 point = Point(target=t.name, concurrency=conc, url=t.url, round=r)
                 report.points.append(point)
                 measure(point, args, procs, work, scripts[t.name], t)

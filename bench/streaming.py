@@ -33,6 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+from bench.report import alternating
 from bench.stub import CHAT_PATH, MODEL_STREAM, Processes, Stub, free_port, wait_ready
 from bench.targets import CACHE, ROOT, Bastion, drop_databases, install_baseline, start_gateway
 
@@ -164,11 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for url, key, body in runs.values():
                 stream_once(url, key, body)
         results: dict[str, list[tuple[float, list[float], float]]] = {n: [] for n in runs}
-        names = list(runs)
         for i in range(args.streams):
-            # The gateways in reverse order every other round: the one that follows another
-            # measures a few tenths of a millisecond differently (an A/A run showed it).
-            for name in [names[0], *(names[1:] if i % 2 == 0 else names[:0:-1])]:
+            for name in alternating(list(runs), i):
                 url, key, body = runs[name]
                 results[name].append(stream_once(url, key, body))
         report(args, results)

@@ -402,24 +402,32 @@ def client(gateway: Gateway, api_key: str):  # type: ignore[no-untyped-def]
         yield c
 
 
-def usage_rows(db_url: str, timeout: float = 5.0, **where: Any) -> list[Any]:
-    """Usage records matching `where`, waiting briefly for the batch writer."""
-    from bastion.store.schema import usage
-
+def _poll(
+    db_url: str, table: sa.Table, until: Callable[[list[Any]], bool], timeout: float, **where: Any
+) -> list[Any]:
+    """Rows of `table` matching `where`, read again until `until` accepts them (or time runs
+    out): usage and audit rows reach the store from writer processes, a moment later."""
     engine = sa.create_engine(db_url)
     try:
         deadline = time.monotonic() + timeout
         while True:
-            q = sa.select(usage)
+            q = sa.select(table)
             for k, v in where.items():
-                q = q.where(usage.c[k] == v)
+                q = q.where(table.c[k] == v)
             with engine.connect() as conn:
                 rows = conn.execute(q).all()
-            if rows or time.monotonic() > deadline:
+            if until(rows) or time.monotonic() > deadline:
                 return rows
             time.sleep(0.05)
     finally:
         engine.dispose()
+
+
+def usage_rows(db_url: str, timeout: float = 5.0, **where: Any) -> list[Any]:
+    """Usage records matching `where`, waiting briefly for the batch writer."""
+    from bastion.store.schema import usage
+
+    return _poll(db_url, usage, bool, timeout, **where)
 
 
 def audit_docs(
@@ -434,20 +442,10 @@ def audit_docs(
 
     from bastion.store.schema import audit_entries
 
-    engine = sa.create_engine(db_url)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            q = sa.select(audit_entries.c.doc)
-            for k, v in where.items():
-                q = q.where(audit_entries.c[k] == v)
-            with engine.connect() as conn:
-                docs = [orjson.loads(d) for (d,) in conn.execute(q)]
-            if until(docs) or time.monotonic() > deadline:
-                return docs
-            time.sleep(0.1)
-    finally:
-        engine.dispose()
+    def docs(rows: list[Any]) -> list[dict[str, Any]]:
+        return [orjson.loads(r.doc) for r in rows]
+
+    return docs(_poll(db_url, audit_entries, lambda rows: until(docs(rows)), timeout, **where))
 
 
 # -- Redis ----------------------------------------------------------------------------------------
