@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -76,6 +78,51 @@ def stream_once(url: str, key: str | None, body: bytes) -> tuple[float, list[flo
     return ttfb, latencies, arrivals[-1] - arrivals[0]
 
 
+def idle_floors(
+    upstream: str, wal_dir: Path, redis: bool, gap: float, samples: int
+) -> dict[str, list[float]]:
+    """What the host itself charges for the waits Bastion adds to a stream's start, each taken
+    after `gap` seconds of idling (as the gateway idles between streams), in ms: a 1 KiB append
+    + fdatasync where the audit log lives (the request entry is durable before forwarding), a
+    Redis round trip (admission), and one more HTTP round trip to the upstream (the extra hop)."""
+    u = urlsplit(upstream)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    red = socket.create_connection(("127.0.0.1", 6379), timeout=10) if redis else None
+    path = wal_dir / "floor-probe.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    out: dict[str, list[float]] = {
+        "disk flush": [],
+        "Redis round trip": [],
+        "upstream round trip": [],
+    }
+    try:
+        for _ in range(samples):
+            time.sleep(gap)
+            t = time.perf_counter()
+            os.write(fd, b"x" * 1023 + b"\n")
+            os.fdatasync(fd)
+            out["disk flush"].append((time.perf_counter() - t) * 1000)
+            if red is not None:
+                time.sleep(gap)
+                t = time.perf_counter()
+                red.sendall(b"PING\r\n")
+                if red.recv(64) != b"+PONG\r\n":
+                    raise SystemExit("Redis did not answer PING")
+                out["Redis round trip"].append((time.perf_counter() - t) * 1000)
+            time.sleep(gap)
+            t = time.perf_counter()
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+            out["upstream round trip"].append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        conn.close()
+        if red is not None:
+            red.close()
+    return {k: v for k, v in out.items() if v}
+
+
 def request(model: str, max_tokens: int) -> bytes:
     return json.dumps(
         {
@@ -120,6 +167,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="GITREF",
         help="also this commit of the repository, run from this tree's venv (its exported "
         "source on PYTHONPATH: the same dependencies), same config",
+    )
+    p.add_argument(
+        "--floor-samples",
+        type=int,
+        default=30,
+        help="host floors measured after the streams (0: none), see idle_floors",
     )
     p.add_argument("--keep-tmp", action="store_true")
     args = p.parse_args(argv)
@@ -169,7 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in alternating(list(runs), i):
                 url, key, body = runs[name]
                 results[name].append(stream_once(url, key, body))
-        report(args, results)
+        floors = {}
+        if args.floor_samples:
+            gap = statistics.median(r[0] + r[2] for r in results["direct"])  # a stream
+            wal_dir = args.audit_dir or work
+            floors = idle_floors(upstream, wal_dir, args.limits == "redis", gap, args.floor_samples)
+            floors["idle gap"] = [gap * 1000]
+        report(args, results, floors)
     finally:
         procs.stop_all()
         drop_databases()
@@ -178,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report(args: argparse.Namespace, results: dict[str, list]) -> None:
+def report(
+    args: argparse.Namespace, results: dict[str, list], floors: dict[str, list[float]]
+) -> None:
     rows = {}
     for name, runs in results.items():
         ttfb = [r[0] * 1000 for r in runs]
@@ -214,6 +275,12 @@ def report(args: argparse.Namespace, results: dict[str, list]) -> None:
             print(f"; added relay latency per chunk p50 {added:+.3f} ms", end="")
         print(f"; added time per chunk p50 {pct(b[2], 50) - pct(d[2], 50):+.3f} ms", end="")
     print()
+    if floors:
+        gap = floors.pop("idle gap")[0]
+        print(f"\nThe host's own waits, each after {gap:.0f} ms idle (as between streams):")
+        print("| wait | p50 | p90 |\n|---|---|---|")
+        for name, values in floors.items():
+            print(f"| {name} | {pct(values, 50):.3f} ms | {pct(values, 90):.3f} ms |")
 
 
 if __name__ == "__main__":
