@@ -11,6 +11,10 @@ host). The client, one stream at a time, alternating direct and Bastion, records
 * with `--interval-ms 0` (every chunk written at once) the per-chunk time is the relay's CPU
   cost per chunk: (last arrival - first arrival) / chunks.
 
+Then, with the streams done, the host's own floors (`idle_floors`): the waits Bastion adds to
+a stream's start, each measured alone after the same idle gap, so that the added TTFB can be
+read against what the disk, Redis and one more hop cost on this host by themselves.
+
 `--engine URL --engine-model NAME` measures TTFB against a real engine instead (a vLLM serving
 the tiny model, say): the added TTFB is the same request-path cost, with a real engine's
 jitter around it. Standard library only, from the repository root:
@@ -225,8 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         floors = {}
         if args.floor_samples:
             gap = statistics.median(r[0] + r[2] for r in results["direct"])  # a stream
-            wal_dir = args.audit_dir or work
-            floors = idle_floors(upstream, wal_dir, args.limits == "redis", gap, args.floor_samples)
+            log_fs = args.audit_dir or work  # the filesystem the gateway's audit log is on
+            floors = idle_floors(upstream, log_fs, args.limits == "redis", gap, args.floor_samples)
             floors["idle gap"] = [gap * 1000]
         report(args, results, floors)
     finally:
