@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from bastion.local.launcher import VllmProcess
 from bastion.store.schema import audit_entries
+from tests.audit_api import entries_of
 from tests.conftest import ADMIN_KEY, Gateway, base_config, engine_models, pg_database
 
 pytestmark = pytest.mark.engine
@@ -34,15 +35,7 @@ def _entries(db_url: str, **where: Any) -> list[dict[str, Any]]:
 
 
 def _show(gw: Gateway, auditor: str, rid: str, want: int = 2) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(
-            f"{gw.url}/audit/requests/{rid}", headers={"Authorization": f"Bearer {auditor}"}
-        )
-        entries = r.json().get("entries", []) if r.status_code == 200 else []
-        if len(entries) >= want or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+    return entries_of(gw.url, auditor, rid, want)
 
 
 def test_streams_are_recorded_as_assembled_answers(gateway: Gateway, api_key: str) -> None:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from bastion.evals.suite import Case
 from bastion.local.launcher import VllmProcess
 from bastion.store.db import make_engine
 from bastion.store.schema import usage
+from tests.audit_api import entries_of
 from tests.conftest import TINY, Gateway, base_config, engine_models
 
 N = 8
@@ -131,18 +131,9 @@ def test_a_run_stores_outputs_scores_and_costs_and_is_marked_in_usage_and_audit(
     assert _marked(gateway, run_id, N) == N
     # The audit trail's request entry carries the marker as the client's `user` field.
     auditor = gateway.create_auditor_key()
-    req = urllib.request.Request(
-        f"{gateway.url}/audit/requests/{rows[0]['request_id']}",
-        headers={"Authorization": f"Bearer {auditor}"},
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            body = resp.read().decode()
-        if marker(run_id) in body or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    assert marker(run_id) in body
+    entries = entries_of(gateway.url, auditor, rows[0]["request_id"])
+    assert [e["kind"] for e in entries] == ["request", "completion"]
+    assert entries[0]["client_user"] == marker(run_id)
     shown = _eval(gateway, svc_key, "show", run_id).stdout
     assert f"run {run_id}: suite smoke" in shown and "q7#0" in shown
     assert "  ttft_ms " in shown and "ttft   total" in shown

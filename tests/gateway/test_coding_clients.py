@@ -5,7 +5,6 @@ on a real cross-encoder, and answers in the shape strict clients validate agains
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pytest
 
 from bastion.gateway.wire.fim import PRESETS, render
 from bastion.local.launcher import VllmProcess
+from tests.audit_api import entries_of
 from tests.conftest import EMBED, RERANK, TINY, Gateway, base_config, usage_rows
 
 pytestmark = pytest.mark.engine
@@ -104,15 +104,7 @@ def replay(gw: Gateway, name: str, key: str, model: str) -> tuple[httpx.Response
 
 
 def show(gw: Gateway, auditor: str, rid: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(
-            f"{gw.url}/audit/requests/{rid}", headers={"Authorization": f"Bearer {auditor}"}
-        )
-        entries = r.json().get("entries", []) if r.status_code == 200 else []
-        if len(entries) >= 2 or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+    return entries_of(gw.url, auditor, rid)
 
 
 def usage_of(gw: Gateway, rid: str) -> Any:

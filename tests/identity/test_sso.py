@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from bastion.local.launcher import VllmProcess
+from tests.audit_api import entries_of
 from tests.conftest import ADMIN_KEY, Gateway, base_config, engine_models, usage_rows
 from tests.identity.oidc_provider import DEFAULT_RESOURCE
 
@@ -103,15 +104,9 @@ def test_an_auditor_group_reads_the_trail_and_calls_no_model(
     sso_gateway: Gateway, oidc_provider: Any
 ) -> None:
     rid = _chat(sso_gateway, oidc_provider.token("alice-cli")).headers["x-request-id"]
-    carol = {"Authorization": f"Bearer {oidc_provider.token('carol-cli')}"}
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(f"{sso_gateway.url}/audit/requests/{rid}", headers=carol)
-        if r.status_code == 200 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert r.status_code == 200, r.text
-    request_entry = r.json()["entries"][0]
+    entries = entries_of(sso_gateway.url, oidc_provider.token("carol-cli"), rid, want=1)
+    assert entries, "the auditor group could not read the request's entries"
+    request_entry = entries[0]
     assert (request_entry["user"], request_entry["team"]) == ("alice", "alpha")
     with pytest.raises(openai.PermissionDeniedError):
         _chat(sso_gateway, oidc_provider.token("carol-cli"))

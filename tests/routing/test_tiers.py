@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from bastion.local.launcher import VllmProcess, free_port
+from tests.audit_api import entries_of
 from tests.conftest import TINY, Gateway, base_config, usage_rows
 from tests.stub_engine import StubEngine
 
@@ -98,15 +99,7 @@ def _client(gw: Gateway, key: str) -> openai.OpenAI:
 
 
 def _show(gw: Gateway, auditor: str, rid: str) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(
-            f"{gw.url}/audit/requests/{rid}", headers={"Authorization": f"Bearer {auditor}"}
-        )
-        entries = r.json().get("entries", []) if r.status_code == 200 else []
-        if len(entries) >= 2 or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+    return entries_of(gw.url, auditor, rid)
 
 
 def test_a_down_alias_falls_back_and_says_who_served(tiers: tuple[Gateway, str]) -> None:

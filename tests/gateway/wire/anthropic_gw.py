@@ -4,15 +4,14 @@ and one with a low output ceiling (Claude Code's `max_tokens: 32000` is clamped 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from bastion.local.launcher import VllmProcess
+from tests.audit_api import entries_of
 from tests.conftest import TINY, Gateway, base_config
 
 NATIVE, TRANSLATED, CAPPED = "tiny", "tiny-translated", "tiny-capped"
@@ -52,12 +51,4 @@ def db_url(gw: Gateway) -> str:
 
 def audit_of(gw: Gateway, auditor: str, rid: str, want: int = 2) -> list[dict[str, Any]]:
     """The request's audit entries (contents unsealed), as an auditor reads them."""
-    deadline = time.monotonic() + 10
-    while True:
-        r = httpx.get(
-            f"{gw.url}/audit/requests/{rid}", headers={"Authorization": f"Bearer {auditor}"}
-        )
-        entries = r.json().get("entries", []) if r.status_code == 200 else []
-        if len(entries) >= want or time.monotonic() > deadline:
-            return list(entries)
-        time.sleep(0.1)
+    return entries_of(gw.url, auditor, rid, want)

@@ -7,7 +7,6 @@ other replica, and is another team's 404."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 
 from bastion.local.launcher import VllmProcess
 from bastion.store.schema import responses
+from tests.audit_api import entries_of
 from tests.conftest import TINY, Gateway, base_config, pg_database, usage_rows
 
 pytestmark = pytest.mark.engine
@@ -74,16 +74,7 @@ def pair(make_gateway: Callable[..., Gateway], chat_engine: VllmProcess) -> Iter
 
 def _audit(pair: Pair, request_id: str) -> list[dict[str, Any]]:
     """The request's audit entries, contents opened, as an auditor of the team reads them."""
-    deadline = time.monotonic() + 15
-    while True:
-        r = httpx.get(
-            f"{pair.a.url}/audit/requests/{request_id}",
-            headers={"Authorization": f"Bearer {pair.auditor}"},
-        )
-        entries = r.json().get("entries", []) if r.status_code == 200 else []
-        if len(entries) >= 2 or time.monotonic() > deadline:
-            return entries
-        time.sleep(0.1)
+    return entries_of(pair.a.url, pair.auditor, request_id, timeout=15)
 
 
 def _metered(pair: Pair, request_id: str, model: str, text: str | None = None) -> None:
